@@ -1,0 +1,156 @@
+"""``airflow-comfy``: the command line for people (convert, slice, check, render-pods).
+
+Each command imports only what it needs: ``convert`` and ``slice`` touch neither Airflow nor torch.
+Exit codes: 0 success, 2 the workflow (or sidecar) is invalid — the error names file, node, class and input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from airflow_comfy.version import __version__
+
+EXIT_INVALID = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    from airflow_comfy.workflow.errors import WorkflowError
+
+    try:
+        return args.func(args) or 0
+    except WorkflowError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="airflow-comfy", description="Run ComfyUI workflows as Airflow DAGs.")
+    parser.add_argument("--version", action="version", version=f"airflow-comfy {__version__}")
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    convert = sub.add_parser("convert", help="print the API-format JSON a workflow means (what ComfyUI's "
+                                             "frontend would send to /prompt)")
+    convert.add_argument("workflow", type=Path)
+    _object_info_arg(convert)
+    convert.set_defaults(func=_convert)
+
+    slice_ = sub.add_parser("slice", help="show the groups, their nodes, the edges and what crosses each edge")
+    slice_.add_argument("workflow", type=Path)
+    slice_.add_argument("--json", action="store_true", help="machine-readable output, with the group specs")
+    _sidecar_arg(slice_)
+    _object_info_arg(slice_)
+    slice_.set_defaults(func=_slice)
+
+    render = sub.add_parser("render-pods", help="print the pod manifests (YAML) the KubernetesPodOperator "
+                                                "tasks would submit")
+    render.add_argument("workflow", type=Path)
+    _sidecar_arg(render)
+    _object_info_arg(render)
+    render.set_defaults(func=_render_pods)
+
+    check = sub.add_parser("check", help="load every workflow of a folder as the DAG factory does and report")
+    check.add_argument("folder", type=Path)
+    _object_info_arg(check)
+    check.set_defaults(func=_check)
+    return parser
+
+
+def _object_info_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--object-info", action="append", default=[], metavar="F", type=Path,
+                        help="a ComfyUI /object_info JSON that defines custom nodes (repeatable)")
+
+
+def _sidecar_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sidecar", type=Path, default=None,
+                        help="sidecar YAML (default: <workflow>.comfy.yaml beside the workflow, if present)")
+
+
+def _catalog(args):
+    from airflow_comfy.workflow.catalog import load_catalog
+
+    return load_catalog(args.object_info)
+
+
+def _convert(args) -> int:
+    from airflow_comfy.workflow.loader import load_workflow
+
+    workflow = load_workflow(args.workflow, _catalog(args))
+    json.dump(workflow.to_api(), sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _compile(args):
+    from airflow_comfy.factory.compile import compile_workflow
+    from airflow_comfy.factory.sidecar import load_sidecar, sidecar_path
+
+    sidecar = load_sidecar(args.sidecar or sidecar_path(args.workflow))
+    content = args.workflow.read_bytes()
+    return compile_workflow(args.workflow, content, sidecar, _catalog(args), max_nodes=2_000), sidecar
+
+
+def _slice(args) -> int:
+    compiled, _ = _compile(args)
+    if args.json:
+        json.dump({"dag_id": compiled.dag_id, "mode": compiled.mode, "groups": compiled.groups,
+                   "params": compiled.params}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    print(f"{compiled.dag_id}: {len(compiled.groups)} group(s), sliced by {compiled.mode}")
+    for group in compiled.groups:
+        spec = group["spec"]
+        own = [n for n in spec["nodes"] if n not in spec["recipe_nodes"]]
+        print(f"\n[{group['task_id']}]" + (f"  <- {', '.join(group['upstream'])}" if group["upstream"] else ""))
+        for node_id in own:
+            print(f"  {node_id:>8}  {spec['nodes'][node_id]['class_type']}")
+        for node_id in spec["recipe_nodes"]:
+            parts = "/".join(spec["components"].get(node_id, []))
+            print(f"  {node_id:>8}  {spec['nodes'][node_id]['class_type']}  (replayed: {parts})")
+        for value in spec["boundary_inputs"]:
+            print(f"  reads {value['type']} of node {value['node']} output {value['output']} "
+                  f"from [{value['group']}]")
+    return 0
+
+
+def _render_pods(args) -> int:
+    from airflow_comfy.config import get_settings
+    from airflow_comfy.factory.loader import build_dag
+    from airflow_comfy.operators.render import render_pod_manifests, to_yaml
+
+    compiled, sidecar = _compile(args)
+    for settings_key in ("task_defaults",):
+        getattr(sidecar, settings_key)["backend"] = "kubernetes"
+    for overrides in sidecar.tasks.values():
+        overrides["backend"] = "kubernetes"
+    dag = build_dag(compiled, sidecar, get_settings(cache_dir=""))
+    sys.stdout.write(to_yaml(render_pod_manifests(list(dag.tasks))))
+    return 0
+
+
+def _check(args) -> int:
+    import warnings
+
+    from airflow_comfy.factory.loader import load_workflows
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dags = load_workflows(args.folder, object_info_files=[str(p) for p in args.object_info])
+    for dag_id in sorted(dags):
+        print(f"ok     {dag_id}: {len(dags[dag_id].tasks)} task(s)")
+    problems = [w for w in caught if w.category.__name__ == "ComfyWorkflowWarning"]
+    for warning in problems:
+        print(f"error  {warning.message}")
+    print(f"\n{len(dags)} DAG(s), {len(problems)} workflow(s) with errors")
+    return EXIT_INVALID if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""The optional sidecar ``<workflow>.comfy.yaml``: how a workflow becomes a DAG.
+
+Example::
+
+    schedule: "0 6 * * *"          # cron, preset, or null (default: triggered only)
+    tags: [marketing]
+    owner: data-eng
+    description: Product shots for the catalog
+    slicing: auto                  # auto | ui-groups | stages | single
+    groups:                        # explicit assignment: task id -> node ids (wins over UI groups/stages)
+      encode: ["6", "7"]
+      sample: ["3", "5"]
+      decode: ["8", "9"]
+    backend: kubernetes            # local | kubernetes (default: [comfy] backend)
+    image: registry.example.com/comfy-runner:0.1.0
+    pool: gpu_small
+    priority: vip                  # vip | high | normal | batch
+    retries: 2
+    retry_delay: 30                # seconds
+    retry_exponential_backoff: true
+    resources: {requests: {cpu: "1", memory: 4Gi}}
+    tasks:                         # per task id, overrides the settings above
+      sample:
+        pool: gpu_big
+        resources: {limits: {nvidia.com/gpu: "1"}}
+        node_selector: {gpu: a100}
+    params:                        # extra trigger params: name -> "node.input" or a mapping
+      style: {node: "6", input: text, title: Style prompt}
+    auto_params: true              # the built-in prompt/seed/steps/... params
+
+Unknown keys are errors (a typo must not be silently ignored); every error names the sidecar file.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from airflow_comfy.scheduling.tiers import PRIORITY_TIERS
+from airflow_comfy.workflow.errors import Problem, WorkflowError
+from airflow_comfy.workflow.slicing import SLICING_MODES
+
+SIDECAR_SUFFIX = ".comfy.yaml"
+_TASK_ID_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+TASK_KEYS = frozenset({
+    "backend", "image", "pool", "pool_slots", "priority", "priority_weight", "retries", "retry_delay",
+    "retry_exponential_backoff", "execution_timeout", "resources", "node_selector", "tolerations", "affinity",
+    "priority_class_name", "env",
+})
+DAG_KEYS = frozenset({
+    "dag_id", "schedule", "start_date", "catchup", "tags", "owner", "description", "slicing", "groups", "tasks",
+    "params", "auto_params", "max_active_runs",
+})
+
+
+@dataclass
+class Sidecar:
+    path: str | None = None
+    raw_text: str = ""
+    dag_id: str | None = None
+    schedule: str | None = None
+    start_date: str | None = None
+    catchup: bool = False
+    tags: list[str] = field(default_factory=list)
+    owner: str | None = None
+    description: str | None = None
+    slicing: str = "auto"
+    groups: dict[str, list[str]] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+    auto_params: bool = True
+    max_active_runs: int | None = None
+    task_defaults: dict[str, Any] = field(default_factory=dict)
+    """Task settings for every group (the TASK_KEYS found at the top level)."""
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per task id overrides."""
+
+    def task_settings(self, task_id: str) -> dict[str, Any]:
+        return {**self.task_defaults, **self.tasks.get(task_id, {})}
+
+
+def sidecar_path(workflow_path: Path) -> Path:
+    return workflow_path.with_name(workflow_path.name[: -len(".json")] + SIDECAR_SUFFIX)
+
+
+def load_sidecar(path: Path | None) -> Sidecar:
+    if path is None or not path.exists():
+        return Sidecar()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _error(path, f"cannot read sidecar: {exc}") from exc
+    return parse_sidecar(text, str(path))
+
+
+def parse_sidecar(text: str, source: str) -> Sidecar:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise _error(source, f"invalid YAML: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise _error(source, f"must be a YAML mapping, got {type(data).__name__}")
+    unknown = sorted(set(data) - DAG_KEYS - TASK_KEYS)
+    if unknown:
+        raise _error(source, f"unknown key(s) {', '.join(map(repr, unknown))}; allowed: "
+                             f"{', '.join(sorted(DAG_KEYS | TASK_KEYS))}")
+    sidecar = Sidecar(path=source, raw_text=text)
+    sidecar.dag_id = _optional_str(data, "dag_id", source)
+    sidecar.schedule = _optional_str(data, "schedule", source)
+    sidecar.start_date = _optional_str(data, "start_date", source)
+    sidecar.catchup = _bool(data, "catchup", False, source)
+    sidecar.tags = [str(t) for t in _list(data, "tags", source)]
+    sidecar.owner = _optional_str(data, "owner", source)
+    sidecar.description = _optional_str(data, "description", source)
+    sidecar.slicing = str(data.get("slicing", "auto"))
+    if sidecar.slicing not in SLICING_MODES:
+        raise _error(source, f"slicing must be one of {', '.join(SLICING_MODES)}, not {sidecar.slicing!r}")
+    sidecar.groups = _groups(data.get("groups"), source)
+    sidecar.params = dict(_mapping(data, "params", source))
+    sidecar.auto_params = _bool(data, "auto_params", True, source)
+    if data.get("max_active_runs") is not None:
+        sidecar.max_active_runs = _int(data["max_active_runs"], "max_active_runs", source, minimum=1)
+    sidecar.task_defaults = _task_settings({k: v for k, v in data.items() if k in TASK_KEYS}, source, "")
+    sidecar.tasks = {}
+    for task_id, settings in _mapping(data, "tasks", source).items():
+        if not isinstance(settings, Mapping):
+            raise _error(source, f"tasks.{task_id} must be a mapping")
+        unknown = sorted(set(settings) - TASK_KEYS)
+        if unknown:
+            raise _error(source, f"tasks.{task_id}: unknown key(s) {', '.join(map(repr, unknown))}; allowed: "
+                                 f"{', '.join(sorted(TASK_KEYS))}")
+        sidecar.tasks[str(task_id)] = _task_settings(settings, source, f"tasks.{task_id}.")
+    return sidecar
+
+
+def _task_settings(data: Mapping[str, Any], source: str, prefix: str) -> dict[str, Any]:
+    out = dict(data)
+    if "backend" in out and out["backend"] not in ("local", "kubernetes"):
+        raise _error(source, f"{prefix}backend must be 'local' or 'kubernetes', not {out['backend']!r}")
+    if "priority" in out and out["priority"] not in PRIORITY_TIERS:
+        raise _error(source, f"{prefix}priority must be one of {', '.join(PRIORITY_TIERS)}, not {out['priority']!r}")
+    for key, minimum in (("retries", 0), ("pool_slots", 1), ("priority_weight", 1)):
+        if key in out:
+            out[key] = _int(out[key], prefix + key, source, minimum=minimum)
+    for key in ("retry_delay", "execution_timeout"):
+        if key in out and out[key] is not None:
+            out[key] = _number(out[key], prefix + key, source)
+    for key in ("resources", "node_selector", "affinity", "env"):
+        if key in out and not isinstance(out[key], Mapping):
+            raise _error(source, f"{prefix}{key} must be a mapping")
+    if "resources" in out:
+        bad = sorted(set(out["resources"]) - {"requests", "limits"})
+        if bad:
+            raise _error(source, f"{prefix}resources may only have 'requests' and 'limits', not {bad}")
+        out["resources"] = {k: {str(n): str(q) for n, q in (v or {}).items()} for k, v in out["resources"].items()}
+    tolerations = out.get("tolerations", [])
+    if not isinstance(tolerations, list) or not all(isinstance(t, Mapping) for t in tolerations):
+        raise _error(source, f"{prefix}tolerations must be a list of mappings")
+    return out
+
+
+def _groups(value: Any, source: str) -> dict[str, list[str]]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise _error(source, "groups must map task ids to lists of node ids")
+    groups = {}
+    for name, node_ids in value.items():
+        if not _TASK_ID_RE.match(str(name)):
+            raise _error(source, f"group name {name!r} is not a valid task id (letters, digits, _ . -)")
+        if not isinstance(node_ids, list):
+            raise _error(source, f"groups.{name} must be a list of node ids")
+        groups[str(name)] = [str(n) for n in node_ids]
+    return groups
+
+
+def _error(source: Any, message: str) -> WorkflowError:
+    return WorkflowError(Problem(f"sidecar: {message}", "bad_sidecar", file=str(source)))
+
+
+def _optional_str(data: Mapping, key: str, source: str) -> str | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, dict | list):
+        raise _error(source, f"{key} must be a string")
+    return str(value)
+
+
+def _bool(data: Mapping, key: str, default: bool, source: str) -> bool:
+    value = data.get(key, default)
+    if not isinstance(value, bool):
+        raise _error(source, f"{key} must be true or false")
+    return value
+
+
+def _list(data: Mapping, key: str, source: str) -> list:
+    value = data.get(key) or []
+    if not isinstance(value, list):
+        raise _error(source, f"{key} must be a list")
+    return value
+
+
+def _mapping(data: Mapping, key: str, source: str) -> Mapping:
+    value = data.get(key) or {}
+    if not isinstance(value, Mapping):
+        raise _error(source, f"{key} must be a mapping")
+    return value
+
+
+def _int(value: Any, key: str, source: str, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _error(source, f"{key} must be an integer >= {minimum}, not {value!r}")
+    return value
+
+
+def _number(value: Any, key: str, source: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise _error(source, f"{key} must be a number of seconds >= 0, not {value!r}")
+    return float(value)

@@ -1,0 +1,117 @@
+"""One group task from a GroupSpec: the operator for the configured backend, with Airflow's task settings."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+from airflow.sdk import BaseOperator
+
+from airflow_comfy.config import ComfySettings
+from airflow_comfy.operators.command import runner_arguments
+from airflow_comfy.operators.task_config import GroupTaskConfig
+from airflow_comfy.workflow.groupspec import GroupSpec
+
+
+def spec_doc_md(spec: GroupSpec) -> str:
+    """The task's documentation in the UI: the group spec it runs."""
+    return (
+        f"### ComfyUI group `{spec.group}` of workflow `{spec.workflow_name}`\n\n"
+        f"Runs {len(spec.nodes)} node(s). Group spec:\n\n```json\n{spec.to_json(indent=2)}\n```\n"
+    )
+
+
+def task_kwargs(
+    spec: GroupSpec, *, task_config: GroupTaskConfig, settings: ComfySettings, task_id: str | None, dag: Any
+) -> dict[str, Any]:
+    """BaseOperator arguments shared by both backends."""
+    kwargs: dict[str, Any] = {
+        "task_id": task_id or spec.group,
+        "pool": task_config.pool or settings.default_pool,
+        "pool_slots": task_config.pool_slots,
+        "priority_weight": task_config.priority_weight,
+        "retries": task_config.retries,
+        "retry_delay": timedelta(seconds=task_config.retry_delay_seconds),
+        "retry_exponential_backoff": task_config.backoff_multiplier,
+        "execution_timeout": (
+            timedelta(seconds=task_config.execution_timeout_seconds)
+            if task_config.execution_timeout_seconds is not None
+            else None
+        ),
+        "doc_md": spec_doc_md(spec),
+    }
+    if dag is not None:
+        kwargs["dag"] = dag
+    return kwargs
+
+
+def build_group_task(
+    spec: GroupSpec,
+    *,
+    task_config: GroupTaskConfig,
+    settings: ComfySettings,
+    upstream_task_ids: Sequence[str],
+    dag: Any = None,
+    task_id: str | None = None,
+    runner_command: list[str] | None = None,
+) -> BaseOperator:
+    """The task that runs ``spec``: a ``ComfyGroupPodOperator`` (backend "kubernetes") or a
+    ``ComfyGroupLocalOperator`` (backend "local").
+
+    ``upstream_task_ids`` are the tasks whose manifests (XCom ``return_value``) this group reads; the caller
+    still sets the dependencies (``upstream >> task``). ``runner_command`` replaces the local backend's
+    ``[python, -m, airflow_comfy.runner]`` (tests).
+    """
+    common = task_kwargs(spec, task_config=task_config, settings=settings, task_id=task_id, dag=dag)
+    if task_config.backend == "kubernetes":
+        return _pod_task(spec, task_config, settings, upstream_task_ids, dag, common)
+    return _local_task(spec, task_config, settings, upstream_task_ids, runner_command, common)
+
+
+def _pod_task(
+    spec: GroupSpec,
+    task_config: GroupTaskConfig,
+    settings: ComfySettings,
+    upstream_task_ids: Sequence[str],
+    dag: Any,
+    common: dict[str, Any],
+) -> BaseOperator:
+    from airflow_comfy.operators.pod import ComfyGroupPodOperator, group_pod_kwargs, pod_models_path
+
+    arguments = runner_arguments(
+        spec,
+        store=settings.artifact_store,
+        models_path=pod_models_path(settings),
+        input_path=settings.input_path,
+        upstream_task_ids=upstream_task_ids,
+    )
+    dag_id = dag.dag_id if dag is not None else spec.workflow_name
+    pod_kwargs = group_pod_kwargs(spec, task_config=task_config, settings=settings, dag_id=dag_id)
+    return ComfyGroupPodOperator(arguments=arguments, **pod_kwargs, **common)
+
+
+def _local_task(
+    spec: GroupSpec,
+    task_config: GroupTaskConfig,
+    settings: ComfySettings,
+    upstream_task_ids: Sequence[str],
+    runner_command: list[str] | None,
+    common: dict[str, Any],
+) -> BaseOperator:
+    from airflow_comfy.operators.local import ComfyGroupLocalOperator
+
+    arguments = runner_arguments(
+        spec,
+        store=settings.artifact_store,
+        models_path=settings.models_path,
+        input_path=settings.input_path,
+        upstream_task_ids=upstream_task_ids,
+    )
+    return ComfyGroupLocalOperator(
+        arguments=arguments,
+        runner_python=settings.runner_python or None,
+        runner_command=runner_command,
+        env=dict(task_config.env),
+        **common,
+    )

@@ -1,0 +1,95 @@
+"""The runner command: the single contract between the Airflow side and the compute side.
+
+Both operators (Kubernetes pod and local subprocess) run the very same command::
+
+    python -m airflow_comfy.runner run
+        --spec <data: URI of the GroupSpec>
+        --store <artifact store URI>
+        --run-key "{{ dag.dag_id }}/{{ run_id }}"
+        --try "{{ ti.try_number }}"
+        --params "{{ params | tojson }}"
+        [--inputs "{{ ti.xcom_pull(task_ids='encode')['manifest_uri'] }}"]   # once per upstream group
+        --models <models folder> --input-dir <input folder>
+        [--xcom-path /airflow/xcom/return.json]    # pod only: KPO's xcom sidecar reads that file
+        [--manifest-out <file>]                    # local only: where the runner writes its manifest
+
+The ``{{ ... }}`` parts are Jinja templates that Airflow renders just before the task runs. The spec is a
+base64 ``data:`` URI, so a prompt containing ``{{`` is never rendered.
+
+Exit codes: ``EXIT_OK`` (0) success; ``EXIT_BAD_INPUT`` (2) the inputs are wrong and trying again cannot help
+(the operators raise ``AirflowFailException``, so Airflow does not retry); anything else is an infrastructure
+failure (``AirflowException``: retried).
+
+Pure functions: nothing here imports Airflow or the Kubernetes provider.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from airflow_comfy.workflow.groupspec import GroupSpec
+
+RUNNER_MODULE = "airflow_comfy.runner"
+RUN_SUBCOMMAND = "run"
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+
+#: Where the pod's runner writes its manifest; KPO's xcom sidecar reads it (``do_xcom_push=True``).
+POD_XCOM_PATH = "/airflow/xcom/return.json"
+
+#: Artifact keys are scoped by dag id / run id; the try number is passed on its own.
+RUN_KEY_TEMPLATE = "{{ dag.dag_id }}/{{ run_id }}"
+TRY_TEMPLATE = "{{ ti.try_number }}"
+#: The run's params (DAG defaults merged with the trigger's values) as JSON. In a running task (Airflow 3 task
+#: SDK) ``params`` is the plain dict returned by ``process_params(...)`` (``ParamsDict.validate()``), which
+#: ``tojson`` serializes (it escapes ``<``, ``>``, ``&`` and ``'`` as ``\u00XX``: still the same JSON values).
+PARAMS_TEMPLATE = "{{ params | tojson }}"
+#: Key of the manifest dict (an upstream task's XCom return value) that holds the manifest's own URI.
+MANIFEST_URI_KEY = "manifest_uri"
+
+
+def inputs_template(upstream_task_id: str) -> str:
+    """Jinja expression that renders to the manifest URI pushed (as XCom ``return_value``) by an upstream task."""
+    return f"{{{{ ti.xcom_pull(task_ids={upstream_task_id!r})[{MANIFEST_URI_KEY!r}] }}}}"
+
+
+def runner_prefix(python: str) -> list[str]:
+    """``[python, -m, airflow_comfy.runner]``: what the arguments of :func:`runner_arguments` follow."""
+    return [python, "-m", RUNNER_MODULE]
+
+
+def runner_arguments(
+    spec: GroupSpec,
+    *,
+    store: str,
+    models_path: str,
+    input_path: str,
+    upstream_task_ids: Sequence[str] | None = None,
+) -> list[str]:
+    """Arguments of the runner command common to both backends (templated: render them with Airflow).
+
+    ``upstream_task_ids`` defaults to ``spec.upstream`` (task id == group name). The backend adds
+    ``--xcom-path`` (pod) or ``--manifest-out`` (local).
+    """
+    upstream = list(spec.upstream if upstream_task_ids is None else upstream_task_ids)
+    arguments = [
+        RUN_SUBCOMMAND,
+        "--spec", spec.to_data_uri(),
+        "--store", store,
+        "--run-key", RUN_KEY_TEMPLATE,
+        "--try", TRY_TEMPLATE,
+        "--params", PARAMS_TEMPLATE,
+    ]
+    for task_id in upstream:
+        arguments += ["--inputs", inputs_template(task_id)]
+    arguments += ["--models", models_path, "--input-dir", input_path]
+    return arguments
+
+
+def pod_arguments(arguments: Sequence[str]) -> list[str]:
+    return [*arguments, "--xcom-path", POD_XCOM_PATH]
+
+
+def local_arguments(arguments: Sequence[str], manifest_out: str) -> list[str]:
+    return [*arguments, "--manifest-out", manifest_out]

@@ -1,0 +1,186 @@
+"""Run one group in a Kubernetes pod: a KubernetesPodOperator whose container runs the runner command."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, TypeVar
+
+from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from airflow.providers.cncf.kubernetes.pod_generator import make_safe_label_value
+from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
+from kubernetes.client import ApiClient, Configuration
+from kubernetes.client import models as k8s
+
+from airflow_comfy.config import ComfySettings
+from airflow_comfy.operators.command import EXIT_BAD_INPUT, RUNNER_MODULE, pod_arguments
+from airflow_comfy.operators.task_config import GroupTaskConfig
+from airflow_comfy.workflow.groupspec import GroupSpec
+
+#: The container's command; the image's ``python`` must have ``airflow-comfy[runner]`` installed.
+POD_RUNNER_CMDS = ["python", "-m", RUNNER_MODULE]
+MODELS_VOLUME = "comfy-models"
+APP_LABEL = "app.kubernetes.io/name"
+APP_NAME = "airflow-comfy"
+WORKFLOW_LABEL = "airflow-comfy/workflow"
+GROUP_LABEL = "airflow-comfy/group"
+WORKFLOW_SHA_ANNOTATION = "airflow-comfy/workflow-sha256"
+#: KPO appends "-" and 8 random characters to the name; a pod name must stay within 63.
+POD_NAME_MAX = 63 - 9
+
+_Model = TypeVar("_Model")
+
+
+class ComfyGroupPodOperator(KubernetesPodOperator):
+    """A KubernetesPodOperator that runs the runner command in its pod.
+
+    The container runs ``python -m airflow_comfy.runner <arguments> --xcom-path /airflow/xcom/return.json``;
+    the runner writes its manifest there and KPO's xcom sidecar pushes it as XCom ``return_value``.
+    ``HF_HUB_OFFLINE=1`` is always in the container's environment. Use :func:`group_pod_kwargs` (or
+    ``build_group_task``) for the pod settings that come from ``[comfy]`` and the workflow's sidecar.
+
+    When the runner container exits with code 2 (bad input), the task fails with ``AirflowFailException``,
+    so Airflow does not retry it; any other failure stays a retryable ``AirflowException``.
+    """
+
+    ui_color = "#d6eaf8"
+
+    def __init__(
+        self,
+        *,
+        arguments: list[str],
+        env_vars: dict[str, str] | None = None,
+        cmds: list[str] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        env = {**(env_vars or {}), "HF_HUB_OFFLINE": "1"}
+        kwargs.setdefault("get_logs", True)
+        kwargs.setdefault("on_finish_action", "delete_pod")
+        # the last lines of the runner's output become the container's termination message (shown on failure)
+        kwargs.setdefault("termination_message_policy", "FallbackToLogsOnError")
+        super().__init__(
+            cmds=list(cmds or POD_RUNNER_CMDS),
+            arguments=pod_arguments(arguments),
+            env_vars=[k8s.V1EnvVar(name=name, value=value) for name, value in env.items()],
+            do_xcom_push=True,
+            **kwargs,
+        )
+
+    def cleanup(
+        self,
+        pod: k8s.V1Pod,
+        remote_pod: k8s.V1Pod,
+        xcom_result: dict | None = None,
+        context: Any = None,
+    ) -> None:
+        """KPO's own verdict on the finished pod, made non-retryable when the runner exited with code 2.
+
+        Both execution paths end here: ``execute_sync`` (via ``post_complete_action`` in its ``finally``) and
+        the deferrable ``trigger_reentry`` (via ``_clean``), each with the finished pod as ``remote_pod``.
+        """
+        try:
+            super().cleanup(pod=pod, remote_pod=remote_pod, xcom_result=xcom_result, context=context)
+        except (AirflowFailException, AirflowSkipException):
+            raise
+        except AirflowException as exc:
+            if container_exit_code(remote_pod, self.base_container_name) == EXIT_BAD_INPUT:
+                name = pod.metadata.name if pod is not None and pod.metadata else "?"
+                raise AirflowFailException(
+                    f"The runner in pod {name} refused its input (exit code {EXIT_BAD_INPUT}; not retried).\n"
+                    f"{exc}"
+                ) from exc
+            raise
+
+
+def container_exit_code(pod: k8s.V1Pod | None, container_name: str) -> int | None:
+    """Exit code of a terminated container of ``pod`` (None when it has not terminated or is unknown)."""
+    statuses = (pod.status.container_statuses if pod is not None and pod.status else None) or []
+    for status in statuses:
+        if status.name == container_name and status.state and status.state.terminated:
+            return status.state.terminated.exit_code
+    return None
+
+
+def pod_name(dag_id: str, group: str) -> str:
+    """A DNS-1123 label from dag id and group, short enough for KPO's random suffix (which also keeps pods
+    of different runs, tries and look-alike names apart)."""
+    name = re.sub(r"[^a-z0-9]+", "-", f"{dag_id}-{group}".lower())
+    return name[:POD_NAME_MAX].strip("-") or "comfy-group"
+
+
+def pod_labels(workflow: str, group: str) -> dict[str, str]:
+    return {
+        APP_LABEL: APP_NAME,
+        WORKFLOW_LABEL: make_safe_label_value(workflow),
+        GROUP_LABEL: make_safe_label_value(group),
+    }
+
+
+def pod_models_path(settings: ComfySettings) -> str:
+    """Where the runner in a pod finds the models folder: the PVC's mount point, else ``models_path``
+    (then the image or a pod template has to provide it)."""
+    return settings.pod_models_path if settings.models_pvc else settings.models_path
+
+
+def models_volume(settings: ComfySettings) -> tuple[list[k8s.V1Volume], list[k8s.V1VolumeMount]]:
+    """The models PVC, mounted read-only at ``pod_models_path`` (nothing when ``models_pvc`` is empty)."""
+    if not settings.models_pvc:
+        return [], []
+    volume = k8s.V1Volume(
+        name=MODELS_VOLUME,
+        persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
+            claim_name=settings.models_pvc, read_only=True
+        ),
+    )
+    mount = k8s.V1VolumeMount(name=MODELS_VOLUME, mount_path=settings.pod_models_path, read_only=True)
+    return [volume], [mount]
+
+
+def resource_requirements(resources: dict[str, dict[str, Any]] | None) -> k8s.V1ResourceRequirements | None:
+    if not resources:
+        return None
+    requests, limits = resources.get("requests"), resources.get("limits")
+    return k8s.V1ResourceRequirements(
+        requests={k: str(v) for k, v in requests.items()} if requests else None,
+        limits={k: str(v) for k, v in limits.items()} if limits else None,
+    )
+
+
+def k8s_model(data: dict[str, Any], klass: type[_Model], what: str) -> _Model:
+    """A Kubernetes API dict (camelCase, as in a manifest) as a client model object.
+
+    The client's deserializer silently drops fields it does not know, so a misspelled key (or a snake_case
+    one) would vanish from the pod: refuse it instead.
+    """
+    client = ApiClient(configuration=Configuration())
+    model = client._ApiClient__deserialize_model(data, klass)  # type: ignore[attr-defined]
+    if client.sanitize_for_serialization(model) != data:
+        raise ValueError(
+            f"{what} {data!r} has fields Kubernetes does not know (use the API's camelCase names, e.g. "
+            f"'tolerationSeconds', 'nodeAffinity')"
+        )
+    return model
+
+
+def group_pod_kwargs(
+    spec: GroupSpec, *, task_config: GroupTaskConfig, settings: ComfySettings, dag_id: str
+) -> dict[str, Any]:
+    """KubernetesPodOperator arguments of a group's pod, from its task config and the ``[comfy]`` settings."""
+    volumes, volume_mounts = models_volume(settings)
+    return {
+        "image": task_config.image or settings.runner_image,
+        "name": pod_name(dag_id, spec.group),
+        "namespace": settings.namespace or None,
+        "kubernetes_conn_id": settings.kubernetes_conn_id or None,
+        "service_account_name": settings.service_account_name or None,
+        "image_pull_policy": settings.image_pull_policy or None,
+        "labels": pod_labels(spec.workflow_name or dag_id, spec.group),
+        "annotations": {WORKFLOW_SHA_ANNOTATION: spec.workflow_sha256} if spec.workflow_sha256 else {},
+        "container_resources": resource_requirements(task_config.resources),
+        "node_selector": dict(task_config.node_selector),
+        "tolerations": [k8s_model(t, k8s.V1Toleration, "toleration") for t in task_config.tolerations],
+        "affinity": k8s_model(task_config.affinity, k8s.V1Affinity, "affinity") if task_config.affinity else None,
+        "priority_class_name": task_config.priority_class_name,
+        "env_vars": dict(task_config.env),
+        "volumes": volumes,
+        "volume_mounts": volume_mounts,
+    }

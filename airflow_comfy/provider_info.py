@@ -1,0 +1,112 @@
+"""What ``airflow providers list`` and the Airflow configuration know about this provider."""
+
+from __future__ import annotations
+
+from airflow_comfy.version import __version__
+
+# Each option: (type, default, description, example). Defaults may use {AIRFLOW_HOME}.
+CONFIG_OPTIONS: dict[str, tuple[str, str, str, str | None]] = {
+    "workflows_folder": (
+        "string", "",
+        "Folder whose *.json ComfyUI workflows become DAGs. Empty: the folder of the loader stub "
+        "(usually the dags folder).",
+        "/opt/airflow/comfy/workflows",
+    ),
+    "backend": (
+        "string", "local",
+        "Where group tasks run: 'local' (a subprocess on the worker) or 'kubernetes' (one pod per group). "
+        "A workflow's sidecar can override it.",
+        "kubernetes",
+    ),
+    "artifact_store": (
+        "string", "file://{AIRFLOW_HOME}/comfy/artifacts",
+        "Where groups hand over tensors and write images: a file:// folder or s3://bucket/prefix.",
+        "s3://my-bucket/comfy",
+    ),
+    "models_path": (
+        "string", "{AIRFLOW_HOME}/comfy/models",
+        "ComfyUI-style models folder (checkpoints/, loras/, vae/, controlnet/, upscale_models/, embeddings/) "
+        "as seen by the runner.",
+        "/models",
+    ),
+    "input_path": (
+        "string", "{AIRFLOW_HOME}/comfy/input",
+        "Folder that LoadImage/LoadImageMask file names are resolved in (and confined to), as seen by the runner.",
+        "/inputs",
+    ),
+    "object_info_files": (
+        "string", "",
+        "Comma-separated ComfyUI /object_info JSON files whose node definitions extend the catalog, so "
+        "workflows with custom nodes convert and validate (they still need a runner that can execute them).",
+        "/opt/airflow/comfy/object_info.json",
+    ),
+    "runner_python": (
+        "string", "",
+        "Python interpreter the local backend runs the runner with. Empty: the worker's own interpreter.",
+        "/opt/comfy-venv/bin/python",
+    ),
+    "runner_image": (
+        "string", f"airflow-comfy-runner:{__version__}",
+        "Container image of group pods (must have airflow-comfy[runner] installed).",
+        "registry.example.com/airflow-comfy-runner:0.1.0",
+    ),
+    "namespace": ("string", "default", "Kubernetes namespace of group pods.", "comfy"),
+    "kubernetes_conn_id": (
+        "string", "kubernetes_default", "Airflow connection used to reach the Kubernetes API.", None,
+    ),
+    "service_account_name": ("string", "", "Service account of group pods (empty: the namespace default).", None),
+    "image_pull_policy": ("string", "IfNotPresent", "imagePullPolicy of group pods.", "Always"),
+    "models_pvc": (
+        "string", "",
+        "PersistentVolumeClaim holding the models folder; mounted read-only into every group pod at "
+        "pod_models_path.",
+        "comfy-models",
+    ),
+    "pod_models_path": ("string", "/models", "Where the models folder is mounted inside group pods.", None),
+    "default_pool": ("string", "default_pool", "Airflow pool of group tasks unless the sidecar names one.", None),
+    "cache_dir": (
+        "string", "{AIRFLOW_HOME}/comfy/cache",
+        "Parse cache: sliced workflows keyed by file content, so unchanged files are not re-sliced on every "
+        "parse loop. Empty disables it.",
+        None,
+    ),
+    "max_workflow_bytes": ("integer", "5000000", "Workflow files larger than this are refused.", None),
+    "max_workflow_nodes": ("integer", "2000", "Workflows with more nodes than this are refused.", None),
+}
+
+
+def provider_info() -> dict:
+    return {
+        "package-name": "airflow-comfy",
+        "name": "ComfyUI",
+        "description": "Run ComfyUI workflows as Airflow DAGs: one Kubernetes pod (or local subprocess) per node group.",
+        "versions": [__version__],
+        "operators": [
+            {
+                "integration-name": "ComfyUI",
+                "python-modules": ["airflow_comfy.operators.pod", "airflow_comfy.operators.local"],
+            }
+        ],
+        "integrations": [
+            {
+                "integration-name": "ComfyUI",
+                "external-doc-url": "https://github.com/comfyanonymous/ComfyUI",
+                "tags": ["software"],
+            }
+        ],
+        "config": {
+            "comfy": {
+                "description": "Settings of the airflow-comfy provider (ComfyUI workflows as DAGs).",
+                "options": {
+                    name: {
+                        "description": description,
+                        "version_added": "0.1.0",
+                        "type": kind,
+                        "example": example,
+                        "default": default,
+                    }
+                    for name, (kind, default, description, example) in CONFIG_OPTIONS.items()
+                },
+            }
+        },
+    }
