@@ -7,6 +7,7 @@ Exit codes: 0 success, 2 the workflow (or sidecar) is invalid — the error name
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -130,8 +131,11 @@ def _render_pods(args) -> int:
         getattr(sidecar, settings_key)["backend"] = "kubernetes"
     for overrides in sidecar.tasks.values():
         overrides["backend"] = "kubernetes"
-    dag = build_dag(compiled, sidecar, get_settings(cache_dir=""))
-    sys.stdout.write(to_yaml(render_pod_manifests(list(dag.tasks))))
+    # Airflow's and KPO's loggers print to stdout; keep stdout for the YAML alone.
+    with contextlib.redirect_stdout(sys.stderr):
+        dag = build_dag(compiled, sidecar, get_settings(cache_dir=""))
+        manifests = render_pod_manifests(list(dag.tasks))
+    sys.stdout.write(to_yaml(manifests))
     return 0
 
 

@@ -30,6 +30,7 @@ class ComfySettings:
     image_pull_policy: str
     models_pvc: str
     pod_models_path: str
+    pod_input_path: str
     default_pool: str
     cache_dir: str
     max_workflow_bytes: int

@@ -63,6 +63,10 @@ CONFIG_OPTIONS: dict[str, tuple[str, str, str, str | None]] = {
         "comfy-models",
     ),
     "pod_models_path": ("string", "/models", "Where the models folder is mounted inside group pods.", None),
+    "pod_input_path": (
+        "string", "/inputs",
+        "Where LoadImage inputs are found inside group pods (provided by the image or a pod template).", None,
+    ),
     "default_pool": ("string", "default_pool", "Airflow pool of group tasks unless the sidecar names one.", None),
     "cache_dir": (
         "string", "{AIRFLOW_HOME}/comfy/cache",

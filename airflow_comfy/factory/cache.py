@@ -1,4 +1,4 @@
-"""Parse cache: compiled workflows keyed by what they depend on (file bytes, sidecar, catalog, version).
+"""Parse cache: compiled workflows keyed by what they depend on (path, bytes, sidecar, catalog, version).
 
 The dag-processor re-parses the loader file every loop, often in a fresh process, so the cache lives on disk
 (one JSON file per key) with an in-process layer in front. Writes are atomic (temp file + rename); an

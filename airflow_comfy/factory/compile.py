@@ -1,8 +1,9 @@
 """Workflow file + sidecar -> a compiled, JSON-able description of the DAG to build.
 
 This is the expensive part of parsing (load, convert, validate, slice, discover params, describe) and it
-depends only on the file contents, the sidecar, the node catalog and the package version, so its result is
-cached by those (see :mod:`airflow_comfy.factory.cache`). Building the Airflow objects from it is cheap.
+depends only on the file's path (its name gives the dag id; the path is quoted in docs and specs), its
+contents, the sidecar, the node catalog and the package version, so its result is cached by those (see
+:mod:`airflow_comfy.factory.cache`). Building the Airflow objects from it is cheap.
 No Airflow import here.
 """
 
@@ -54,9 +55,12 @@ def dag_id_for(path: Path, sidecar: Sidecar) -> str:
     return _DAG_ID_RE.sub("_", stem.strip()).strip("_") or "workflow"
 
 
-def cache_key(content: bytes, sidecar: Sidecar, catalog: Catalog) -> str:
+def cache_key(content: bytes, sidecar: Sidecar, catalog: Catalog, source: str = "") -> str:
+    """Key of a compiled workflow. ``source`` is the file's path: the compiled result names it and carries the
+    dag id made from it, so two files with the same bytes (a copied template) must not share an entry."""
     digest = hashlib.sha256()
-    for part in (content, sidecar.raw_text.encode(), catalog.fingerprint().encode(), __version__.encode()):
+    for part in (source.encode(), content, sidecar.raw_text.encode(), catalog.fingerprint().encode(),
+                 __version__.encode()):
         digest.update(hashlib.sha256(part).digest())
     return digest.hexdigest()
 

@@ -127,7 +127,7 @@ def _load_one(path: Path, catalog: Catalog, cache: CompileCache, settings: Comfy
             f"file is {size} bytes, over the limit of {settings.max_workflow_bytes} ([comfy] max_workflow_bytes)",
             "too_large", file=str(path)))
     content = path.read_bytes()
-    key = cache_key(content, sidecar, catalog)
+    key = cache_key(content, sidecar, catalog, str(path))
     cached = cache.get(key)
     if cached is not None:
         compiled = CompiledWorkflow.from_dict(cached)

@@ -83,7 +83,7 @@ def _pod_task(
         spec,
         store=settings.artifact_store,
         models_path=pod_models_path(settings),
-        input_path=settings.input_path,
+        input_path=settings.pod_input_path,
         upstream_task_ids=upstream_task_ids,
     )
     dag_id = dag.dag_id if dag is not None else spec.workflow_name

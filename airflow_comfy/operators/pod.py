@@ -116,9 +116,10 @@ def pod_labels(workflow: str, group: str) -> dict[str, str]:
 
 
 def pod_models_path(settings: ComfySettings) -> str:
-    """Where the runner in a pod finds the models folder: the PVC's mount point, else ``models_path``
-    (then the image or a pod template has to provide it)."""
-    return settings.pod_models_path if settings.models_pvc else settings.models_path
+    """Where the runner in a pod finds the models folder: ``pod_models_path``, where the models PVC is mounted
+    (without ``models_pvc`` the image or a pod template has to provide it there). The worker's
+    ``models_path`` means nothing inside a pod."""
+    return settings.pod_models_path
 
 
 def models_volume(settings: ComfySettings) -> tuple[list[k8s.V1Volume], list[k8s.V1VolumeMount]]:

@@ -516,7 +516,10 @@ class _Converter:
         definitions = self.doc.get("definitions")
         if definitions is None:
             return {}
-        subgraphs = definitions.get("subgraphs") if isinstance(definitions, Mapping) else None
+        if not isinstance(definitions, Mapping):
+            self.problems.add("'definitions' must be an object", "invalid_subgraph")
+            return {}
+        subgraphs = definitions.get("subgraphs")
         if subgraphs is None:
             subgraphs = []
         if not isinstance(subgraphs, list):

@@ -1,0 +1,121 @@
+"""The ``airflow-comfy`` command line, as users run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from workflow_builders import EXAMPLES, REFERENCE, TEMPLATES, txt2img, write
+
+from airflow_comfy.cli import main
+from airflow_comfy.workflow.groupspec import GroupSpec
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_convert_ui_template_gives_comfyuis_api_prompt(capsys):
+    code, out, _ = run_cli(capsys, "convert", TEMPLATES / "default.json")
+    assert code == 0
+    prompt = json.loads(out)
+    assert prompt["3"]["class_type"] == "KSampler"
+    assert prompt["3"]["inputs"] == {
+        "seed": 156680208700286, "steps": 20, "cfg": 8, "sampler_name": "euler", "scheduler": "normal",
+        "denoise": 1, "model": ["4", 0], "positive": ["6", 0], "negative": ["7", 0], "latent_image": ["5", 0]}
+    assert prompt["9"]["inputs"] == {"filename_prefix": "ComfyUI", "images": ["8", 0]}
+    assert list(prompt) == ["3", "4", "5", "6", "7", "8", "9"]
+
+
+def test_convert_with_object_info_handles_nodes_the_runner_cannot_run(capsys):
+    reference = REFERENCE / "object_info-comfyui-0.3.64.json"
+    if not reference.exists():
+        pytest.skip("shared/reference not present")
+    code, _, err = run_cli(capsys, "convert", TEMPLATES / "flux_schnell.json")
+    assert code == 2 and "unknown node type" in err and "flux_schnell.json" in err
+    code, out, _ = run_cli(capsys, "convert", TEMPLATES / "flux_schnell.json", "--object-info", reference)
+    assert code == 0
+    assert any(node["class_type"] == "UNETLoader" or node["class_type"] == "CheckpointLoaderSimple"
+               for node in json.loads(out).values())
+
+
+def test_convert_reports_bad_file_clearly(tmp_path, capsys):
+    bad = write(tmp_path / "broken.json", '{"nodes": [')
+    code, _, err = run_cli(capsys, "convert", bad)
+    assert code == 2 and "broken.json" in err and "JSON" in err
+
+
+def test_slice_text_and_json(capsys):
+    code, out, _ = run_cli(capsys, "slice", EXAMPLES / "txt2img_grouped.json")
+    assert code == 0
+    assert "[sampling]  <- prompts" in out and "CheckpointLoaderSimple  (replayed: MODEL)" in out
+    assert "reads LATENT of node 5 output 0 from [sampling]" in out
+    code, out, _ = run_cli(capsys, "slice", EXAMPLES / "txt2img_grouped.json", "--json")
+    data = json.loads(out)
+    assert [g["task_id"] for g in data["groups"]] == ["prompts", "sampling", "decode_and_save"]
+    spec = GroupSpec.from_dict(data["groups"][2]["spec"])
+    assert spec.components == {"1": ["VAE"]} and spec.output_nodes == ["7"]
+    assert "filename_prefix" in {p["name"] for p in data["params"]}  # declared in the sidecar
+
+
+def test_slice_refuses_invalid_workflow(tmp_path, capsys):
+    path = write(tmp_path / "wf.json", txt2img(**{"3.steps": 0}))
+    code, _, err = run_cli(capsys, "slice", path)
+    assert code == 2 and "wf.json: node 3 (KSampler): input 'steps'" in err
+
+
+def airflow_env(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "AIRFLOW_HOME": str(tmp_path / "airflow"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{tmp_path}/airflow.db",
+        "AIRFLOW__COMFY__CACHE_DIR": "",
+    })
+    return env
+
+
+def cli(*args, env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "airflow_comfy.cli", *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=240)
+
+
+@pytest.mark.airflow
+def test_render_pods_are_valid_kubernetes_pods(tmp_path):
+    result = cli("render-pods", EXAMPLES / "txt2img_grouped.json", env=airflow_env(tmp_path))
+    assert result.returncode == 0, result.stderr
+    pods = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    assert [p["metadata"]["labels"]["airflow-comfy/group"] for p in pods] == ["prompts", "sampling",
+                                                                              "decode_and_save"]
+    for pod in pods:
+        for version in ("1.30.0", "1.37.0"):
+            kubernetes_validate.validate(pod, version, strict=True)
+        container = pod["spec"]["containers"][0]
+        assert container["command"] == ["python", "-m", "airflow_comfy.runner"]
+        spec = GroupSpec.from_data_uri(container["args"][container["args"].index("--spec") + 1])
+        assert spec.group == pod["metadata"]["labels"]["airflow-comfy/group"]
+    sampling = pods[1]["spec"]
+    # The sidecar's per-task settings reach the pod.
+    assert sampling["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    assert sampling["nodeSelector"] == {"gpu-class": "large"}
+
+
+@pytest.mark.airflow
+def test_check_lists_good_and_bad_workflows(tmp_path):
+    folder = tmp_path / "wfs"
+    folder.mkdir()
+    write(folder / "good.json", txt2img())
+    write(folder / "bad.json", txt2img(**{"3.sampler_name": "nope"}))
+    result = cli("check", folder, env=airflow_env(tmp_path))
+    assert result.returncode == 2
+    assert "ok     good: 2 task(s)" in result.stdout
+    assert "bad.json: node 3 (KSampler): input 'sampler_name'" in result.stdout
+    assert "1 DAG(s), 1 workflow(s) with errors" in result.stdout

@@ -1,0 +1,118 @@
+"""Trigger params from the workflow, and the sidecar's validation."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from workflow_builders import TEMPLATES, txt2img
+
+from airflow_comfy.factory.sidecar import parse_sidecar
+from airflow_comfy.workflow.api_format import convert_api
+from airflow_comfy.workflow.catalog import Catalog
+from airflow_comfy.workflow.errors import WorkflowError
+from airflow_comfy.workflow.loader import load_workflow
+from airflow_comfy.workflow.params import SAFE_FILE_NAME_PATTERN, discover_params
+from airflow_comfy.workflow.validate import validate
+
+CATALOG = Catalog.builtin()
+
+
+def params_of(doc: dict, **kwargs):
+    wf = validate(convert_api(doc, name="wf", source="wf.json"), CATALOG)
+    return {p.name: p for p in discover_params(wf, CATALOG, **kwargs)}
+
+
+def test_txt2img_params_are_typed_bounded_and_default_to_the_workflow():
+    params = params_of(txt2img())
+    assert set(params) == {"prompt", "negative_prompt", "seed", "steps", "cfg", "denoise",
+                           "width", "height", "batch_size"}
+    assert params["prompt"].default == "a cat" and params["prompt"].schema == {"type": "string", "format": "multiline"}
+    assert params["negative_prompt"].default == "blurry"
+    assert params["seed"].schema == {"type": "integer", "minimum": 0, "maximum": 2**64 - 1}
+    assert params["cfg"].schema["type"] == "number" and params["cfg"].schema["maximum"] == 100.0
+    assert params["width"].schema["minimum"] == 16
+    assert params["prompt"].title == "Prompt" and "CLIPTextEncode node 6" in params["prompt"].description
+    assert [(b.node, b.input) for b in params["seed"].bindings] == [("3", "seed")]
+
+
+def test_linked_inputs_are_not_params():
+    doc = txt2img()
+    doc["10"] = {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+    doc["3"]["inputs"]["latent_image"] = ["10", 0]
+    del doc["5"]
+    assert params_of(doc)["width"].default == 64
+
+
+def test_duplicate_names_get_node_suffixes():
+    wf = validate(load_workflow(TEMPLATES / "sdxl_simple_example.json", CATALOG), CATALOG)
+    names = {p.name for p in discover_params(wf, CATALOG)}
+    assert {"seed_10", "seed_11", "prompt_6", "prompt_15", "negative_prompt_7", "negative_prompt_16"} <= names
+    assert "seed" not in names
+
+
+def test_roles_follow_controlnet_outputs():
+    wf = validate(load_workflow(TEMPLATES / "controlnet_example.json", CATALOG), CATALOG)
+    params = {p.name: p for p in discover_params(wf, CATALOG)}
+    assert params["prompt"].bindings[0].node == "6" and params["negative_prompt"].bindings[0].node == "7"
+    assert params["image"].schema["pattern"] == SAFE_FILE_NAME_PATTERN
+
+
+def test_image_param_pattern_refuses_escapes():
+    pattern = re.compile(SAFE_FILE_NAME_PATTERN)
+    assert pattern.match("photo.png") and pattern.match("sub/dir/photo.png")
+    for bad in ("../x.png", "/etc/passwd", "a/../../b", "C:\\x.png", "..\\x"):
+        assert not pattern.match(bad), bad
+
+
+def test_declared_params_and_auto_off():
+    params = params_of(txt2img(), auto=False, declared={"prefix": "9.filename_prefix",
+                                                        "strength": {"node": "3", "input": "denoise", "title": "How much"}})
+    assert set(params) == {"prefix", "strength"}
+    assert params["strength"].title == "How much" and params["prefix"].default == "ComfyUI"
+
+
+@pytest.mark.parametrize("declared, fragment", [
+    ({"bad name": "3.seed"}, "identifier"),
+    ({"x": "99.seed"}, "node '99'"),
+    ({"x": "3.nope"}, "no widget input 'nope'"),
+    ({"x": "3.model"}, "no widget input 'model'"),
+])
+def test_declared_param_errors(declared, fragment):
+    with pytest.raises(WorkflowError, match=re.escape(fragment)):
+        params_of(txt2img(), declared=declared)
+
+
+def test_sidecar_parses_dag_and_task_settings():
+    sidecar = parse_sidecar("""
+schedule: "@daily"
+tags: [a, b]
+slicing: single
+priority: vip
+retries: 2
+tasks:
+  main: {pool: gpu, resources: {limits: {nvidia.com/gpu: 1}}}
+""", "x.comfy.yaml")
+    assert sidecar.schedule == "@daily" and sidecar.tags == ["a", "b"] and sidecar.slicing == "single"
+    assert sidecar.task_settings("main") == {"priority": "vip", "retries": 2, "pool": "gpu",
+                                             "resources": {"limits": {"nvidia.com/gpu": "1"}}}
+    assert sidecar.task_settings("other") == {"priority": "vip", "retries": 2}
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("schedul: daily", "unknown key(s) 'schedul'"),
+    ("slicing: weird", "slicing must be one of"),
+    ("priority: urgent", "priority must be one of"),
+    ("retries: -1", "retries must be an integer >= 0"),
+    ("retries: true", "retries must be an integer"),
+    ("groups: {'bad id!': ['1']}", "not a valid task id"),
+    ("tasks: {a: {colour: red}}", "tasks.a: unknown key(s) 'colour'"),
+    ("resources: {limits: {cpu: 1}, extra: {}}", "only have 'requests' and 'limits'"),
+    ("tolerations: {key: x}", "tolerations must be a list"),
+    ("[1, 2]", "must be a YAML mapping"),
+    ("key: [unclosed", "invalid YAML"),
+])
+def test_sidecar_errors_name_the_file(text, fragment):
+    with pytest.raises(WorkflowError) as info:
+        parse_sidecar(text, "wf.comfy.yaml")
+    assert fragment in str(info.value) and str(info.value).startswith("wf.comfy.yaml: ")
