@@ -76,14 +76,9 @@ def loader_error(bag: DagBag, folder: Path) -> str:
 
 def error_blocks(text: str, folder: Path) -> dict[str, str]:
     """``{file name: its message}`` from the loader's import error (one block per bad file)."""
-    header, *blocks = text.split("\n\n")
-    assert "could not become DAGs (the other workflows loaded)" in header
-    out = {}
-    for block in blocks:
-        assert block.startswith(f"{folder}/"), block
-        name, _, message = block[len(f"{folder}/"):].partition(": ")
-        out[name] = message
-    return out
+    header, *blocks = re.split(rf"\n\n{re.escape(str(folder))}/", text)
+    assert "could not become DAGs (the other workflows loaded):" in header
+    return dict(block.partition(": ")[::2] for block in blocks)
 
 
 def upstream(dag) -> dict[str, set[str]]:
@@ -128,9 +123,10 @@ def test_templates_folder_loads_exactly_the_supported_workflows(templates_bag: D
 def test_every_other_template_is_named_in_the_loader_import_error(templates_bag: DagBag, templates_folder: Path):
     blocks = error_blocks(loader_error(templates_bag, templates_folder), templates_folder)
     assert set(blocks) == BAD_TEMPLATES
-    # Two files whose names both make the dag id "api_wan_text_to_image": the second is refused by name.
-    collided = blocks.pop("api_wan_text_to_image.json")
-    assert "dag id 'api_wan_text_to_image' is already used by api_wan_text_to_image .json" in collided
+    # "api_wan_text_to_image .json" and "api_wan_text_to_image.json" both make the dag id
+    # "api_wan_text_to_image"; neither loads, so neither claims it and each reports its own problem.
+    assert "WanTextToImageApi (node 12)" in blocks["api_wan_text_to_image.json"]
+    assert "dag id" not in blocks["api_wan_text_to_image.json"]
     for name, message in blocks.items():
         assert "node types" in message and NODE_TYPE_LISTING.search(message), (name, message)
     flux = blocks["flux_dev_full_text_to_image.json"]
@@ -177,19 +173,20 @@ def test_trigger_params_have_types_bounds_and_the_workflows_defaults(templates_b
     assert set(params) == {"seed", "steps", "cfg", "denoise", "width", "height", "batch_size", "prompt",
                            "negative_prompt"}
     seed, _, steps, cfg, _, _, denoise = template_node("default.json", 3)["widgets_values"]
-    expected = {
-        "seed": ({"type": "integer", "minimum": 0, "maximum": 2**64 - 1}, seed),
-        "steps": ({"type": "integer", "minimum": 1, "maximum": 10000}, steps),
-        "cfg": ({"type": "number", "minimum": 0.0, "maximum": 100.0}, cfg),
-        "denoise": ({"type": "number", "minimum": 0.0, "maximum": 1.0}, denoise),
-        "width": ({"type": "integer", "minimum": 16, "maximum": 16384}, 512),
-        "prompt": ({"type": "string", "format": "multiline"}, template_node("default.json", 6)["widgets_values"][0]),
-        "negative_prompt": ({"type": "string", "format": "multiline"}, "text, watermark"),
+    (prompt,) = template_node("default.json", 6)["widgets_values"]
+    expected = {  # name: (schema without title, default from the workflow, Python type)
+        "seed": ({"type": "integer", "minimum": 0, "maximum": 2**64 - 1}, seed, int),
+        "steps": ({"type": "integer", "minimum": 1, "maximum": 10000}, steps, int),
+        "cfg": ({"type": "number", "minimum": 0.0, "maximum": 100.0}, cfg, float),
+        "denoise": ({"type": "number", "minimum": 0.0, "maximum": 1.0}, denoise, float),
+        "width": ({"type": "integer", "minimum": 16, "maximum": 16384}, 512, int),
+        "prompt": ({"type": "string", "format": "multiline"}, prompt, str),
+        "negative_prompt": ({"type": "string", "format": "multiline"}, "text, watermark", str),
     }
-    for name, (schema, default) in expected.items():
+    for name, (schema, default, kind) in expected.items():
         param = params.get_param(name)
         assert {k: v for k, v in param.schema.items() if k != "title"} == schema, name
-        assert param.value == default and type(param.value) is type(schema_value(schema, default)), name
+        assert param.value == default and type(param.value) is kind, name
     assert params.get_param("prompt").schema["title"] == "Prompt"
     # What the REST API / trigger form enforce with these schemas.
     assert params.get_param("steps").resolve(30) == 30
@@ -202,10 +199,6 @@ def test_trigger_params_have_types_bounds_and_the_workflows_defaults(templates_b
     for escape in ("../../etc/passwd", "/etc/passwd"):
         with pytest.raises(ParamValidationError):
             image.resolve(escape)
-
-
-def schema_value(schema: dict, value):
-    return {"integer": int, "number": float, "string": str}[schema["type"]](value)
 
 
 def test_repeated_inputs_get_node_suffixed_params(templates_bag: DagBag):
@@ -238,9 +231,9 @@ def test_cli_lists_the_dags_and_the_import_error(templates_folder: Path, templat
     assert [e["filepath"] for e in errors] == [STUB.name]
     error = errors[0]["error"]
     assert error.startswith(SENTINEL + "airflow-comfy: 152 workflow file(s)")
-    assert set(error_blocks(error.removeprefix(SENTINEL), templates_folder)) == BAD_TEMPLATES
-    assert "UNETLoader (node" in error_blocks(error.removeprefix(SENTINEL), templates_folder)[
-        "flux_dev_full_text_to_image.json"]
+    blocks = error_blocks(error.removeprefix(SENTINEL), templates_folder)
+    assert set(blocks) == BAD_TEMPLATES
+    assert "UNETLoader (node" in blocks["flux_dev_full_text_to_image.json"]
     dags = cli_json(list_run.result())
     assert {d["dag_id"] for d in dags} == GOOD_DAGS
     assert {Path(d["fileloc"]).name for d in dags} == {STUB.name}
@@ -276,73 +269,73 @@ def nan_cfg_text() -> str:
     return text
 
 
+BAD = "bad.json"
 BAD_INPUTS = {
-    # id: (files next to default.json, fragments of the bad file's message, DAGs besides "default")
-    "truncated_json": ({"bad.json": DEFAULT_TEXT[: len(DEFAULT_TEXT) // 2]}, ["not valid JSON: Expecting value at line"], set()),
-    "top_level_list": ({"bad.json": "[1, 2, 3]"}, ["the top level is a JSON list"], set()),
-    "unknown_class_type": ({"bad.json": unknown_class_doc()}, ["unknown node types", "NoSuchDecoder (node 8)"],
-                           set()),
-    "link_to_missing_node": ({"bad.json": txt2img(**{"8.samples": ["99", 0]})},
+    # id: (files besides default.json, the file the error names, fragments of its message, other good DAGs)
+    "truncated_json": ({BAD: DEFAULT_TEXT[: len(DEFAULT_TEXT) // 2]}, BAD,
+                       ["not valid JSON: Expecting value at line"], set()),
+    "top_level_list": ({BAD: "[1, 2, 3]"}, BAD, ["the top level is a JSON list"], set()),
+    "unknown_class_type": ({BAD: unknown_class_doc()}, BAD, ["unknown node types", "NoSuchDecoder (node 8)"], set()),
+    "link_to_missing_node": ({BAD: txt2img(**{"8.samples": ["99", 0]})}, BAD,
                              ["node 8 (VAEDecode): input 'samples'", "node 99"], set()),
-    "cycle": ({"bad.json": cycle_doc()}, ["node 21 (ImageInvert): dependency cycle: 21 <- 20 <- 21"], set()),
-    "type_mismatch": ({"bad.json": txt2img(**{"8.samples": ["6", 0]})},
+    "cycle": ({BAD: cycle_doc()}, BAD, ["node 21 (ImageInvert): dependency cycle: 21 <- 20 <- 21"], set()),
+    "type_mismatch": ({BAD: txt2img(**{"8.samples": ["6", 0]})}, BAD,
                       ["node 8 (VAEDecode): input 'samples'",
                        "node 6 (CLIPTextEncode) output 0 is CONDITIONING, the input expects LATENT"], set()),
-    "steps_zero": ({"bad.json": txt2img(**{"3.steps": 0})},
+    "steps_zero": ({BAD: txt2img(**{"3.steps": 0})}, BAD,
                    ["node 3 (KSampler): input 'steps'", "smaller than min of 1"], set()),
-    "cfg_1000": ({"bad.json": txt2img(**{"3.cfg": 1000})},
+    "cfg_1000": ({BAD: txt2img(**{"3.cfg": 1000})}, BAD,
                  ["node 3 (KSampler): input 'cfg'", "bigger than max of 100"], set()),
-    "nan_literal": ({"bad.json": nan_cfg_text()}, ["node 3 (KSampler): input 'cfg'", "failed to convert nan"], set()),
-    "combo_not_in_list": ({"bad.json": txt2img(**{"3.sampler_name": "nope"})},
+    "nan_literal": ({BAD: nan_cfg_text()}, BAD, ["node 3 (KSampler): input 'cfg'", "failed to convert nan"], set()),
+    "combo_not_in_list": ({BAD: txt2img(**{"3.sampler_name": "nope"})}, BAD,
                           ["node 3 (KSampler): input 'sampler_name'", "value not in list", "'nope'"], set()),
-    "model_path_escape": ({"bad.json": txt2img(**{"4.ckpt_name": "../../etc/passwd"})},
+    "model_path_escape": ({BAD: txt2img(**{"4.ckpt_name": "../../etc/passwd"})}, BAD,
                           ["node 4 (CheckpointLoaderSimple): input 'ckpt_name'", "'../../etc/passwd'", "escapes"],
                           set()),
-    "output_path_escape": ({"bad.json": txt2img(**{"9.filename_prefix": "/abs/x"})},
+    "output_path_escape": ({BAD: txt2img(**{"9.filename_prefix": "/abs/x"})}, BAD,
                            ["node 9 (SaveImage): input 'filename_prefix'", "'/abs/x'", "absolute"], set()),
-    "too_large": ({"bad.json": txt2img(**{"6.text": "a cat " * 2000})}, ["over the limit of 8000 ([comfy] max_workflow_bytes)"], set()),
-    "no_output_node": ({"bad.json": no_output_doc()}, ["workflow has no output node"], set()),
+    "too_large": ({BAD: txt2img(**{"6.text": "a cat " * 2000})}, BAD,
+                  ["over the limit of 8000 ([comfy] max_workflow_bytes)"], set()),
+    "no_output_node": ({BAD: no_output_doc()}, BAD, ["workflow has no output node"], set()),
     "sidecar_unknown_key": ({"styled.json": TXT2IMG, "styled.comfy.yaml": "schedule: '@daily'\nschedul: oops\n"},
-                            ["sidecar", "unknown key(s) 'schedul'"], set()),
+                            "styled.comfy.yaml", ["sidecar: unknown key(s) 'schedul'"], set()),
     "sidecar_invalid_yaml": ({"styled.json": TXT2IMG, "styled.comfy.yaml": "tags: [a, b\n"},
-                             ["sidecar", "invalid YAML"], set()),
-    "dag_id_collision": ({"a b.json": TXT2IMG, "a_b.json": TXT2IMG},
-                         ["dag id 'a_b' is already used by a b.json"], {"a_b"}),
+                             "styled.comfy.yaml", ["sidecar: invalid YAML"], set()),
+    "dag_id_collision": ({"a b.json": TXT2IMG, "a_b.json": TXT2IMG}, "a_b.json",
+                         ["a_b' is already used by ", "a b.json; rename one file"], {"a_b"}),
 }
+MAX_BYTES = "8000"  # default.json is 5666 bytes
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_is_reported_and_the_good_workflow_still_loads(case: str, tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch):
-    files, fragments, also_good = BAD_INPUTS[case]
-    monkeypatch.setenv("AIRFLOW__COMFY__MAX_WORKFLOW_BYTES", "8000")  # default.json is 5666 bytes
+    files, bad_file, fragments, also_good = BAD_INPUTS[case]
+    monkeypatch.setenv("AIRFLOW__COMFY__MAX_WORKFLOW_BYTES", MAX_BYTES)
     folder = dags_folder(tmp_path / "dags", {"default.json": DEFAULT_TEXT, **files})
     bag = parse(folder)
     assert set(bag.dags) == {"default"} | also_good
-    assert [t.task_id for t in bag.dags["default"].tasks] == ["inference", "postprocess"]
+    assert upstream(bag.dags["default"]) == {"inference": set(), "postprocess": {"inference"}}
     blocks = error_blocks(loader_error(bag, folder), folder)
-    assert len(blocks) == 1, blocks
-    ((name, message),) = blocks.items()
-    bad_file = next(n for n in files if n.endswith(".yaml")) if "sidecar" in case else (
-        "a_b.json" if case == "dag_id_collision" else "bad.json")
-    assert name == bad_file
+    assert list(blocks) == [bad_file]
     for fragment in fragments:
-        assert fragment in message, (fragment, message)
+        assert fragment in blocks[bad_file], (fragment, blocks[bad_file])
     assert f"{folder}/{bad_file}: " in "\n".join(bag.captured_warnings[str(folder / STUB.name)])
 
 
-def test_all_bad_inputs_in_one_folder_are_all_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("AIRFLOW__COMFY__MAX_WORKFLOW_BYTES", "8000")
-    files = {}
-    for case, (case_files, _, _) in BAD_INPUTS.items():
-        if case not in ("sidecar_invalid_yaml", "dag_id_collision"):
-            files.update({name.replace("bad", case).replace("styled", case): doc for name, doc in case_files.items()})
-    folder = dags_folder(tmp_path / "dags", {"default.json": DEFAULT_TEXT, **files})
+def test_many_bad_inputs_in_one_folder_are_each_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("AIRFLOW__COMFY__MAX_WORKFLOW_BYTES", MAX_BYTES)
+    files: dict = {"default.json": DEFAULT_TEXT}
+    for case, (case_files, _, _, _) in BAD_INPUTS.items():
+        files.update({f"{case}__{name}": doc for name, doc in case_files.items()})
+    folder = dags_folder(tmp_path / "dags", files)
     bag = parse(folder)
-    assert set(bag.dags) == {"default"}
+    assert set(bag.dags) == {"default", "dag_id_collision__a_b"}
     blocks = error_blocks(loader_error(bag, folder), folder)
-    assert set(blocks) == {n for n in files if n.endswith(".json") and not n.startswith("sidecar")} | {
-        "sidecar_unknown_key.comfy.yaml"}
+    assert set(blocks) == {f"{case}__{bad_file}" for case, (_, bad_file, _, _) in BAD_INPUTS.items()}
+    for case, (_, bad_file, fragments, _) in BAD_INPUTS.items():
+        message = blocks[f"{case}__{bad_file}"]
+        assert all(fragment in message for fragment in fragments), (case, message)
 
 
 # --- 4. sidecars ---------------------------------------------------------------------------------------------
@@ -402,7 +395,7 @@ def test_sidecar_sets_schedule_tags_owner_description_and_task_settings(sidecar_
     inference, postprocess = dag.get_task("inference"), dag.get_task("postprocess")
     assert (inference.pool, inference.retries, inference.priority_weight) == ("gpu_big", 3, 10_000)
     assert (postprocess.pool, postprocess.retries, postprocess.priority_weight) == ("default_pool", 0, 100)
-    # without a sidecar: triggered only
+    # a sidecar without a schedule: triggered only
     assert sidecar_bag.dags["single"].schedule is None
 
 

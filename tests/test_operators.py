@@ -318,7 +318,7 @@ def test_task_settings_from_task_config():
     assert task.pool == "default_pool"
     assert task.do_xcom_push and task.get_logs
     assert task.on_finish_action.value == "delete_pod"
-    assert '"KSampler"' in task.doc_md
+    assert '| 3 | KSampler | computed |' in task.doc_md and 'Hands LATENT (node 3 output 0) to `decode`' in task.doc_md
     local = build_group_task(
         sample_spec(),
         task_config=GroupTaskConfig(pool="gpu", pool_slots=2, execution_timeout_seconds=600, retry_delay_seconds=5),

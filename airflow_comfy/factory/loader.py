@@ -120,7 +120,6 @@ def _load_one(path: Path, catalog: Catalog, cache: CompileCache, settings: Comfy
         raise WorkflowError(Problem(
             f"dag id {dag_id!r} is already used by {claimed[dag_id].name}; rename one file or set dag_id in its "
             "sidecar", "dag_id_collision", file=str(path)))
-    claimed[dag_id] = path
     size = path.stat().st_size
     if size > settings.max_workflow_bytes:
         raise WorkflowError(Problem(
@@ -134,7 +133,9 @@ def _load_one(path: Path, catalog: Catalog, cache: CompileCache, settings: Comfy
     else:
         compiled = compile_workflow(path, content, sidecar, catalog, max_nodes=settings.max_workflow_nodes)
         cache.put(key, compiled.to_dict())
-    return build_dag(compiled, sidecar, settings)
+    dag = build_dag(compiled, sidecar, settings)
+    claimed[dag_id] = path  # only a file that made a DAG claims its id: a broken file never blocks a good one
+    return dag
 
 
 def build_dag(compiled: CompiledWorkflow, sidecar: Sidecar, settings: ComfySettings) -> DAG:
@@ -164,6 +165,7 @@ def build_dag(compiled: CompiledWorkflow, sidecar: Sidecar, settings: ComfySetti
             settings=settings,
             upstream_task_ids=group["upstream"],
             dag=dag,
+            spec_uri=group["spec_uri"],
         )
     for group in compiled.groups:
         for upstream in group["upstream"]:

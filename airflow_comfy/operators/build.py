@@ -15,11 +15,25 @@ from airflow_comfy.workflow.groupspec import GroupSpec
 
 
 def spec_doc_md(spec: GroupSpec) -> str:
-    """The task's documentation in the UI: the group spec it runs."""
-    return (
-        f"### ComfyUI group `{spec.group}` of workflow `{spec.workflow_name}`\n\n"
-        f"Runs {len(spec.nodes)} node(s). Group spec:\n\n```json\n{spec.to_json(indent=2)}\n```\n"
-    )
+    """The task's documentation in the UI: what the group computes, replays, reads and hands over.
+    (The whole spec is in the task's ``--spec`` argument; ``airflow-comfy slice --json`` prints it.)"""
+    replayed = set(spec.recipe_nodes)
+    lines = [f"### ComfyUI group `{spec.group}` of workflow `{spec.workflow_name}`", "",
+             f"Runs {len(spec.nodes)} node(s): {len(spec.nodes) - len(replayed)} computed, {len(replayed)} "
+             "replayed (model loaders and patches).", "",
+             "| node | class | role |", "|---|---|---|"]
+    for node_id, node in spec.nodes.items():
+        if node_id in replayed:
+            role = "replayed: " + "/".join(spec.components.get(node_id, []))
+        else:
+            role = "output" if node_id in spec.output_nodes else "computed"
+        lines.append(f"| {node_id} | {node.get('class_type', '?')} | {role} |")
+    for value in spec.boundary_inputs:
+        lines.append(f"\nReads {value.type} (node {value.node} output {value.output}) from `{value.group}`.")
+    for value in spec.persist:
+        lines.append(f"\nHands {value.type} (node {value.node} output {value.output}) to "
+                     f"{', '.join(f'`{c}`' for c in value.consumers)}.")
+    return "\n".join(lines) + "\n"
 
 
 def task_kwargs(
@@ -55,18 +69,19 @@ def build_group_task(
     dag: Any = None,
     task_id: str | None = None,
     runner_command: list[str] | None = None,
+    spec_uri: str | None = None,
 ) -> BaseOperator:
     """The task that runs ``spec``: a ``ComfyGroupPodOperator`` (backend "kubernetes") or a
     ``ComfyGroupLocalOperator`` (backend "local").
 
     ``upstream_task_ids`` are the tasks whose manifests (XCom ``return_value``) this group reads; the caller
     still sets the dependencies (``upstream >> task``). ``runner_command`` replaces the local backend's
-    ``[python, -m, airflow_comfy.runner]`` (tests).
+    ``[python, -m, airflow_comfy.runner]`` (tests). ``spec_uri``: ``spec.to_data_uri()``, if already known.
     """
     common = task_kwargs(spec, task_config=task_config, settings=settings, task_id=task_id, dag=dag)
     if task_config.backend == "kubernetes":
-        return _pod_task(spec, task_config, settings, upstream_task_ids, dag, common)
-    return _local_task(spec, task_config, settings, upstream_task_ids, runner_command, common)
+        return _pod_task(spec, task_config, settings, upstream_task_ids, dag, common, spec_uri)
+    return _local_task(spec, task_config, settings, upstream_task_ids, runner_command, common, spec_uri)
 
 
 def _pod_task(
@@ -76,6 +91,7 @@ def _pod_task(
     upstream_task_ids: Sequence[str],
     dag: Any,
     common: dict[str, Any],
+    spec_uri: str | None,
 ) -> BaseOperator:
     from airflow_comfy.operators.pod import ComfyGroupPodOperator, group_pod_kwargs, pod_models_path
 
@@ -85,6 +101,7 @@ def _pod_task(
         models_path=pod_models_path(settings),
         input_path=settings.pod_input_path,
         upstream_task_ids=upstream_task_ids,
+        spec_uri=spec_uri,
     )
     dag_id = dag.dag_id if dag is not None else spec.workflow_name
     pod_kwargs = group_pod_kwargs(spec, task_config=task_config, settings=settings, dag_id=dag_id)
@@ -98,6 +115,7 @@ def _local_task(
     upstream_task_ids: Sequence[str],
     runner_command: list[str] | None,
     common: dict[str, Any],
+    spec_uri: str | None,
 ) -> BaseOperator:
     from airflow_comfy.operators.local import ComfyGroupLocalOperator
 
@@ -107,6 +125,7 @@ def _local_task(
         models_path=settings.models_path,
         input_path=settings.input_path,
         upstream_task_ids=upstream_task_ids,
+        spec_uri=spec_uri,
     )
     return ComfyGroupLocalOperator(
         arguments=arguments,

@@ -66,16 +66,18 @@ def runner_arguments(
     models_path: str,
     input_path: str,
     upstream_task_ids: Sequence[str] | None = None,
+    spec_uri: str | None = None,
 ) -> list[str]:
     """Arguments of the runner command common to both backends (templated: render them with Airflow).
 
-    ``upstream_task_ids`` defaults to ``spec.upstream`` (task id == group name). The backend adds
+    ``upstream_task_ids`` defaults to ``spec.upstream`` (task id == group name). ``spec_uri`` is
+    ``spec.to_data_uri()`` when the caller already has it (the parse cache keeps it). The backend adds
     ``--xcom-path`` (pod) or ``--manifest-out`` (local).
     """
     upstream = list(spec.upstream if upstream_task_ids is None else upstream_task_ids)
     arguments = [
         RUN_SUBCOMMAND,
-        "--spec", spec.to_data_uri(),
+        "--spec", spec_uri or spec.to_data_uri(),
         "--store", store,
         "--run-key", RUN_KEY_TEMPLATE,
         "--try", TRY_TEMPLATE,

@@ -28,6 +28,9 @@ WORKFLOW_SHA_ANNOTATION = "airflow-comfy/workflow-sha256"
 POD_NAME_MAX = 63 - 9
 
 _Model = TypeVar("_Model")
+# Each kubernetes model built without a configuration creates a new Configuration, which is slow (it
+# resets logging handlers); the DAG factory builds many env vars per parse, so they share one.
+_K8S_CONFIGURATION = Configuration()
 
 
 class ComfyGroupPodOperator(KubernetesPodOperator):
@@ -60,7 +63,8 @@ class ComfyGroupPodOperator(KubernetesPodOperator):
         super().__init__(
             cmds=list(cmds or POD_RUNNER_CMDS),
             arguments=pod_arguments(arguments),
-            env_vars=[k8s.V1EnvVar(name=name, value=value) for name, value in env.items()],
+            env_vars=[k8s.V1EnvVar(name=name, value=value, local_vars_configuration=_K8S_CONFIGURATION)
+                      for name, value in env.items()],
             do_xcom_push=True,
             **kwargs,
         )

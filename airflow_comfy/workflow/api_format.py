@@ -27,7 +27,7 @@ def convert_api(doc: dict, *, name: str, source: str | None = None) -> Workflow:
         node = _node(str(node_id), raw, problems)
         if node is not None:
             nodes[node.id] = node
-    _check_link_targets(nodes, problems)
+    _check_link_targets(nodes, {str(node_id) for node_id in prompt}, problems)
     problems.raise_if_any()
     ordered = {node_id: nodes[node_id] for node_id in sorted_node_ids(nodes)}
     return Workflow(name=name, nodes=ordered, source=source, format="api", ui_workflow=ui_workflow)
@@ -99,10 +99,11 @@ def _title(raw: Mapping[str, Any]) -> str | None:
     return title if isinstance(title, str) else None
 
 
-def _check_link_targets(nodes: dict[str, Node], problems: ProblemCollector) -> None:
+def _check_link_targets(nodes: dict[str, Node], prompt_ids: set[str], problems: ProblemCollector) -> None:
+    """Links to node ids absent from the prompt (a node that is present but malformed is reported once)."""
     for node_id in sorted_node_ids(nodes):
         node = nodes[node_id]
         for input_name, link in node.links().items():
-            if link.node not in nodes:
+            if link.node not in prompt_ids:
                 problems.add(f"linked to node {link.node}, which is not in the prompt", "link_to_missing_node",
                              node_id=node_id, class_type=node.class_type, input_name=input_name)

@@ -116,12 +116,16 @@ class NodeSpec:
         return bool(self.outputs) and all(out.type not in SERIALIZABLE_TYPES for out in self.outputs)
 
 
+_BUILTIN: Catalog | None = None
+
+
 class Catalog:
     """Node type -> :class:`NodeSpec`. Immutable; :meth:`extended` returns a new catalog."""
 
     def __init__(self, specs: Mapping[str, NodeSpec], sources: tuple[str, ...] = ()):
         self._specs = dict(specs)
         self.sources = sources
+        self._fingerprint: str | None = None
 
     def __contains__(self, class_type: str) -> bool:
         return class_type in self._specs
@@ -137,9 +141,13 @@ class Catalog:
 
     @classmethod
     def builtin(cls) -> Catalog:
-        from airflow_comfy.workflow.core_nodes import CORE_NODES
+        """The built-in catalog (one shared instance: it is immutable)."""
+        global _BUILTIN
+        if _BUILTIN is None:
+            from airflow_comfy.workflow.core_nodes import CORE_NODES
 
-        return cls({spec.class_type: spec for spec in CORE_NODES}, sources=("built-in",))
+            _BUILTIN = Catalog({spec.class_type: spec for spec in CORE_NODES}, sources=("built-in",))
+        return _BUILTIN
 
     def extended(self, object_info: Mapping[str, Any], source: str = "object_info") -> Catalog:
         """This catalog plus the nodes of an ``/object_info`` document. Built-in (runnable) declarations win:
@@ -152,10 +160,12 @@ class Catalog:
 
     def fingerprint(self) -> str:
         """Changes whenever any declaration changes; part of the parse-cache key."""
-        digest = hashlib.sha256()
-        for class_type in sorted(self._specs):
-            digest.update(repr(self._specs[class_type]).encode())
-        return digest.hexdigest()[:16]
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            for class_type in sorted(self._specs):
+                digest.update(repr(self._specs[class_type]).encode())
+            self._fingerprint = digest.hexdigest()[:16]
+        return self._fingerprint
 
 
 def load_catalog(object_info_files: Iterable[str | Path] = ()) -> Catalog:

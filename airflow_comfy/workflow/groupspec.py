@@ -24,6 +24,7 @@ Shape (version 1)::
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -31,6 +32,8 @@ from typing import Any
 SCHEMA = "airflow-comfy/group-spec"
 VERSION = 1
 DATA_URI_PREFIX = "data:application/json;base64,"
+GZIP_DATA_URI_PREFIX = "data:application/gzip;base64,"
+_GZIP_ABOVE = 2048
 
 
 @dataclass(frozen=True)
@@ -98,9 +101,13 @@ class GroupSpec:
 
     def to_data_uri(self) -> str:
         """The spec as a self-contained ``data:`` URI: safe to put in a pod's args, where Airflow renders Jinja
-        templates (a prompt containing ``{{`` must reach the runner untouched, so the JSON is base64)."""
-        compact = json.dumps(self.to_dict(), separators=(",", ":"))
-        return DATA_URI_PREFIX + base64.b64encode(compact.encode("utf-8")).decode("ascii")
+        templates (a prompt containing ``{{`` must reach the runner untouched, so the JSON is base64). Specs
+        that carry the UI workflow for PNG metadata are gzip-compressed (deterministically: same spec, same
+        URI)."""
+        compact = json.dumps(self.to_dict(), separators=(",", ":")).encode("utf-8")
+        if len(compact) > _GZIP_ABOVE:
+            return GZIP_DATA_URI_PREFIX + base64.b64encode(gzip.compress(compact, mtime=0)).decode("ascii")
+        return DATA_URI_PREFIX + base64.b64encode(compact).decode("ascii")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GroupSpec:
@@ -133,6 +140,10 @@ class GroupSpec:
 
     @classmethod
     def from_data_uri(cls, uri: str) -> GroupSpec:
-        if not uri.startswith(DATA_URI_PREFIX):
-            raise ValueError(f"expected a {DATA_URI_PREFIX}... URI")
-        return cls.from_json(base64.b64decode(uri[len(DATA_URI_PREFIX):]).decode("utf-8"))
+        if uri.startswith(GZIP_DATA_URI_PREFIX):
+            payload = gzip.decompress(base64.b64decode(uri[len(GZIP_DATA_URI_PREFIX):]))
+        elif uri.startswith(DATA_URI_PREFIX):
+            payload = base64.b64decode(uri[len(DATA_URI_PREFIX):])
+        else:
+            raise ValueError(f"expected a {DATA_URI_PREFIX}... or {GZIP_DATA_URI_PREFIX}... URI")
+        return cls.from_json(payload.decode("utf-8"))

@@ -504,7 +504,7 @@ class _Converter:
         top = _Scope(self.reader.graph(self.doc, ""))
         self.scopes[()] = top
         groups = self.reader.groups(self.doc.get("groups"))
-        self._emit_scope(top, stack=())
+        self._emit_scope(top)
         self._drop_links_to_missing_nodes()
         self.problems.problems[:0] = [p.located(self.problems.file) for p in self.unknown]
         self.problems.raise_if_any()
@@ -536,12 +536,12 @@ class _Converter:
 
     # walking the graphs ---------------------------------------------------------------------------------
 
-    def _emit_scope(self, scope: _Scope, stack: tuple[str, ...]) -> None:
+    def _emit_scope(self, scope: _Scope) -> None:
         for node in scope.graph.nodes.values():
             if node.mode in (MODE_MUTED, MODE_BYPASSED) or node.type in FRONTEND_ONLY_TYPES:
                 continue
             if node.type in self.definitions:
-                self._emit_instance(scope, node, stack)
+                self._emit_instance(scope, node)
                 continue
             spec = self.catalog.get(node.type)
             if spec is None:
@@ -553,12 +553,12 @@ class _Converter:
                 self.problems.add(f"cannot convert this node ({type(exc).__name__}: {exc})", "malformed_node",
                                   node_id=scope.execution_id(node.id), class_type=node.type)
 
-    def _emit_instance(self, scope: _Scope, node: UINode, stack: tuple[str, ...]) -> None:
-        if node.type in stack:
+    def _emit_instance(self, scope: _Scope, node: UINode) -> None:
+        if _is_inside(scope, node.type):
             self.problems.add("a subgraph contains an instance of itself", "subgraph_cycle",
                               node_id=scope.execution_id(node.id), class_type=node.type)
             return
-        self._emit_scope(self._child_scope(scope, node), stack + (node.type,))
+        self._emit_scope(self._child_scope(scope, node))
 
     def _unknown(self, scope: _Scope, node: UINode) -> None:
         sources = ", ".join(self.catalog.sources) or "empty catalog"
@@ -690,6 +690,8 @@ class _Converter:
                               want_type: str) -> _Resolution | _Hop:
         if instance.mode == MODE_MUTED:
             return DROPPED
+        if _is_inside(scope, instance.type):
+            return UNRESOLVED  # a subgraph containing itself: reported once by _emit_instance
         definition = self.definitions[instance.type]
         if not 0 <= link.origin_slot < len(definition.outputs):
             self._problem(consumer, f"{self._in(scope)}link {link.id} uses output slot {link.origin_slot} of "
@@ -730,6 +732,15 @@ class _Converter:
 
 # --------------------------------------------------------------------------------------------------------
 # Resolution helpers
+
+
+def _is_inside(scope: _Scope | None, definition_id: str) -> bool:
+    """Whether ``scope`` is (within) an instance of the subgraph definition ``definition_id``."""
+    while scope is not None and scope.instance is not None:
+        if scope.instance.type == definition_id:
+            return True
+        scope = scope.parent
+    return False
 
 
 def _primitive_value(node: UINode) -> _Resolution:
