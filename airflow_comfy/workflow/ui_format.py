@@ -506,8 +506,9 @@ class _Converter:
         groups = self.reader.groups(self.doc.get("groups"))
         self._emit_scope(top)
         self._drop_links_to_missing_nodes()
-        self.problems.problems[:0] = [p.located(self.problems.file) for p in self.unknown]
-        self.problems.raise_if_any()
+        problems = [*self.unknown, *self.problems.problems]  # unknown node types first
+        if problems:
+            raise WorkflowError(problems, file=self.problems.file)
         ordered = {node_id: self.nodes[node_id] for node_id in sorted_node_ids(self.nodes)}
         return Workflow(name=name, nodes=ordered, source=source, format="ui", groups=groups,
                         ui_workflow=self.doc)
