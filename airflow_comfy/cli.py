@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     except WorkflowError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID
+    except BrokenPipeError:  # `airflow-comfy slice x.json | head`
+        sys.stderr.close()
+        return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,6 +59,23 @@ def _parser() -> argparse.ArgumentParser:
     _sidecar_arg(render)
     _object_info_arg(render)
     render.set_defaults(func=_render_pods)
+
+    run = sub.add_parser("run", help="run a workflow without Airflow, through the same runner subprocesses")
+    run.add_argument("workflow", type=Path)
+    run.add_argument("--models", type=Path, required=True, help="ComfyUI-style models folder")
+    run.add_argument("--output", type=Path, required=True, help="folder for artifacts and images")
+    run.add_argument("--input-dir", type=Path, default=None, help="folder LoadImage reads (default: --output/input)")
+    run.add_argument("--store", default=None, help="artifact store URI (default: file://<--output>)")
+    run.add_argument("--single-group", action="store_true", help="run the whole workflow as one group")
+    run.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="set a trigger param")
+    run.add_argument("--run-id", default=None)
+    _sidecar_arg(run)
+    _object_info_arg(run)
+    run.set_defaults(func=_run)
+
+    demo = sub.add_parser("make-demo-models", help="write tiny random-weight demo models (seconds, offline)")
+    demo.add_argument("folder", type=Path)
+    demo.set_defaults(func=_make_demo_models)
 
     check = sub.add_parser("check", help="load every workflow of a folder as the DAG factory does and report")
     check.add_argument("folder", type=Path)
@@ -136,6 +156,34 @@ def _render_pods(args) -> int:
         dag = build_dag(compiled, sidecar, get_settings(cache_dir=""))
         manifests = render_pod_manifests(list(dag.tasks))
     sys.stdout.write(to_yaml(manifests))
+    return 0
+
+
+def _run(args) -> int:
+    from airflow_comfy.local_run import GroupFailed, compile_for_run, parse_param_assignments, run_workflow
+
+    compiled = compile_for_run(args.workflow, sidecar=args.sidecar, single_group=args.single_group,
+                               object_info=args.object_info)
+    output = args.output.resolve()
+    store = args.store or output.as_uri()
+    input_dir = (args.input_dir or output / "input").resolve()
+    try:
+        result = run_workflow(compiled, models=args.models.resolve(), input_dir=input_dir, store=store,
+                              params=parse_param_assignments(args.param, compiled), run_id=args.run_id)
+    except GroupFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID if exc.returncode == EXIT_INVALID else 1
+    for image in result.images:
+        uri = image["uri"]
+        print(f"output: {uri[len('file://'):] if uri.startswith('file://') else uri}")
+    return 0
+
+
+def _make_demo_models(args) -> int:
+    from airflow_comfy.runner.models.demo import make_demo_models
+
+    for path in make_demo_models(args.folder):
+        print(path)
     return 0
 
 

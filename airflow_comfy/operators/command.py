@@ -27,13 +27,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from airflow_comfy.workflow.groupspec import GroupSpec
+from airflow_comfy.workflow.groupspec import EXIT_BAD_INPUT, EXIT_OK, GroupSpec
 
 RUNNER_MODULE = "airflow_comfy.runner"
 RUN_SUBCOMMAND = "run"
 
-EXIT_OK = 0
-EXIT_BAD_INPUT = 2
+__all__ = ["EXIT_BAD_INPUT", "EXIT_OK", "runner_arguments"]
 
 #: Where the pod's runner writes its manifest; KPO's xcom sidecar reads it (``do_xcom_push=True``).
 POD_XCOM_PATH = "/airflow/xcom/return.json"
@@ -67,24 +66,33 @@ def runner_arguments(
     input_path: str,
     upstream_task_ids: Sequence[str] | None = None,
     spec_uri: str | None = None,
+    run_key: str = RUN_KEY_TEMPLATE,
+    try_number: str = TRY_TEMPLATE,
+    params: str = PARAMS_TEMPLATE,
+    input_uris: Sequence[str] | None = None,
 ) -> list[str]:
-    """Arguments of the runner command common to both backends (templated: render them with Airflow).
+    """Arguments of the runner command common to both backends.
 
-    ``upstream_task_ids`` defaults to ``spec.upstream`` (task id == group name). ``spec_uri`` is
+    By default they are Airflow templates (rendered just before the task runs): the run key, try number and
+    params come from the task's context and each upstream group's manifest URI from its XCom
+    (``upstream_task_ids``, default ``spec.upstream``: task id == group name). ``airflow-comfy run`` passes
+    concrete values instead (``run_key``, ``try_number``, ``params`` JSON, ``input_uris``). ``spec_uri`` is
     ``spec.to_data_uri()`` when the caller already has it (the parse cache keeps it). The backend adds
     ``--xcom-path`` (pod) or ``--manifest-out`` (local).
     """
-    upstream = list(spec.upstream if upstream_task_ids is None else upstream_task_ids)
+    if input_uris is None:
+        upstream = list(spec.upstream if upstream_task_ids is None else upstream_task_ids)
+        input_uris = [inputs_template(task_id) for task_id in upstream]
     arguments = [
         RUN_SUBCOMMAND,
         "--spec", spec_uri or spec.to_data_uri(),
         "--store", store,
-        "--run-key", RUN_KEY_TEMPLATE,
-        "--try", TRY_TEMPLATE,
-        "--params", PARAMS_TEMPLATE,
+        "--run-key", run_key,
+        "--try", str(try_number),
+        "--params", params,
     ]
-    for task_id in upstream:
-        arguments += ["--inputs", inputs_template(task_id)]
+    for uri in input_uris:
+        arguments += ["--inputs", uri]
     arguments += ["--models", models_path, "--input-dir", input_path]
     return arguments
 

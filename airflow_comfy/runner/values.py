@@ -99,8 +99,9 @@ class TextEncoder:
     models: list[torch.nn.Module]
     family: str
     recipe: Recipe
-    layer: int = -1
-    """CLIPSetLastLayer's ``stop_at_clip_layer``: -1 = last layer, -2 = "clip skip 2"."""
+    layer: int | None = None
+    """CLIPSetLastLayer's ``stop_at_clip_layer`` (-1 = last layer, -2 = "clip skip 2"); None = the model
+    family's default (SD 1.x: last layer; SDXL: penultimate)."""
     embeddings_dir: str | None = None
 
 

@@ -31,6 +31,11 @@ from typing import Any
 
 SCHEMA = "airflow-comfy/group-spec"
 VERSION = 1
+#: The runner's exit codes, the other half of the contract: 2 means the input is wrong and retrying cannot help
+#: (the operators fail the task without retrying); any other non-zero code is an infrastructure failure.
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+
 DATA_URI_PREFIX = "data:application/json;base64,"
 GZIP_DATA_URI_PREFIX = "data:application/gzip;base64,"
 _GZIP_ABOVE = 2048

@@ -44,6 +44,27 @@ def validate(workflow: Workflow, catalog: Catalog, *, require_runnable: bool = T
     return replace(workflow, nodes=nodes)
 
 
+def check_node_constants(node: Node, catalog: Catalog, *, file: str | None = None) -> Node:
+    """Validate and coerce one node's constant inputs (types, bounds, choices, file names): what the runner
+    re-checks after trigger params were applied. Raises :class:`WorkflowError`."""
+    spec = catalog.get(node.class_type)
+    if spec is None:
+        raise WorkflowError(Problem(f"node type {node.class_type!r} is not in the node catalog",
+                                    "unknown_node_type", file=file, node_id=node.id, class_type=node.class_type))
+    problems = ProblemCollector(file)
+    where = {"node_id": node.id, "class_type": node.class_type}
+    inputs = dict(node.inputs)
+    for input_spec in spec.inputs:
+        value = node.inputs.get(input_spec.name)
+        if input_spec.name in node.inputs and not isinstance(value, Link) and input_spec.type in _WIDGET_KINDS:
+            inputs[input_spec.name] = _check_constant(value, input_spec, problems, where)
+    problems.raise_if_any()
+    return replace(node, inputs=inputs)
+
+
+_WIDGET_KINDS = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
+
+
 def output_node_ids(workflow: Workflow, catalog: Catalog) -> list[str]:
     return [nid for nid in sorted_node_ids(workflow.nodes)
             if (spec := catalog.get(workflow.nodes[nid].class_type)) is not None and spec.output_node]

@@ -1,0 +1,102 @@
+"""``airflow-comfy run``: run a workflow without Airflow, through the very same runner subprocesses.
+
+The groups run one after another in topological order, each as ``python -m airflow_comfy.runner run ...``
+with the arguments the operators would give it (concrete values instead of Airflow templates). Used by people
+trying a workflow and by the tests (sliced vs ``--single-group``).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from airflow_comfy.factory.compile import CompiledWorkflow, compile_workflow
+from airflow_comfy.factory.sidecar import load_sidecar, sidecar_path
+from airflow_comfy.operators.command import local_arguments, runner_arguments, runner_prefix
+from airflow_comfy.workflow.catalog import load_catalog
+from airflow_comfy.workflow.errors import Problem, WorkflowError
+from airflow_comfy.workflow.groupspec import EXIT_BAD_INPUT, GroupSpec
+
+
+@dataclass
+class LocalRunResult:
+    run_key: str
+    manifests: dict[str, dict] = field(default_factory=dict)
+    """group -> its manifest."""
+
+    @property
+    def images(self) -> list[dict]:
+        return [image for manifest in self.manifests.values() for image in manifest.get("images", [])]
+
+
+class GroupFailed(RuntimeError):
+    def __init__(self, group: str, returncode: int, tail: str):
+        self.group, self.returncode = group, returncode
+        kind = "bad input" if returncode == EXIT_BAD_INPUT else "failure"
+        super().__init__(f"group {group!r} failed ({kind}, exit code {returncode}):\n{tail}")
+
+
+def compile_for_run(workflow: Path, *, sidecar: Path | None = None, single_group: bool = False,
+                    object_info: list[Path] | None = None) -> CompiledWorkflow:
+    loaded = load_sidecar(sidecar or sidecar_path(workflow))
+    if single_group:
+        loaded.slicing, loaded.groups = "single", {}
+    return compile_workflow(workflow, workflow.read_bytes(), loaded, load_catalog(object_info or []),
+                            max_nodes=2_000)
+
+
+def parse_param_assignments(assignments: list[str], compiled: CompiledWorkflow) -> dict[str, Any]:
+    """``name=value`` pairs typed by the workflow's params (``seed=7`` is an int, ``prompt=a cat`` a string)."""
+    known = {p["name"]: p for p in compiled.params}
+    values: dict[str, Any] = {}
+    for item in assignments:
+        name, sep, raw = item.partition("=")
+        if not sep or name not in known:
+            raise WorkflowError(Problem(
+                f"--param {item!r}: expected name=value with one of: {', '.join(sorted(known))}",
+                "bad_param", file=compiled.source))
+        kind = known[name]["schema"].get("type")
+        try:
+            values[name] = (int(raw) if kind == "integer" else float(raw) if kind == "number"
+                            else raw.lower() in ("1", "true", "yes") if kind == "boolean" else raw)
+        except ValueError as exc:
+            raise WorkflowError(Problem(f"--param {name}: {raw!r} is not a valid {kind}", "bad_param",
+                                        file=compiled.source)) from exc
+    return values
+
+
+def run_workflow(compiled: CompiledWorkflow, *, models: Path, input_dir: Path, store: str,
+                 params: dict[str, Any] | None = None, run_id: str | None = None, python: str | None = None,
+                 extra_args: list[str] | None = None, echo=print) -> LocalRunResult:
+    run_key = f"{compiled.dag_id}/{run_id or time.strftime('cli__%Y%m%dT%H%M%S')}"
+    all_params = {p["name"]: p["default"] for p in compiled.params} | dict(params or {})
+    result = LocalRunResult(run_key=run_key)
+    with tempfile.TemporaryDirectory(prefix="airflow-comfy-run-") as scratch:
+        for group in compiled.groups:
+            _run_group(group, result, models=models, input_dir=input_dir, store=store, params=all_params,
+                       python=python, extra_args=extra_args, scratch=Path(scratch), echo=echo)
+    return result
+
+
+def _run_group(group: dict, result: LocalRunResult, *, models: Path, input_dir: Path, store: str,
+               params: dict[str, Any], python: str | None, extra_args: list[str] | None, scratch: Path,
+               echo) -> None:
+    spec = GroupSpec.from_dict(group["spec"])
+    inputs = [result.manifests[g]["manifest_uri"] for g in group["upstream"]]
+    arguments = runner_arguments(
+        spec, store=store, models_path=str(models), input_path=str(input_dir), spec_uri=group["spec_uri"],
+        run_key=result.run_key, try_number="1", params=json.dumps(params), input_uris=inputs)
+    manifest_out = scratch / f"manifest-{spec.group}.json"
+    command = runner_prefix(python or sys.executable) + local_arguments(arguments, str(manifest_out))
+    command += list(extra_args or [])
+    echo(f"[{spec.group}] running {len(spec.nodes)} node(s)")
+    completed = subprocess.run(command, capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise GroupFailed(spec.group, completed.returncode, (completed.stdout + completed.stderr)[-4000:])
+    result.manifests[spec.group] = json.loads(manifest_out.read_text(encoding="utf-8"))

@@ -1,0 +1,149 @@
+"""``python -m airflow_comfy.runner run ...``: the command both operators run (see
+:mod:`airflow_comfy.operators.command` for the Airflow side of the contract). Never imports Airflow.
+
+Exit codes: 0 success; 2 bad input (the spec, a param, a model file, an input image: retrying cannot help);
+1 anything else (infrastructure: the store, the device, out of memory ...), which Airflow retries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from airflow_comfy.workflow.groupspec import EXIT_BAD_INPUT, EXIT_OK, GroupSpec
+
+EXIT_INFRASTRUCTURE = 1
+DEFAULT_THREADS = 4
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        manifest = run(args)
+    except _BAD_INPUT_ERRORS() as exc:
+        print(f"airflow-comfy runner: bad input: {exc}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    except Exception as exc:  # infrastructure: retryable
+        traceback.print_exc()
+        print(f"airflow-comfy runner: failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return EXIT_INFRASTRUCTURE
+    text = json.dumps(manifest, indent=2)
+    for target in (args.xcom_path, args.manifest_out):
+        if target:
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            Path(target).write_text(text, encoding="utf-8")
+    print(f"manifest: {manifest['manifest_uri']}", flush=True)
+    return EXIT_OK
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m airflow_comfy.runner")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_ = sub.add_parser("run", help="execute one group spec")
+    run_.add_argument("--spec", required=True, help="data: URI (or file://, s3:// URI) of the GroupSpec")
+    run_.add_argument("--store", required=True, help="artifact store URI (file://... or s3://bucket/prefix)")
+    run_.add_argument("--run-key", required=True, help="<dag_id>/<run_id>: scope of this run's artifacts")
+    run_.add_argument("--try", dest="try_number", type=int, default=1)
+    run_.add_argument("--params", default="{}", help="the run's params as JSON")
+    run_.add_argument("--inputs", action="append", default=[], help="manifest URI of an upstream group")
+    run_.add_argument("--models", required=True, type=Path, help="ComfyUI-style models folder")
+    run_.add_argument("--input-dir", required=True, type=Path, help="folder LoadImage reads from")
+    run_.add_argument("--xcom-path", default=None, help="pod: write the manifest here for KPO's xcom sidecar")
+    run_.add_argument("--manifest-out", default=None, help="local: write the manifest here")
+    run_.add_argument("--device", default=os.environ.get("COMFY_RUNNER_DEVICE", "auto"),
+                      help="auto (CUDA when present), cpu, cuda, cuda:N")
+    run_.add_argument("--precision", default=os.environ.get("COMFY_RUNNER_PRECISION", "auto"),
+                      choices=["auto", "fp32", "fp16", "bf16"],
+                      help="compute dtype of UNet and text encoders (auto: fp16 on CUDA, fp32 on CPU; "
+                           "the VAE stays fp32 unless bf16)")
+    run_.add_argument("--threads", type=int, default=int(os.environ.get("COMFY_RUNNER_THREADS", DEFAULT_THREADS)),
+                      help="CPU threads; fixed so that every group computes the same bits")
+    run_.add_argument("--allow-pickle", action="store_true",
+                      default=os.environ.get("COMFY_RUNNER_ALLOW_PICKLE") == "1",
+                      help="allow .ckpt/.pt/.pth model files (loaded with torch.load(weights_only=True))")
+    return parser
+
+
+def _BAD_INPUT_ERRORS() -> tuple[type[BaseException], ...]:
+    from airflow_comfy.artifacts.store import BadArtifact
+    from airflow_comfy.runner.context import BadInput
+    from airflow_comfy.runner.models.files import ModelFileError
+    from airflow_comfy.workflow.errors import WorkflowError
+
+    return (BadInput, BadArtifact, ModelFileError, WorkflowError, _SpecError)
+
+
+class _SpecError(ValueError):
+    pass
+
+
+def run(args: argparse.Namespace) -> dict:
+    import torch
+
+    from airflow_comfy.artifacts.manifest import GroupManifest
+    from airflow_comfy.artifacts.store import open_store, read_uri
+    from airflow_comfy.runner.context import RunContext
+    from airflow_comfy.runner.executor import GroupRun
+
+    torch.set_num_threads(max(1, args.threads))
+    spec = _read_spec(args.spec)
+    params = _read_params(args.params)
+    device = _device(args.device)
+    store = open_store(args.store)
+    manifests = [GroupManifest.from_json(read_uri(uri).decode("utf-8")) for uri in args.inputs]
+    context = RunContext(models_root=args.models, input_dir=args.input_dir, device=device,
+                         dtype=_dtype(args.precision, device), allow_pickle=args.allow_pickle)
+    logging.getLogger("airflow_comfy.runner").info(
+        "group %s of %s: %d node(s) on %s, %d thread(s)", spec.group, spec.workflow_name, len(spec.nodes), device,
+        torch.get_num_threads())
+    group_run = GroupRun(spec=spec, store=store, run_key=args.run_key, try_number=args.try_number,
+                         params=params, input_manifests=manifests, context=context)
+    return group_run.execute().to_dict()
+
+
+def _read_spec(value: str) -> GroupSpec:
+    try:
+        if value.startswith("data:"):
+            return GroupSpec.from_data_uri(value)
+        from airflow_comfy.artifacts.store import read_uri
+
+        return GroupSpec.from_json(read_uri(value).decode("utf-8"))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise _SpecError(f"cannot read the group spec: {exc}") from exc
+
+
+def _read_params(text: str) -> dict:
+    try:
+        params = json.loads(text or "{}")
+    except ValueError as exc:
+        raise _SpecError(f"--params is not JSON: {exc}") from exc
+    if not isinstance(params, dict):
+        raise _SpecError("--params must be a JSON object")
+    return params
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def _dtype(precision: str, device):
+    import torch
+
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]

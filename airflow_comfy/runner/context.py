@@ -1,0 +1,75 @@
+"""What a node implementation can use besides its inputs: folders, device, logging, and where saved images go."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("airflow_comfy.runner")
+
+
+class BadInput(ValueError):
+    """The group's input is wrong (missing model file, unreadable image, bad value): retrying cannot help.
+    The runner exits with code 2 and the task fails without retry. The message names node, class and input."""
+
+
+@dataclass
+class SavedImage:
+    node: str
+    filename: str
+    subfolder: str
+    uri: str
+    width: int
+    height: int
+    sha256: str
+
+
+@dataclass
+class RunContext:
+    """Shared by every node of one group run."""
+
+    models_root: Path
+    input_dir: Path
+    device: torch.device
+    dtype: torch.dtype
+    allow_pickle: bool = False
+    prompt: dict | None = None
+    """The full API prompt (params applied) for PNG metadata."""
+    extra_pnginfo: dict | None = None
+    save_image: Callable[[str, str, str, bytes, int, int], SavedImage] | None = None
+    """``save_image(node, subfolder, filename, png_bytes, width, height)`` (set by the executor)."""
+    existing_outputs: Callable[[str], list[str]] | None = None
+    """``existing_outputs(subfolder)``: names already saved there (ComfyUI's counter scheme)."""
+    saved: list[SavedImage] = field(default_factory=list)
+    model_files: dict[str, str] = field(default_factory=dict)
+    """file path -> sha256 of every model file loaded (the run snapshot)."""
+    cache: dict[Any, Any] = field(default_factory=dict)
+
+
+@dataclass
+class NodeContext:
+    run: RunContext
+    node_id: str
+    class_type: str
+
+    @property
+    def device(self) -> torch.device:
+        return self.run.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.run.dtype
+
+    def bad_input(self, message: str, input_name: str | None = None) -> BadInput:
+        where = f"node {self.node_id} ({self.class_type})"
+        if input_name:
+            where += f": input '{input_name}'"
+        return BadInput(f"{where}: {message}")
+
+    def progress(self, message: str) -> None:
+        log.info("node %s (%s): %s", self.node_id, self.class_type, message)

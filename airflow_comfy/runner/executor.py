@@ -1,0 +1,212 @@
+"""Execute one GroupSpec: read boundary inputs, run the nodes in dependency order, persist what other groups
+read, save images, and write the group's manifest (last: a manifest exists only for a group that finished).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from airflow_comfy.artifacts import layout
+from airflow_comfy.artifacts.manifest import GroupManifest, ImageRecord, OutputRecord
+from airflow_comfy.artifacts.store import ArtifactStore, read_uri
+from airflow_comfy.runner.codecs import decode_value, encode_value
+from airflow_comfy.runner.context import BadInput, NodeContext, RunContext, SavedImage, log
+from airflow_comfy.runner.registry import implementation
+from airflow_comfy.version import __version__
+from airflow_comfy.workflow.api_format import convert_api
+from airflow_comfy.workflow.catalog import Catalog
+from airflow_comfy.workflow.errors import WorkflowError
+from airflow_comfy.workflow.graph import Link, Node, sorted_node_ids
+from airflow_comfy.workflow.groupspec import GroupSpec
+from airflow_comfy.workflow.validate import check_node_constants
+
+
+@dataclass
+class GroupRun:
+    spec: GroupSpec
+    store: ArtifactStore
+    run_key: str
+    try_number: int
+    params: Mapping[str, Any]
+    input_manifests: list[GroupManifest]
+    context: RunContext
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def execute(self) -> GroupManifest:
+        started = time.perf_counter()
+        nodes = self._nodes_with_params()
+        self.context.prompt = self._metadata_prompt()
+        self.context.extra_pnginfo = ({"workflow": self.spec.metadata["workflow"]}
+                                      if self.spec.metadata.get("workflow") else None)
+        self.context.save_image = self._save_image
+        self.context.existing_outputs = self._existing_outputs
+        results: dict[str, tuple] = {}
+        boundary = _BoundaryReader(self.spec, self.input_manifests, self.context)
+        for node_id in execution_order(nodes):
+            node = nodes[node_id]
+            kwargs = {name: (self._resolve(value, results, boundary) if isinstance(value, Link) else value)
+                      for name, value in self._declared_inputs(node).items()}
+            began = time.perf_counter()
+            log.info("node %s (%s): start", node_id, node.class_type)
+            outputs = implementation(node.class_type)(NodeContext(self.context, node_id, node.class_type), **kwargs)
+            self.timings[node_id] = round(time.perf_counter() - began, 4)
+            log.info("node %s (%s): done in %.2fs", node_id, node.class_type, self.timings[node_id])
+            results[node_id] = tuple(outputs)
+        records = [self._persist(p.node, p.output, p.type, results) for p in self.spec.persist]
+        manifest = GroupManifest(
+            workflow_name=self.spec.workflow_name, workflow_sha256=self.spec.workflow_sha256,
+            group=self.spec.group, run_key=self.run_key, try_number=self.try_number,
+            outputs=records,
+            images=[ImageRecord(node=s.node, uri=s.uri, filename=s.filename, subfolder=s.subfolder,
+                                width=s.width, height=s.height, sha256=s.sha256) for s in self.context.saved],
+            timings={"nodes": self.timings, "total": round(time.perf_counter() - started, 4),
+                     "boundary_read": round(boundary.seconds, 4)},
+            models=dict(self.context.model_files),
+            package_version=__version__,
+        )
+        if self.context.saved:
+            self._write_snapshot(manifest)
+        key = layout.manifest_key(self.run_key, self.spec.group, self.try_number)
+        manifest.manifest_uri = self.store.uri(key)
+        self.store.put_json(key, manifest.to_dict())
+        return manifest
+
+    # --- inputs ---------------------------------------------------------------------------------------
+
+    def _nodes_with_params(self) -> dict[str, Node]:
+        workflow = convert_api(copy.deepcopy(self.spec.nodes), name=self.spec.workflow_name, source="group spec")
+        nodes = dict(workflow.nodes)
+        catalog = Catalog.builtin()
+        for name, bindings in self.spec.params.items():
+            if name not in self.params:
+                continue
+            for binding in bindings:
+                if binding.node in nodes:
+                    nodes[binding.node].inputs[binding.input] = self.params[name]
+        checked = {}
+        for node_id, node in nodes.items():
+            try:
+                checked[node_id] = check_node_constants(node, catalog, file=f"run param / group {self.spec.group}")
+            except WorkflowError as exc:
+                raise BadInput(str(exc)) from exc
+        return checked
+
+    def _metadata_prompt(self) -> dict | None:
+        prompt = self.spec.metadata.get("prompt")
+        if not prompt:
+            return None
+        prompt = copy.deepcopy(prompt)
+        for name, bindings in self.spec.params.items():
+            if name in self.params:
+                for binding in bindings:
+                    if binding.node in prompt:
+                        prompt[binding.node]["inputs"][binding.input] = self.params[name]
+        return prompt
+
+    @staticmethod
+    def _declared_inputs(node: Node) -> dict[str, Any]:
+        spec = Catalog.builtin().get(node.class_type)
+        declared = {s.name for s in spec.inputs}
+        return {name: value for name, value in node.inputs.items() if name in declared}
+
+    @staticmethod
+    def _resolve(link: Link, results: dict[str, tuple], boundary: _BoundaryReader) -> Any:
+        if link.node in results:
+            return results[link.node][link.output]
+        return boundary.read(link)
+
+    # --- outputs --------------------------------------------------------------------------------------
+
+    def _persist(self, node_id: str, output: int, type_name: str, results: dict[str, tuple]) -> OutputRecord:
+        data, info = encode_value(type_name, results[node_id][output])
+        key = layout.output_key(self.run_key, self.spec.group, self.try_number, node_id, output,
+                                layout.extension_for(type_name))
+        uri = self.store.put_bytes(key, data)
+        return OutputRecord(node=node_id, output=output, type=type_name, uri=uri, **info)
+
+    def _save_image(self, node: str, subfolder: str, filename: str, png: bytes, width: int,
+                    height: int) -> SavedImage:
+        import hashlib
+
+        key = layout.image_key(self.run_key, subfolder, filename)
+        uri = self.store.put_bytes(key, png, content_type="image/png")
+        saved = SavedImage(node, filename, subfolder, uri, width, height, hashlib.sha256(png).hexdigest())
+        self.context.saved.append(saved)
+        return saved
+
+    def _existing_outputs(self, subfolder: str) -> list[str]:
+        prefix = layout.image_key(self.run_key, subfolder, "")
+        return [key.rsplit("/", 1)[-1] for key in self.store.list(prefix)]
+
+    def _write_snapshot(self, manifest: GroupManifest) -> None:
+        """Beside the images: the exact workflow, params, package version and model hashes that made them."""
+        snapshot = {
+            "workflow": self.spec.workflow_name,
+            "workflow_sha256": self.spec.workflow_sha256,
+            "group": self.spec.group,
+            "run_key": self.run_key,
+            "try": self.try_number,
+            "params": dict(self.params),
+            "prompt": self.context.prompt,
+            "ui_workflow": self.spec.metadata.get("workflow"),
+            "package_version": __version__,
+            "models": dict(self.context.model_files),
+            "images": [s.uri for s in self.context.saved],
+        }
+        key = layout.snapshot_key(self.run_key, self.spec.group, self.try_number)
+        self.store.put_json(key, snapshot)
+
+
+class _BoundaryReader:
+    """Values produced by upstream groups, found through their manifests, decoded once each."""
+
+    def __init__(self, spec: GroupSpec, manifests: list[GroupManifest], context: RunContext):
+        self.spec = spec
+        self.context = context
+        self.seconds = 0.0
+        self._uris: dict[tuple[str, int], tuple[str, str]] = {}
+        for manifest in manifests:
+            for record in manifest.outputs:
+                self._uris[(record.node, record.output)] = (record.uri, record.type)
+        self._cache: dict[tuple[str, int], Any] = {}
+
+    def read(self, link: Link) -> Any:
+        key = (link.node, link.output)
+        if key in self._cache:
+            return self._cache[key]
+        if key not in self._uris:
+            expected = next((v.group for v in self.spec.boundary_inputs if (v.node, v.output) == key), "?")
+            raise BadInput(f"group {self.spec.group!r} needs output {link.output} of node {link.node} from group "
+                           f"{expected!r}, but no --inputs manifest provides it")
+        uri, type_name = self._uris[key]
+        began = time.perf_counter()
+        value = decode_value(type_name, read_uri(uri), load_control_net=self._load_control_net)
+        self.seconds += time.perf_counter() - began
+        self._cache[key] = value
+        return value
+
+    def _load_control_net(self, recipe):
+        from airflow_comfy.runner.models import load_control_net
+
+        return load_control_net(self.context, recipe)
+
+
+def execution_order(nodes: Mapping[str, Node]) -> list[str]:
+    """Dependencies first; among ready nodes, the lowest id first (deterministic)."""
+    pending = {nid: {link.node for link in node.links().values() if link.node in nodes}
+               for nid, node in nodes.items()}
+    order: list[str] = []
+    while pending:
+        ready = sorted_node_ids(nid for nid, deps in pending.items() if not deps)
+        if not ready:
+            raise BadInput(f"the group's nodes form a cycle: {', '.join(sorted_node_ids(pending))}")
+        for nid in ready:
+            order.append(nid)
+            del pending[nid]
+        for deps in pending.values():
+            deps.difference_update(ready)
+    return order

@@ -1,0 +1,476 @@
+"""ComfyUI's prompt semantics for SD 1.x and SDXL text encoders (CLIPTextEncode).
+
+Written from ComfyUI 0.3.64's described behaviour (``comfy/sd1_clip.py``, ``comfy/sdxl_clip.py``,
+``comfy/sd.py``; reference §4.1 and §10), not from its source text.
+
+Prompt syntax (:func:`parse_weighted_prompt`)
+    Only parentheses are special. ``(text)`` multiplies the weight by 1.1 per level (``((a))`` = 1.21);
+    ``(text:1.5)`` *replaces* the weight with 1.5 (``((a:1.5))`` = 1.5, ``((a):1.5)`` = 1.5 * 1.1); the weight
+    is whatever follows the last ``:`` of the group and parses as a Python float, otherwise the ``:...`` stays
+    text and only the 1.1 applies. ``[`` / ``]`` are ordinary characters (no A1111 de-emphasis). ``\\(`` and
+    ``\\)`` are literal parentheses. Unbalanced parentheses never fail: an unclosed ``(`` makes the rest of the
+    prompt literal text (the ``(`` included) at the enclosing weight; a stray ``)`` stays literal and, because
+    the nesting counter goes negative, the parentheses after it on that level are literal too.
+
+Tokens (:func:`tokenize_weighted`)
+    Each weighted segment is split before every ``embedding:`` that follows whitespace (or starts the
+    segment). ``embedding:<name>`` (the name ends at the first whitespace, ``<`` or ``[``; ``name`` or
+    ``name.safetensors``; found in the embeddings folder or any folder below it) inserts the textual-inversion
+    vectors with the segment's weight; the rest of that piece is tokenized as text. A missing embedding is
+    dropped with a warning (ComfyUI logs ``embedding:<name> does not exist, ignoring``). Each text piece is
+    tokenized *as a whole* (without BOS/EOS) into one token group. Groups are packed into windows of
+    ``[BOS] + 75 tokens + [EOS]`` padded to 77: a group shorter than 8 tokens that would cross the 75-token
+    boundary starts the next window (the current one is closed with EOS and padding); a group of 8 tokens or
+    more is split at the boundary. SD 1.x and SDXL's CLIP-L pad with the EOS id (49407); SDXL's OpenCLIP-bigG
+    tokenizer pads with id 0 (ComfyUI's ``SDXLClipGTokenizer`` is built with ``pad_with_end=False`` and
+    ``SDXLClipG`` declares ``special_tokens={"start": 49406, "end": 49407, "pad": 0}``).
+
+Encoding (:func:`encode_prompt`)
+    All windows (plus the empty prompt ``[BOS, EOS, pad...]`` when any weight is not 1) run as one batch with
+    the causal mask only. For each token with weight ``w != 1``: ``z = (z - z_empty) * w + z_empty``, with
+    ``z_empty`` the empty prompt's encoding at the same position. The windows are concatenated on the token
+    axis (``[1, 77 * k, dim]``); the pooled output is the first window's (EOS position of the final-LayerNorm
+    output; SDXL: bigG's ``text_projection`` of it, i.e. ``CLIPTextModelWithProjection.text_embeds``).
+
+    Layers, as ComfyUI's ``SDClipModel`` does them: ``CLIPSetLastLayer(n)`` selects the output of encoder layer
+    ``num_layers + n`` (``n = -1`` is the last layer, ``-2`` the penultimate; ``|n| > num_layers`` means the
+    normal last-layer output).
+      * SD 1.x (``layer_norm_hidden_state=True`` by default in ComfyUI's ``SDClipModel``, not overridden for
+        SD 1.x): the selected hidden state goes through the final LayerNorm, so ``-1`` is the plain last
+        hidden state and "clip skip 2" is ``final_layer_norm(hidden_states[-2])`` (as in A1111).
+      * SDXL (``SDXLClipModel`` builds CLIP-L with ``layer="hidden", layer_idx=-2,
+        layer_norm_hidden_state=False`` and ``SDXLClipG`` with ``layer="penultimate"`` and no final norm):
+        without CLIPSetLastLayer both encoders use the raw penultimate hidden state; a CLIPSetLastLayer value
+        is applied to both, still without the final LayerNorm. CLIP-L and bigG are concatenated on the
+        channel axis (768 + 1280 = 2048), cut to the shorter token length.
+    :class:`~airflow_comfy.runner.values.TextEncoder` cannot tell "no CLIPSetLastLayer" from an explicit
+    ``-1`` (both are ``-1``); for SDXL ``-1`` (and ``None``) is therefore read as ComfyUI's default (``-2``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from airflow_comfy.runner.values import CondEntry, TextEncoder
+
+log = logging.getLogger(__name__)
+
+MAX_LENGTH = 77
+"""Tokens per window: BOS + 75 + EOS."""
+MAX_WORD_LENGTH = 8
+"""Token groups at least this long may be split across windows; shorter ones move to the next window."""
+EMBEDDING_PREFIX = "embedding:"
+EMBEDDING_EXTENSIONS = (".safetensors", ".pt", ".bin")
+"""The order ComfyUI tries extensions in; only safetensors are ever read (pickle files are refused)."""
+
+_ESC_CLOSE = "\0\1"
+_ESC_OPEN = "\0\2"
+
+Token = int | torch.Tensor
+"""A token id, or one textual-inversion vector ``[dim]`` taking a token's place."""
+
+
+# --------------------------------------------------------------------------------------------------- parsing
+
+
+def _escape(text: str) -> str:
+    return text.replace("\\)", _ESC_CLOSE).replace("\\(", _ESC_OPEN)
+
+
+def _unescape(text: str) -> str:
+    return text.replace(_ESC_CLOSE, ")").replace(_ESC_OPEN, "(")
+
+
+def _top_level_groups(text: str) -> list[str]:
+    """Split into runs of plain text and top-level ``(...)`` groups (the nesting counter may go negative)."""
+    pieces: list[str] = []
+    current = ""
+    depth = 0
+    for char in text:
+        if char == "(":
+            if depth == 0 and current:
+                pieces.append(current)
+                current = ""
+            current += char
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            current += char
+            if depth == 0:
+                pieces.append(current)
+                current = ""
+        else:
+            current += char
+    if current:
+        pieces.append(current)
+    return pieces
+
+
+def _weights(text: str, weight: float) -> list[tuple[str, float]]:
+    out: list[tuple[str, float]] = []
+    for piece in _top_level_groups(text):
+        if len(piece) >= 2 and piece[0] == "(" and piece[-1] == ")":
+            inner = piece[1:-1]
+            inner_weight = weight * 1.1
+            colon = inner.rfind(":")
+            if colon > 0:
+                try:
+                    inner_weight = float(inner[colon + 1:])
+                    inner = inner[:colon]
+                except ValueError:
+                    pass
+            out += _weights(inner, inner_weight)
+        else:
+            out.append((piece, weight))
+    return out
+
+
+def parse_weighted_prompt(text: str) -> list[tuple[str, float]]:
+    """``text`` as ComfyUI weighs it: ``[(segment, weight), ...]`` in order, escapes resolved.
+
+    >>> parse_weighted_prompt("a (b:1.5) ((c))")
+    [('a ', 1.0), ('b', 1.5), (' ', 1.0), ('c', 1.2100000000000002)]
+    """
+    return [(_unescape(segment), weight) for segment, weight in _weights(_escape(text), 1.0)]
+
+
+# ----------------------------------------------------------------------------------------------- embeddings
+
+
+def _embedding_folders(root: str) -> list[str]:
+    """``root`` and every folder below it (ComfyUI searches them all), root first, then in sorted order."""
+    found = []
+    for folder, subfolders, _files in os.walk(root, followlinks=True):
+        subfolders.sort()
+        found.append(folder)
+    return found or [root]
+
+
+def _find_embedding_file(name: str, root: str) -> str | None:
+    for folder in _embedding_folders(root):
+        folder = os.path.abspath(folder)
+        path = os.path.abspath(os.path.join(folder, name))
+        try:
+            if os.path.commonpath((folder, path)) != folder:
+                continue  # "../" and absolute names never leave the embeddings folder
+        except ValueError:
+            continue
+        if os.path.isfile(path):
+            return path
+        for ext in EMBEDDING_EXTENSIONS:
+            if os.path.isfile(path + ext):
+                return path + ext
+    return None
+
+
+def _select_embedding_tensor(tensors: dict[str, torch.Tensor], key: str) -> torch.Tensor | None:
+    """The vectors for one encoder: ``key`` (``clip_l`` / ``clip_g``), bundled-LoRA embeddings, else the first
+    tensor (``emb_params`` of A1111 files, or a single tensor)."""
+    if key in tensors:
+        return tensors[key]
+    for suffix in (".string_to_param.*", f".{key}"):
+        bundled = [t for k, t in tensors.items() if k.startswith("bundle_emb.") and k.endswith(suffix)]
+        if bundled:
+            return torch.cat(bundled, dim=0)
+    return next(iter(tensors.values()), None)
+
+
+@dataclass
+class _EmbeddingStore:
+    root: str | None
+    key: str
+    dim: int | None
+    warnings: list[str]
+    cache: dict[str, torch.Tensor | None] = field(default_factory=dict)
+
+    def load(self, name: str) -> torch.Tensor | None:
+        """``[n, dim]`` float32 vectors, or None (with a warning) when missing or unusable."""
+        if name in self.cache:
+            return self.cache[name]
+        vectors = self._load(name)
+        self.cache[name] = vectors
+        return vectors
+
+    def _load(self, name: str) -> torch.Tensor | None:
+        path = _find_embedding_file(name, self.root) if self.root and name else None
+        if path is None:
+            return None
+        if not path.lower().endswith(".safetensors"):
+            self.warnings.append(f"embedding:{name}: {os.path.basename(path)} is a pickle file; only "
+                                 f".safetensors embeddings are loaded, ignoring it")
+            return None
+        import safetensors.torch
+
+        try:
+            tensors = safetensors.torch.load_file(path, device="cpu")
+        except Exception as exc:  # a damaged file is skipped like ComfyUI does, with the reason
+            self.warnings.append(f"embedding:{name}: cannot read {os.path.basename(path)} ({exc}), ignoring it")
+            return None
+        vectors = _select_embedding_tensor(tensors, self.key)
+        if vectors is None or vectors.ndim == 0:
+            self.warnings.append(f"embedding:{name}: {os.path.basename(path)} holds no vectors, ignoring it")
+            return None
+        vectors = vectors.reshape(-1, vectors.shape[-1]).float()
+        if self.dim is not None and vectors.shape[-1] != self.dim:
+            self.warnings.append(f"embedding:{name}: vectors of size {vectors.shape[-1]} do not fit this text "
+                                 f"encoder ({self.dim}), ignoring it")
+            return None
+        return vectors
+
+    def lookup(self, text: str) -> tuple[torch.Tensor | None, str, str]:
+        """``text`` follows ``embedding:``: ``(vectors, name, leftover text)``."""
+        words = text.split()
+        name, leftover = words[0], " ".join(words[1:])
+        cut = re.search(r"[<\[]", name)
+        if cut is not None:
+            leftover = name[cut.start():] + (" " + leftover if leftover else "")
+            name = name[:cut.start()]
+        vectors = self.load(name)
+        if vectors is None:
+            stripped = name.strip(",")
+            if len(stripped) < len(name):  # "embedding:foo," -> foo, and the comma stays text
+                vectors = self.load(stripped)
+                return vectors, stripped if vectors is not None else name, f"{name[len(stripped):]} {leftover}"
+        return vectors, name, leftover
+
+
+# ----------------------------------------------------------------------------------------------- tokenizing
+
+
+@dataclass
+class TokenizedPrompt:
+    """One tokenizer's view of a prompt: 77-token windows of ``(token, weight)``."""
+
+    chunks: list[list[tuple[Token, float]]]
+    start_token: int
+    end_token: int
+    pad_token: int
+    token_count: int
+    """Prompt tokens, embedding vectors included; BOS, EOS and padding excluded."""
+    embeddings: list[str] = field(default_factory=list)
+    missing_embeddings: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _special_tokens(tokenizer: Any) -> tuple[int, int]:
+    empty = list(tokenizer("")["input_ids"])
+    if len(empty) < 2:
+        raise ValueError("the CLIP tokenizer must add a start and an end token")
+    return int(empty[0]), int(empty[1])
+
+
+def _token_ids(tokenizer: Any, text: str) -> list[int]:
+    return [int(t) for t in tokenizer(text, verbose=False)["input_ids"][1:-1]]
+
+
+def tokenize_weighted(tokenizer: Any, text: str, *, embeddings_dir: str | None = None,
+                      embedding_key: str = "clip_l", embedding_dim: int | None = None,
+                      pad_token: int | None = None, max_length: int = MAX_LENGTH) -> TokenizedPrompt:
+    """Tokenize ``text`` with ComfyUI's weights, embeddings and window packing.
+
+    ``tokenizer`` is a transformers CLIP tokenizer (adds BOS and EOS). ``pad_token`` None pads with the EOS id
+    (SD 1.x, CLIP-L); SDXL's bigG passes 0. ``embedding_key`` picks the tensor of multi-encoder embedding files
+    and ``embedding_dim`` rejects vectors of another size. ``embeddings_dir`` None behaves like an empty
+    embeddings folder (every ``embedding:`` name is missing).
+    """
+    start, end = _special_tokens(tokenizer)
+    pad = end if pad_token is None else int(pad_token)
+    warnings: list[str] = []
+    store = _EmbeddingStore(embeddings_dir, embedding_key, embedding_dim, warnings)
+    used: list[str] = []
+    missing: list[str] = []
+
+    groups: list[list[tuple[Token, float]]] = []
+    for segment, weight in parse_weighted_prompt(text):
+        parts = re.split(r"(?<=\s)" + re.escape(EMBEDDING_PREFIX), segment)
+        pieces = [parts[0]] + [EMBEDDING_PREFIX + p for p in parts[1:]]
+        for piece in (p for p in pieces if p):
+            word = piece
+            rest = piece[len(EMBEDDING_PREFIX):].strip("\n")
+            if piece.startswith(EMBEDDING_PREFIX) and rest.strip():
+                vectors, name, leftover = store.lookup(rest)
+                if vectors is None:
+                    message = f"embedding:{name} does not exist, ignoring"
+                    log.warning(message)
+                    warnings.append(message)
+                    missing.append(name)
+                else:
+                    used.append(name)
+                    groups.append([(vector, weight) for vector in vectors])
+                if not leftover:
+                    continue
+                word = leftover
+            groups.append([(t, weight) for t in _token_ids(tokenizer, word)])
+
+    chunks = _pack(groups, start, end, pad, max_length)
+    return TokenizedPrompt(chunks=chunks, start_token=start, end_token=end, pad_token=pad,
+                           token_count=sum(len(g) for g in groups), embeddings=used,
+                           missing_embeddings=missing, warnings=warnings)
+
+
+def _pack(groups: list[list[tuple[Token, float]]], start: int, end: int, pad: int,
+          max_length: int) -> list[list[tuple[Token, float]]]:
+    room = max_length - 1  # a window's last place is always EOS
+    chunks: list[list[tuple[Token, float]]] = []
+    window: list[tuple[Token, float]] = [(start, 1.0)]
+    chunks.append(window)
+    for group in groups:
+        splittable = len(group) >= MAX_WORD_LENGTH
+        while group:
+            if len(window) + len(group) <= room:
+                window.extend(group)
+                break
+            free = room - len(window)
+            if splittable:
+                window.extend(group[:free])
+                group = group[free:]
+                window.append((end, 1.0))
+            else:
+                window.append((end, 1.0))
+                window.extend([(pad, 1.0)] * free)
+            window = [(start, 1.0)]
+            chunks.append(window)
+    window.append((end, 1.0))
+    window.extend([(pad, 1.0)] * (max_length - len(window)))
+    return chunks
+
+
+# ------------------------------------------------------------------------------------------------ encoding
+
+
+def _text_core(model: torch.nn.Module) -> torch.nn.Module:
+    """The module holding ``final_layer_norm`` (transformers 5: the CLIPTextModel itself; 4: ``text_model``)."""
+    if hasattr(model, "final_layer_norm"):
+        return model
+    return _text_core(model.text_model)
+
+
+def _num_layers(model: torch.nn.Module) -> int:
+    return len(_text_core(model).encoder.layers)
+
+
+def _select_hidden(output: Any, model: torch.nn.Module, layer: int | None, layer_norm_hidden: bool) -> torch.Tensor:
+    num_layers = _num_layers(model)
+    if layer is None or abs(layer) > num_layers:
+        return output.last_hidden_state
+    index = layer if layer >= 0 else num_layers + layer
+    if index >= num_layers:
+        return output.last_hidden_state
+    hidden = output.hidden_states[index + 1]  # hidden_states[0] is the embedding output
+    if layer_norm_hidden:
+        hidden = _text_core(model).final_layer_norm(hidden)
+    return hidden
+
+
+def encode_tokens(model: torch.nn.Module, tokens: TokenizedPrompt, *, layer: int | None = None,
+                  layer_norm_hidden: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode ``tokens`` with ComfyUI's weighting: ``(cond [1, 77 * k, dim], pooled [1, dim'])``, float32 on
+    the CPU. ``layer`` None is the last layer after the final LayerNorm; otherwise see the module docstring.
+    The pooled output is projected when ``model`` has a ``text_projection``."""
+    chunks = [list(chunk) for chunk in tokens.chunks]
+    sections = len(chunks)
+    length = max(len(c) for c in chunks)
+    has_weights = any(w != 1.0 for chunk in chunks for _, w in chunk)
+    if has_weights:
+        empty = [tokens.start_token, tokens.end_token] + [tokens.pad_token] * (length - 2)
+        chunks.append([(t, 1.0) for t in empty])
+
+    device = next(model.parameters()).device
+    ids, vectors, eos_positions = [], [], []
+    for row, chunk in enumerate(chunks):
+        row_ids = []
+        for position, (token, _) in enumerate(chunk):
+            if isinstance(token, torch.Tensor):
+                vectors.append((row, position, token))
+                row_ids.append(0)  # placeholder: its embedding is replaced below
+            else:
+                row_ids.append(int(token))
+        ids.append(row_ids)
+        eos_positions.append(row_ids.index(tokens.end_token) if tokens.end_token in row_ids else len(row_ids) - 1)
+    input_ids = torch.tensor(ids, dtype=torch.long, device=device)
+
+    def insert_vectors(_module: torch.nn.Module, _inputs: Any, embedded: torch.Tensor) -> torch.Tensor:
+        embedded = embedded.clone()
+        for row, position, vector in vectors:
+            embedded[row, position] = vector.to(device=embedded.device, dtype=embedded.dtype)
+        return embedded
+
+    handle = model.get_input_embeddings().register_forward_hook(insert_vectors) if vectors else None
+    try:
+        with torch.no_grad():
+            output = model(input_ids=input_ids, output_hidden_states=True)
+            out = _select_hidden(output, model, layer, layer_norm_hidden).float()
+            rows = torch.arange(len(chunks), device=output.last_hidden_state.device)
+            pooled = output.last_hidden_state[rows, torch.tensor(eos_positions, device=rows.device)]
+            projection = getattr(model, "text_projection", None)
+            if projection is not None:
+                pooled = projection(pooled)
+    finally:
+        if handle is not None:
+            handle.remove()
+
+    z = out[:sections]
+    if has_weights:
+        weights = torch.tensor([[w for _, w in chunk] for chunk in chunks[:sections]], dtype=torch.float32,
+                               device=z.device).unsqueeze(-1)
+        z_empty = out[-1:]
+        z = torch.where(weights != 1.0, (z - z_empty) * weights + z_empty, z)
+    cond = z.reshape(1, sections * z.shape[1], z.shape[2]).cpu()
+    return cond, pooled[0:1].float().cpu()
+
+
+def _embedding_dim(model: torch.nn.Module) -> int:
+    return int(model.get_input_embeddings().weight.shape[-1])
+
+
+def encode_prompt(clip: TextEncoder, text: str) -> tuple[list[CondEntry], dict]:
+    """CLIPTextEncode: ``text`` -> a one-entry CONDITIONING and an info dict (``warnings``,
+    ``missing_embeddings``, ``embeddings``, ``token_count``, ``token_counts``, ``chunks``, ``layer``)."""
+    layer = getattr(clip, "layer", None)
+    if clip.family == "sdxl":
+        if len(clip.models) != 2 or len(clip.tokenizers) != 2:
+            raise ValueError("an SDXL text encoder needs two tokenizers and two models (CLIP-L, OpenCLIP-bigG)")
+        effective = -2 if layer is None else layer
+        encoders = [(clip.tokenizers[0], clip.models[0], None, "clip_l"),
+                    (clip.tokenizers[1], clip.models[1], 0, "clip_g")]
+        layer_norm_hidden = False
+    elif clip.family == "sd1":
+        effective = layer
+        encoders = [(clip.tokenizers[0], clip.models[0], None, "clip_l")]
+        layer_norm_hidden = True
+    else:
+        raise ValueError(f"text encoding for model family {clip.family!r} is not supported (sd1, sdxl)")
+
+    outputs, tokenized = [], []
+    for tokenizer, model, pad, key in encoders:
+        tokens = tokenize_weighted(tokenizer, text, embeddings_dir=clip.embeddings_dir, embedding_key=key,
+                                   embedding_dim=_embedding_dim(model), pad_token=pad)
+        tokenized.append(tokens)
+        outputs.append(encode_tokens(model, tokens, layer=effective, layer_norm_hidden=layer_norm_hidden))
+
+    if len(outputs) == 1:
+        cond, pooled = outputs[0]
+    else:
+        (l_cond, _), (g_cond, g_pooled) = outputs
+        cut = min(l_cond.shape[1], g_cond.shape[1])
+        cond, pooled = torch.cat([l_cond[:, :cut], g_cond[:, :cut]], dim=-1), g_pooled
+
+    def unique(items: list[str]) -> list[str]:
+        return list(dict.fromkeys(items))
+
+    info = {
+        "warnings": unique([w for t in tokenized for w in t.warnings]),
+        "missing_embeddings": unique([n for t in tokenized for n in t.missing_embeddings]),
+        "embeddings": unique([n for t in tokenized for n in t.embeddings]),
+        "token_count": tokenized[0].token_count,
+        "token_counts": [t.token_count for t in tokenized],
+        "chunks": cond.shape[1] // MAX_LENGTH,
+        "layer": "last" if effective is None else effective,
+    }
+    return [CondEntry(cond=cond, pooled_output=pooled)], info
