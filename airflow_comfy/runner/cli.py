@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> dict:
     import torch
 
     from airflow_comfy.artifacts.manifest import GroupManifest
-    from airflow_comfy.artifacts.store import open_store, read_uri
+    from airflow_comfy.artifacts.store import open_store
     from airflow_comfy.runner.context import RunContext
     from airflow_comfy.runner.executor import GroupRun
 
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> dict:
     params = _read_params(args.params)
     device = _device(args.device)
     store = open_store(args.store)
-    manifests = [GroupManifest.from_json(read_uri(uri).decode("utf-8")) for uri in args.inputs]
+    manifests = [GroupManifest.from_json(store.read_uri(uri).decode("utf-8"), uri=uri) for uri in args.inputs]
     context = RunContext(models_root=args.models, input_dir=args.input_dir, device=device,
                          dtype=_dtype(args.precision, device), allow_pickle=args.allow_pickle)
     logging.getLogger("airflow_comfy.runner").info(

@@ -43,9 +43,12 @@ class RunContext:
     extra_pnginfo: dict | None = None
     save_image: Callable[[str, str, str, bytes, int, int], SavedImage] | None = None
     """``save_image(node, subfolder, filename, png_bytes, width, height)`` (set by the executor)."""
-    existing_outputs: Callable[[str], list[str]] | None = None
-    """``existing_outputs(subfolder)``: names already saved there (ComfyUI's counter scheme)."""
+    existing_outputs: Callable[[], list[str]] | None = None
+    """``existing_outputs()``: paths (``/``-separated, relative to the run's outputs) already saved, for
+    ComfyUI's file-name counter."""
     saved: list[SavedImage] = field(default_factory=list)
+    components: dict[str, list[str]] = field(default_factory=dict)
+    """Recipe node id -> the outputs (MODEL / CLIP / VAE ...) this group uses: a loader loads only those."""
     model_files: dict[str, str] = field(default_factory=dict)
     """file path -> sha256 of every model file loaded (the run snapshot)."""
     cache: dict[Any, Any] = field(default_factory=dict)

@@ -12,7 +12,7 @@ from typing import Any
 
 from airflow_comfy.artifacts import layout
 from airflow_comfy.artifacts.manifest import GroupManifest, ImageRecord, OutputRecord
-from airflow_comfy.artifacts.store import ArtifactStore, read_uri
+from airflow_comfy.artifacts.store import ArtifactStore
 from airflow_comfy.runner.codecs import decode_value, encode_value
 from airflow_comfy.runner.context import BadInput, NodeContext, RunContext, SavedImage, log
 from airflow_comfy.runner.registry import implementation
@@ -42,10 +42,11 @@ class GroupRun:
         self.context.prompt = self._metadata_prompt()
         self.context.extra_pnginfo = ({"workflow": self.spec.metadata["workflow"]}
                                       if self.spec.metadata.get("workflow") else None)
+        self.context.components = {k: list(v) for k, v in self.spec.components.items()}
         self.context.save_image = self._save_image
         self.context.existing_outputs = self._existing_outputs
         results: dict[str, tuple] = {}
-        boundary = _BoundaryReader(self.spec, self.input_manifests, self.context)
+        boundary = _BoundaryReader(self.spec, self.input_manifests, self.context, self.store)
         for node_id in execution_order(nodes):
             node = nodes[node_id]
             kwargs = {name: (self._resolve(value, results, boundary) if isinstance(value, Link) else value)
@@ -78,7 +79,8 @@ class GroupRun:
     # --- inputs ---------------------------------------------------------------------------------------
 
     def _nodes_with_params(self) -> dict[str, Node]:
-        workflow = convert_api(copy.deepcopy(self.spec.nodes), name=self.spec.workflow_name, source="group spec")
+        workflow = convert_api(copy.deepcopy(self.spec.nodes), name=self.spec.workflow_name, source="group spec",
+                               external=frozenset(v.node for v in self.spec.boundary_inputs))
         nodes = dict(workflow.nodes)
         catalog = Catalog.builtin()
         for name, bindings in self.spec.params.items():
@@ -126,7 +128,7 @@ class GroupRun:
         key = layout.output_key(self.run_key, self.spec.group, self.try_number, node_id, output,
                                 layout.extension_for(type_name))
         uri = self.store.put_bytes(key, data)
-        return OutputRecord(node=node_id, output=output, type=type_name, uri=uri, **info)
+        return OutputRecord.from_info(node_id, output, type_name, uri, info)
 
     def _save_image(self, node: str, subfolder: str, filename: str, png: bytes, width: int,
                     height: int) -> SavedImage:
@@ -138,9 +140,9 @@ class GroupRun:
         self.context.saved.append(saved)
         return saved
 
-    def _existing_outputs(self, subfolder: str) -> list[str]:
-        prefix = layout.image_key(self.run_key, subfolder, "")
-        return [key.rsplit("/", 1)[-1] for key in self.store.list(prefix)]
+    def _existing_outputs(self) -> list[str]:
+        prefix = layout.outputs_prefix(self.run_key)
+        return [key[len(prefix):] for key in self.store.list(prefix)]
 
     def _write_snapshot(self, manifest: GroupManifest) -> None:
         """Beside the images: the exact workflow, params, package version and model hashes that made them."""
@@ -164,27 +166,30 @@ class GroupRun:
 class _BoundaryReader:
     """Values produced by upstream groups, found through their manifests, decoded once each."""
 
-    def __init__(self, spec: GroupSpec, manifests: list[GroupManifest], context: RunContext):
+    def __init__(self, spec: GroupSpec, manifests: list[GroupManifest], context: RunContext,
+                 store: ArtifactStore):
         self.spec = spec
         self.context = context
+        self.store = store
         self.seconds = 0.0
-        self._uris: dict[tuple[str, int], tuple[str, str]] = {}
+        self._records: dict[tuple[str, int], OutputRecord] = {}
         for manifest in manifests:
             for record in manifest.outputs:
-                self._uris[(record.node, record.output)] = (record.uri, record.type)
+                self._records[(record.node, record.output)] = record
         self._cache: dict[tuple[str, int], Any] = {}
 
     def read(self, link: Link) -> Any:
         key = (link.node, link.output)
         if key in self._cache:
             return self._cache[key]
-        if key not in self._uris:
+        if key not in self._records:
             expected = next((v.group for v in self.spec.boundary_inputs if (v.node, v.output) == key), "?")
             raise BadInput(f"group {self.spec.group!r} needs output {link.output} of node {link.node} from group "
                            f"{expected!r}, but no --inputs manifest provides it")
-        uri, type_name = self._uris[key]
+        record = self._records[key]
         began = time.perf_counter()
-        value = decode_value(type_name, read_uri(uri), load_control_net=self._load_control_net)
+        value = decode_value(record.type, self.store.read_uri(record.uri), load_control_net=self._load_control_net,
+                             uri=record.uri, sha256=record.sha256)
         self.seconds += time.perf_counter() - began
         self._cache[key] = value
         return value

@@ -14,9 +14,11 @@ from airflow_comfy.workflow.errors import ProblemCollector
 from airflow_comfy.workflow.graph import Link, Node, Workflow, is_api_link, sorted_node_ids
 
 
-def convert_api(doc: dict, *, name: str, source: str | None = None) -> Workflow:
+def convert_api(doc: dict, *, name: str, source: str | None = None, external: frozenset[str] = frozenset(),
+                ) -> Workflow:
     """Convert an API-format prompt (or a POST /prompt body) into the canonical graph. Raises one
-    :class:`~airflow_comfy.workflow.errors.WorkflowError` listing every malformed node."""
+    :class:`~airflow_comfy.workflow.errors.WorkflowError` listing every malformed node. ``external``: node ids
+    that links may name although they are not in ``doc`` (a group's boundary inputs)."""
     problems = ProblemCollector(source)
     prompt, ui_workflow = unwrap_prompt(doc)
     if not isinstance(prompt, Mapping) or not prompt:
@@ -27,7 +29,7 @@ def convert_api(doc: dict, *, name: str, source: str | None = None) -> Workflow:
         node = _node(str(node_id), raw, problems)
         if node is not None:
             nodes[node.id] = node
-    _check_link_targets(nodes, {str(node_id) for node_id in prompt}, problems)
+    _check_link_targets(nodes, {str(node_id) for node_id in prompt} | set(external), problems)
     problems.raise_if_any()
     ordered = {node_id: nodes[node_id] for node_id in sorted_node_ids(nodes)}
     return Workflow(name=name, nodes=ordered, source=source, format="api", ui_workflow=ui_workflow)

@@ -1,0 +1,236 @@
+"""S3 (and S3-compatible: MinIO, Ceph RGW, R2, GCS interop ...) artifact store. boto3 is imported lazily.
+
+Credentials come ONLY from boto3's standard chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/
+``AWS_SESSION_TOKEN``, ``AWS_PROFILE`` and the config files, IRSA / pod identity, instance roles). They are
+refused in URIs and never appear in ``repr``, URIs, logs or exception messages (messages are built from the
+error code and text, with any credential value scrubbed, and are raised ``from None``).
+
+The endpoint comes from the ``endpoint_url`` option, else ``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL``,
+else AWS. A custom endpoint gets path-style addressing and checksums only where required (what MinIO and
+most S3-compatible stores expect).
+
+PUT is atomic in S3. No-clobber writes check the key first and then send ``If-None-Match: *`` (a conditional
+write: a concurrent writer of the same key loses with :class:`ArtifactExistsError`); against a store that does
+not implement conditional writes the check alone remains.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+from urllib.parse import urlsplit
+
+from airflow_comfy.artifacts.errors import ArtifactError, ArtifactExistsError, ArtifactNotFound
+from airflow_comfy.artifacts.keys import validate_key, validate_prefix
+from airflow_comfy.artifacts.store import ArtifactStore, Data, guess_content_type, join_chunks, redact_uri
+
+_BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
+_MISSING = {"404", "NoSuchKey", "NotFound"}
+_EXISTS = {"412", "PreconditionFailed", "ConditionalRequestConflict"}
+_UNSUPPORTED = {"501", "NotImplemented"}
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/some/key`` -> ``("bucket", "some/key")`` (the key part may be empty or end with ``/``)."""
+    parts = urlsplit(uri)
+    if parts.scheme.lower() != "s3":
+        raise ValueError(f"not an s3:// URI: {redact_uri(uri)}")
+    if "@" in parts.netloc:
+        raise ValueError(
+            f"credentials must not be put in an S3 URI ({redact_uri(uri)}): use the standard AWS environment "
+            "variables, config files or a pod/instance role"
+        )
+    if parts.query or parts.fragment:
+        raise ValueError(f"S3 URI {uri} must not have a query or fragment")
+    if not _BUCKET.match(parts.netloc):
+        raise ValueError(f"S3 URI {uri} has no valid bucket name (expected s3://bucket/prefix)")
+    return parts.netloc, parts.path.lstrip("/")
+
+
+def default_endpoint_url() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+class S3Store(ArtifactStore):
+    """Objects under ``s3://<bucket>/<prefix>/``."""
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        region_name: str | None = None,
+        client: Any = None,
+    ) -> None:
+        if not _BUCKET.match(bucket or ""):
+            raise ValueError(f"invalid S3 bucket name {bucket!r}")
+        prefix = prefix.strip("/")
+        self.bucket = bucket
+        self.prefix = validate_key(prefix) if prefix else ""
+        self.endpoint_url = endpoint_url or default_endpoint_url()
+        self.region_name = region_name
+        self._session: Any = None
+        self._client = client
+        self._conditional_writes = True
+
+    @classmethod
+    def from_uri(cls, uri: str, **options: Any) -> S3Store:
+        bucket, prefix = parse_s3_uri(uri)
+        return cls(bucket, prefix, **options)
+
+    # -- naming --
+
+    @property
+    def root_uri(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+    def object_key(self, key: str) -> str:
+        validate_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self.object_key(key)}"
+
+    def key_of(self, uri: str) -> str:
+        bucket, object_key = parse_s3_uri(uri)
+        head = f"{self.prefix}/" if self.prefix else ""
+        if bucket != self.bucket or not object_key.startswith(head):
+            raise ValueError(f"{uri} is not in the artifact store {self.root_uri}")
+        return validate_key(object_key[len(head):])
+
+    def __repr__(self) -> str:
+        endpoint = f", endpoint_url={redact_uri(self.endpoint_url)!r}" if self.endpoint_url else ""
+        return f"S3Store({self.root_uri!r}{endpoint})"
+
+    # -- boto3 --
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self._client = self._make_client()
+        return self._client
+
+    def _make_client(self) -> Any:
+        try:
+            import boto3
+            from botocore.config import Config
+        except ImportError as err:  # pragma: no cover - depends on the installation
+            raise ArtifactError("an s3:// artifact store needs boto3: pip install 'airflow-comfy[runner]'") from err
+        options: dict[str, Any] = {"retries": {"max_attempts": 5, "mode": "standard"},
+                                   "connect_timeout": 10, "read_timeout": 120}
+        if self.endpoint_url:
+            options["s3"] = {"addressing_style": "path"}
+            if "request_checksum_calculation" in Config.OPTION_DEFAULTS:  # botocore >= 1.36
+                options.update(request_checksum_calculation="when_required",
+                               response_checksum_validation="when_required")
+        self._session = boto3.session.Session()
+        return self._session.client("s3", endpoint_url=self.endpoint_url, region_name=self.region_name,
+                                    config=Config(**options))
+
+    def _secrets(self) -> list[str]:
+        values = [os.environ.get(name) for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")]
+        try:
+            credentials = self._session.get_credentials() if self._session is not None else None
+            frozen = credentials.get_frozen_credentials() if credentials is not None else None
+        except Exception:  # resolving credentials may itself fail: scrub what we have
+            frozen = None
+        if frozen is not None:
+            values += [frozen.access_key, frozen.secret_key, frozen.token]
+        return [value for value in values if value and len(value) >= 4]
+
+    def _failure(self, action: str, uri: str, err: Exception, kind: type[ArtifactError] = ArtifactError) -> ArtifactError:
+        """An :class:`ArtifactError` describing a boto3/botocore failure, with no credential in it."""
+        response = getattr(err, "response", None) or {}
+        error = response.get("Error", {})
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if error:
+            detail = f"{error.get('Code', '?')}" + (f" (HTTP {status})" if status else "")
+            if error.get("Message"):
+                detail += f": {error['Message']}"
+        else:
+            detail = f"{type(err).__name__}: {err}"
+        if self.endpoint_url:
+            detail = detail.replace(self.endpoint_url, redact_uri(self.endpoint_url))
+        for secret in self._secrets():
+            detail = detail.replace(secret, "***")
+        if self.endpoint_url:
+            detail += f" [endpoint {redact_uri(self.endpoint_url)}]"
+        return kind(f"cannot {action} {uri}: {detail}", uri=uri)
+
+    @staticmethod
+    def _code(err: Exception) -> str:
+        return str((getattr(err, "response", None) or {}).get("Error", {}).get("Code", ""))
+
+    # -- operations --
+
+    def put_bytes(self, key: str, data: Data, *, content_type: str | None = None, overwrite: bool = False) -> str:
+        uri, body = self.uri(key), join_chunks(data)
+        if not overwrite and self.exists(key):
+            raise ArtifactExistsError(f"{uri} already exists (artifacts are never overwritten)", uri=uri)
+        request = {"Bucket": self.bucket, "Key": self.object_key(key), "Body": body,
+                   "ContentType": content_type or guess_content_type(key)}
+        conditional = not overwrite and self._conditional_writes
+        try:
+            self._put(request, conditional=conditional, uri=uri)
+        except ArtifactError:
+            raise
+        except Exception as err:
+            raise self._failure("write", uri, err) from None
+        return uri
+
+    def _put(self, request: dict[str, Any], *, conditional: bool, uri: str) -> None:
+        from botocore.exceptions import ClientError, ParamValidationError
+
+        try:
+            self.client.put_object(**request, **({"IfNoneMatch": "*"} if conditional else {}))
+        except ClientError as err:
+            code = self._code(err)
+            if conditional and code in _EXISTS:
+                raise ArtifactExistsError(f"{uri} already exists (written concurrently)", uri=uri) from None
+            if not (conditional and code in _UNSUPPORTED):
+                raise
+            self._conditional_writes = False  # the store ignores conditional writes: the check above remains
+            self.client.put_object(**request)
+        except ParamValidationError:
+            if not conditional:
+                raise
+            self._conditional_writes = False  # botocore too old to know IfNoneMatch
+            self.client.put_object(**request)
+
+    def get_bytes(self, key: str) -> bytes:
+        uri = self.uri(key)
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self.object_key(key))
+            data = response["Body"].read()
+        except Exception as err:
+            if self._code(err) in _MISSING:
+                raise ArtifactNotFound(f"no artifact at {uri}", uri=uri) from None
+            raise self._failure("read", uri, err) from None
+        expected = response.get("ContentLength")
+        if expected is not None and expected != len(data):
+            raise ArtifactError(f"cannot read {uri}: got {len(data)} of {expected} bytes", uri=uri)
+        return data
+
+    def exists(self, key: str) -> bool:
+        uri = self.uri(key)
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self.object_key(key))
+        except Exception as err:
+            if self._code(err) in _MISSING:
+                return False
+            raise self._failure("check", uri, err) from None
+        return True
+
+    def list(self, prefix: str = "") -> list[str]:
+        validate_prefix(prefix)
+        head = f"{self.prefix}/" if self.prefix else ""
+        keys: list[str] = []
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=head + prefix)
+            for page in pages:
+                keys += [item["Key"][len(head):] for item in page.get("Contents", [])]
+        except Exception as err:
+            raise self._failure("list", f"{self.root_uri}/{prefix}", err) from None
+        return sorted(keys)

@@ -1,0 +1,308 @@
+"""Artifact stores: where groups hand their outputs to each other.
+
+:func:`open_store` picks the implementation from the store URI the runner gets (``--store``):
+
+* ``file:///abs/path`` or a bare path: :class:`LocalStore`, a folder (the embedded default; also any shared
+  filesystem such as an NFS or CSI volume mounted into the pods).
+* ``s3://bucket/prefix``: :class:`~airflow_comfy.artifacts.s3.S3Store` (boto3, imported only then). Works with
+  MinIO and other S3-compatible stores through ``endpoint_url`` or ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``;
+  credentials come only from the standard AWS chain (environment, config files, instance/pod roles).
+
+Writes are atomic (an object appears whole or not at all) and, unless ``overwrite=True``, refuse to replace an
+existing object (:class:`ArtifactExistsError`): a retried task writes under its own try's keys and never
+overwrites what a finished task wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import mimetypes
+import os
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from contextlib import suppress
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
+
+from airflow_comfy.artifacts.errors import ArtifactError, ArtifactExistsError, ArtifactNotFound, BadArtifact
+from airflow_comfy.artifacts.keys import key_for, validate_key, validate_prefix
+
+__all__ = [
+    "ArtifactError", "ArtifactExistsError", "ArtifactNotFound", "ArtifactStore", "BadArtifact", "Data", "LocalStore",
+    "key_for", "open_store", "read_uri", "redact_uri", "split_uri", "validate_key",
+]
+
+Data = bytes | bytearray | memoryview | Iterable[bytes]
+"""What ``put_bytes`` takes: the bytes, or an iterable of chunks (streamed to a local file)."""
+
+_CONTENT_TYPES = {".json": "application/json", ".png": "image/png", ".safetensors": "application/octet-stream"}
+TMP_PREFIX = ".artifact-tmp-"
+"""Local temporary files (invisible to ``list``; keys may not use this prefix)."""
+
+
+def guess_content_type(key: str) -> str:
+    suffix = PurePosixPath(key).suffix.lower()
+    return _CONTENT_TYPES.get(suffix) or mimetypes.guess_type(key)[0] or "application/octet-stream"
+
+
+def iter_chunks(data: Data) -> Iterable[bytes]:
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        yield bytes(data) if isinstance(data, memoryview) else data
+        return
+    if isinstance(data, str):
+        raise TypeError("put_bytes takes bytes, not str (encode it first)")
+    for chunk in data:
+        if not isinstance(chunk, (bytes, bytearray, memoryview)):
+            raise TypeError(f"put_bytes chunks must be bytes, got {type(chunk).__name__}")
+        yield chunk
+
+
+def join_chunks(data: Data) -> bytes:
+    if isinstance(data, bytes):
+        return data
+    return b"".join(bytes(chunk) for chunk in iter_chunks(data))
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` with any ``user:password@`` part replaced by ``***@`` (safe to show in messages and logs)."""
+    parts = urlsplit(uri) if "://" in uri else None
+    if parts is None or "@" not in parts.netloc:
+        return uri
+    return parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]).geturl()
+
+
+class ArtifactStore(ABC):
+    """A key -> bytes store with atomic, no-clobber writes. Keys: see :mod:`airflow_comfy.artifacts.keys`."""
+
+    @property
+    @abstractmethod
+    def root_uri(self) -> str:
+        """The store's own URI (what :func:`open_store` was given, normalized; never with credentials)."""
+
+    @abstractmethod
+    def uri(self, key: str) -> str:
+        """The full URI of the object at ``key`` (for manifests, XCom, logs; :func:`read_uri` resolves it)."""
+
+    @abstractmethod
+    def key_of(self, uri: str) -> str:
+        """The key of ``uri`` in this store (inverse of :meth:`uri`); ``ValueError`` if it lies elsewhere."""
+
+    @abstractmethod
+    def put_bytes(self, key: str, data: Data, *, content_type: str | None = None, overwrite: bool = False) -> str:
+        """Write ``data`` at ``key`` atomically and return the object's URI.
+
+        Raises :class:`ArtifactExistsError` if the key exists and ``overwrite`` is false."""
+
+    @abstractmethod
+    def get_bytes(self, key: str) -> bytes:
+        """The object's bytes; :class:`ArtifactNotFound` if there is none."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[str]:
+        """Keys that start with ``prefix`` (a plain string prefix, as in S3), sorted."""
+
+    def put_json(self, key: str, value: Any, *, overwrite: bool = False) -> str:
+        data = json.dumps(value, indent=2, sort_keys=True).encode("utf-8") + b"\n"
+        return self.put_bytes(key, data, content_type="application/json", overwrite=overwrite)
+
+    def get_json(self, key: str) -> Any:
+        return parse_json(self.get_bytes(key), self.uri(key))
+
+    def read_uri(self, uri: str) -> bytes:
+        """The bytes at a full URI of this store."""
+        return self.get_bytes(self.key_of(uri))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.root_uri!r})"
+
+
+def parse_json(data: bytes, uri: str) -> Any:
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BadArtifact(f"{uri} is not valid JSON: {err}", uri=uri) from None
+
+
+# --- local folder ---------------------------------------------------------------------------------------------
+
+
+class LocalStore(ArtifactStore):
+    """A folder. Writes go to a temporary file in the target's directory, are flushed to disk, then renamed
+    into place (``os.link`` when overwriting is refused, so two writers cannot both win; ``os.replace``
+    otherwise)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(os.path.abspath(os.fspath(root)))
+
+    @property
+    def root_uri(self) -> str:
+        return self.root.as_uri()
+
+    def uri(self, key: str) -> str:
+        return f"{self.root_uri.rstrip('/')}/{quote(validate_key(key))}"
+
+    def key_of(self, uri: str) -> str:
+        path = Path(file_uri_path(uri))
+        try:
+            relative = path.relative_to(self.root)
+        except ValueError:
+            raise ValueError(f"{uri} is not in the artifact store {self.root_uri}") from None
+        return validate_key(relative.as_posix())
+
+    def path(self, key: str) -> Path:
+        """Where the object of ``key`` lives on disk."""
+        validate_key(key)
+        if any(segment.startswith(TMP_PREFIX) for segment in key.split("/")):
+            raise ValueError(f"invalid artifact key {key!r}: segments may not start with {TMP_PREFIX!r}")
+        return self.root.joinpath(*key.split("/"))
+
+    def put_bytes(self, key: str, data: Data, *, content_type: str | None = None, overwrite: bool = False) -> str:
+        path, uri = self.path(key), self.uri(key)
+        if not overwrite and path.exists():
+            raise ArtifactExistsError(f"{uri} already exists (artifacts are never overwritten)", uri=uri)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX, suffix=".tmp")
+        except OSError as err:
+            raise ArtifactError(f"cannot write {uri}: {err.strerror or err}", uri=uri) from err
+        try:
+            _write_file(fd, tmp, data)
+            _publish(Path(tmp), path, overwrite=overwrite, uri=uri)
+        except OSError as err:
+            raise ArtifactError(f"cannot write {uri}: {err.strerror or err}", uri=uri) from err
+        finally:
+            with suppress(OSError):
+                os.unlink(tmp)
+        _fsync_dir(path.parent)
+        return uri
+
+    def get_bytes(self, key: str) -> bytes:
+        path, uri = self.path(key), self.uri(key)
+        try:
+            return path.read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise ArtifactNotFound(f"no artifact at {uri}", uri=uri) from None
+        except OSError as err:
+            raise ArtifactError(f"cannot read {uri}: {err.strerror or err}", uri=uri) from err
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def list(self, prefix: str = "") -> list[str]:
+        validate_prefix(prefix)
+        base = self.root.joinpath(*prefix.split("/")[:-1]) if "/" in prefix else self.root
+        keys = []
+        for folder, _dirs, files in os.walk(base):
+            relative = Path(folder).relative_to(self.root).as_posix()
+            for name in files:
+                key = name if relative == "." else f"{relative}/{name}"
+                if key.startswith(prefix) and not name.startswith(TMP_PREFIX):
+                    keys.append(key)
+        return sorted(keys)
+
+
+def _write_file(fd: int, tmp: str, data: Data) -> None:
+    with os.fdopen(fd, "wb") as handle:
+        for chunk in iter_chunks(data):
+            handle.write(chunk)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.chmod(tmp, 0o644)
+
+
+def _publish(tmp: Path, path: Path, *, overwrite: bool, uri: str) -> None:
+    """Move the finished temporary file into place, atomically."""
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)  # fails if the target exists: no two writers both "win"
+    except FileExistsError:
+        raise ArtifactExistsError(f"{uri} already exists (artifacts are never overwritten)", uri=uri) from None
+    except OSError:  # a filesystem without hard links: check, then rename
+        if path.exists():
+            raise ArtifactExistsError(f"{uri} already exists (artifacts are never overwritten)", uri=uri) from None
+        os.replace(tmp, path)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (best effort: not every platform can open a directory)."""
+    with suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# --- URIs -----------------------------------------------------------------------------------------------------
+
+
+def file_uri_path(uri: str) -> str:
+    """The absolute local path of a ``file://`` URI (percent-decoded)."""
+    parts = urlsplit(uri)
+    if parts.scheme != "file":
+        raise ValueError(f"not a file:// URI: {redact_uri(uri)}")
+    if parts.netloc not in ("", "localhost"):
+        raise ValueError(f"file URI {redact_uri(uri)} names a host; use file:///absolute/path (three slashes)")
+    if parts.query or parts.fragment:
+        raise ValueError(f"file URI {redact_uri(uri)} must not have a query or fragment")
+    path = unquote(parts.path)
+    if not os.path.isabs(path):
+        raise ValueError(f"file URI {redact_uri(uri)} must hold an absolute path")
+    return path
+
+
+def open_store(uri: str | os.PathLike[str], **options: Any) -> ArtifactStore:
+    """The store for ``uri``: ``file:///abs/path`` or a bare path -> :class:`LocalStore`; ``s3://bucket/prefix``
+    -> :class:`~airflow_comfy.artifacts.s3.S3Store` (``options``: ``endpoint_url``, ``region_name``, ``client``)."""
+    text = os.fspath(uri)
+    if not text:
+        raise ValueError("artifact store URI is empty")
+    if "://" not in text:
+        return _local(text, options)
+    scheme = urlsplit(text).scheme.lower()
+    if scheme == "file":
+        return _local(file_uri_path(text), options)
+    if scheme == "s3":
+        from airflow_comfy.artifacts.s3 import S3Store
+
+        return S3Store.from_uri(text, **options)
+    raise ValueError(
+        f"unsupported artifact store URI {redact_uri(text)!r}: use file:///absolute/path or s3://bucket/prefix"
+    )
+
+
+def _local(path: str, options: dict[str, Any]) -> LocalStore:
+    unused = sorted(name for name, value in options.items() if value is not None)
+    if unused:
+        raise TypeError(f"a local artifact store takes no options (got {', '.join(unused)})")
+    return LocalStore(path)
+
+
+def split_uri(uri: str, **options: Any) -> tuple[ArtifactStore, str]:
+    """A store and key for a full object URI (``file:///...`` or ``s3://bucket/key``)."""
+    scheme = urlsplit(uri).scheme.lower() if "://" in uri else ""
+    if scheme == "file":
+        path = Path(file_uri_path(uri))
+        store = _local(path.anchor, options)
+        return store, validate_key(path.relative_to(path.anchor).as_posix())
+    if scheme == "s3":
+        from airflow_comfy.artifacts.s3 import S3Store, parse_s3_uri
+
+        bucket, key = parse_s3_uri(uri)
+        if not key:
+            raise ValueError(f"S3 URI {uri} names a bucket but no object")
+        return S3Store(bucket, **options), validate_key(key)
+    raise ValueError(f"cannot read {redact_uri(uri)!r}: expected a file:// or s3:// URI")
+
+
+def read_uri(uri: str, **options: Any) -> bytes:
+    """The bytes of the object at a full ``file://`` or ``s3://`` URI (e.g. an upstream group's manifest)."""
+    store, key = split_uri(uri, **options)
+    return store.get_bytes(key)

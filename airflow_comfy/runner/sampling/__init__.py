@@ -1,0 +1,38 @@
+"""ComfyUI's sampling (KSampler, samplers, schedulers, CFG) re-implemented from the math with torch.
+
+* :mod:`.schedule` — σ table of SD 1.x/SDXL, σ <-> timestep, the seven schedulers;
+* :mod:`.samplers` — the solvers (:data:`~.samplers.SAMPLERS`) and their noise sources;
+* :mod:`.cfg` — the classifier-free-guided denoiser over a diffusers UNet (areas, SDXL, ControlNet hook);
+* :mod:`.ksampler` — KSampler / KSamplerAdvanced semantics (noise, schedule slicing, inpainting, scaling);
+* :mod:`.progress` — per-step progress lines.
+"""
+
+from airflow_comfy.runner.sampling.cfg import CFGDenoiser, ControlFn, make_denoiser
+from airflow_comfy.runner.sampling.ksampler import (
+    advanced_sigmas,
+    ksampler,
+    ksampler_advanced,
+    prepare_noise,
+    sample,
+    sigmas_for,
+)
+from airflow_comfy.runner.sampling.progress import StepProgress
+from airflow_comfy.runner.sampling.samplers import SAMPLERS
+from airflow_comfy.runner.sampling.schedule import SCHEDULERS, ModelSampling, calculate_sigmas
+
+__all__ = [
+    "SAMPLERS",
+    "SCHEDULERS",
+    "CFGDenoiser",
+    "ControlFn",
+    "ModelSampling",
+    "StepProgress",
+    "advanced_sigmas",
+    "calculate_sigmas",
+    "ksampler",
+    "ksampler_advanced",
+    "make_denoiser",
+    "prepare_noise",
+    "sample",
+    "sigmas_for",
+]
