@@ -73,30 +73,39 @@ def parse_param_assignments(assignments: list[str], compiled: CompiledWorkflow) 
 
 def run_workflow(compiled: CompiledWorkflow, *, models: Path, input_dir: Path, store: str,
                  params: dict[str, Any] | None = None, run_id: str | None = None, python: str | None = None,
-                 extra_args: list[str] | None = None, echo=print) -> LocalRunResult:
+                 extra_args: list[str] | None = None, echo=print, in_process: bool = False) -> LocalRunResult:
+    """Run every group in order. ``in_process`` calls the runner's ``main`` with the same arguments instead of
+    starting a process per group (tests use it to save the interpreter start-up; the code path is the same)."""
     run_key = f"{compiled.dag_id}/{run_id or time.strftime('cli__%Y%m%dT%H%M%S')}"
     all_params = {p["name"]: p["default"] for p in compiled.params} | dict(params or {})
     result = LocalRunResult(run_key=run_key)
     with tempfile.TemporaryDirectory(prefix="airflow-comfy-run-") as scratch:
         for group in compiled.groups:
             _run_group(group, result, models=models, input_dir=input_dir, store=store, params=all_params,
-                       python=python, extra_args=extra_args, scratch=Path(scratch), echo=echo)
+                       python=python, extra_args=extra_args, scratch=Path(scratch), echo=echo,
+                       in_process=in_process)
     return result
 
 
 def _run_group(group: dict, result: LocalRunResult, *, models: Path, input_dir: Path, store: str,
                params: dict[str, Any], python: str | None, extra_args: list[str] | None, scratch: Path,
-               echo) -> None:
+               echo, in_process: bool) -> None:
     spec = GroupSpec.from_dict(group["spec"])
     inputs = [result.manifests[g]["manifest_uri"] for g in group["upstream"]]
     arguments = runner_arguments(
         spec, store=store, models_path=str(models), input_path=str(input_dir), spec_uri=group["spec_uri"],
         run_key=result.run_key, try_number="1", params=json.dumps(params), input_uris=inputs)
     manifest_out = scratch / f"manifest-{spec.group}.json"
-    command = runner_prefix(python or sys.executable) + local_arguments(arguments, str(manifest_out))
-    command += list(extra_args or [])
+    argv = local_arguments(arguments, str(manifest_out)) + list(extra_args or [])
     echo(f"[{spec.group}] running {len(spec.nodes)} node(s)")
-    completed = subprocess.run(command, capture_output=True, text=True)
-    if completed.returncode != 0:
-        raise GroupFailed(spec.group, completed.returncode, (completed.stdout + completed.stderr)[-4000:])
+    if in_process:
+        from airflow_comfy.runner.cli import main as runner_main
+
+        returncode = runner_main(argv)
+        if returncode != 0:
+            raise GroupFailed(spec.group, returncode, "(in-process run: see the log above)")
+    else:
+        completed = subprocess.run(runner_prefix(python or sys.executable) + argv, capture_output=True, text=True)
+        if completed.returncode != 0:
+            raise GroupFailed(spec.group, completed.returncode, (completed.stdout + completed.stderr)[-4000:])
     result.manifests[spec.group] = json.loads(manifest_out.read_text(encoding="utf-8"))
