@@ -1,35 +1,48 @@
 #!/usr/bin/env bash
-# make demo: the example workflows become DAGs through real Airflow (local backend, local store).
+# make demo: tiny random-weight demo models, then the txt2img example DAG runs end to end through real Airflow
+# (`airflow dags test`, local backend: each group is a runner subprocess; local artifact store).
 set -euo pipefail
 VENV=${VENV:-.venv}
 DEMO=${DEMO:-.demo}
 ROOT=$(pwd)
-export AIRFLOW_HOME="$ROOT/$DEMO/airflow"
+DEMO_DIR="$ROOT/$DEMO"
+export AIRFLOW_HOME="$DEMO_DIR/airflow"
 export AIRFLOW__CORE__LOAD_EXAMPLES=False
-export AIRFLOW__CORE__DAGS_FOLDER="$ROOT/$DEMO/dags"
-export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN="sqlite:///$ROOT/$DEMO/airflow/airflow.db"
+export AIRFLOW__CORE__DAGS_FOLDER="$DEMO_DIR/dags"
+export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN="sqlite:///$DEMO_DIR/airflow/airflow.db"
 export AIRFLOW__COMFY__WORKFLOWS_FOLDER="$ROOT/example_workflows"
-export AIRFLOW__COMFY__ARTIFACT_STORE="file://$ROOT/$DEMO/artifacts"
-export AIRFLOW__COMFY__MODELS_PATH="$ROOT/$DEMO/models"
-export AIRFLOW__COMFY__INPUT_PATH="$ROOT/$DEMO/input"
-mkdir -p "$AIRFLOW_HOME" "$AIRFLOW__CORE__DAGS_FOLDER"
+export AIRFLOW__COMFY__ARTIFACT_STORE="file://$DEMO_DIR/artifacts"
+export AIRFLOW__COMFY__MODELS_PATH="$DEMO_DIR/models"
+export AIRFLOW__COMFY__INPUT_PATH="$DEMO_DIR/input"
+export AIRFLOW__COMFY__CACHE_DIR="$DEMO_DIR/cache"
+export AIRFLOW__COMFY__RUNNER_PYTHON="$ROOT/$VENV/bin/python"
+export HF_HUB_OFFLINE=1
+mkdir -p "$AIRFLOW_HOME" "$AIRFLOW__CORE__DAGS_FOLDER" "$DEMO_DIR/input"
 cp dags/comfy_workflows.py "$AIRFLOW__CORE__DAGS_FOLDER/"
+
+echo "== demo models (tiny, RANDOM weights: the images will be noise) -> $DEMO_DIR/models"
+"$VENV/bin/airflow-comfy" make-demo-models "$DEMO_DIR/models" >/dev/null
+"$VENV/bin/python" scripts/demo_inputs.py "$DEMO_DIR/input"
 
 echo "== the example workflows, as the DAG factory sees them"
 "$VENV/bin/airflow-comfy" check example_workflows
 echo
-echo "== groups of txt2img_grouped (UI groups, sidecar)"
-"$VENV/bin/airflow-comfy" slice example_workflows/txt2img_grouped.json
+echo "== txt2img's groups"
+"$VENV/bin/airflow-comfy" slice example_workflows/txt2img.json
 echo
-echo "== Airflow parses them (airflow db migrate, dags list, list-import-errors)"
-"$VENV/bin/airflow" db migrate >/dev/null
-"$VENV/bin/airflow" dags reserialize >/dev/null 2>&1
-"$VENV/bin/airflow" dags list -o plain 2>/dev/null | grep -E "dag_id|txt2img" || true
-"$VENV/bin/airflow" dags list-import-errors -o plain 2>/dev/null || true
+echo "== airflow dags test txt2img"
+"$VENV/bin/airflow" db migrate >/dev/null 2>&1
+started=$(date +%s)
+"$VENV/bin/airflow" dags test txt2img > "$DEMO_DIR/dags-test.log" 2>&1 || {
+  tail -40 "$DEMO_DIR/dags-test.log"; echo "airflow dags test failed; full log: $DEMO_DIR/dags-test.log"; exit 1; }
+state=$(grep -o "DagRun Finished: dag_id=txt2img.*state=[a-z]*" "$DEMO_DIR/dags-test.log" | grep -o "state=[a-z]*" | tail -1)
+echo "   dag run ${state:-state unknown} in $(( $(date +%s) - started )) s (log: $DEMO_DIR/dags-test.log)"
 echo
-echo "== the pods the kubernetes backend would submit: $DEMO/pods.yaml"
-"$VENV/bin/airflow-comfy" render-pods example_workflows/txt2img_grouped.json > "$DEMO/pods.yaml" 2>/dev/null
-grep -c "^kind: Pod" "$DEMO/pods.yaml" | sed 's/$/ pod manifests/'
-echo
-echo "The runner (python -m airflow_comfy.runner) lands with the next issue; then this demo runs"
-echo "txt2img end to end with 'airflow dags test' and prints 'output: <path>' for each image."
+run_dir=$(ls -td "$DEMO_DIR"/artifacts/runs/txt2img/*/ | head -1)
+found=0
+for png in "$run_dir"outputs/*.png; do
+  [ -e "$png" ] || continue
+  echo "output: $png"
+  found=1
+done
+[ "$found" = 1 ] || { echo "no image was written under $run_dir"; exit 1; }
