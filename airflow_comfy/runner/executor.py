@@ -12,9 +12,10 @@ from typing import Any
 
 from airflow_comfy.artifacts import layout
 from airflow_comfy.artifacts.manifest import GroupManifest, ImageRecord, OutputRecord
-from airflow_comfy.artifacts.store import ArtifactStore
+from airflow_comfy.artifacts.store import ArtifactStore, BadArtifact
 from airflow_comfy.runner.codecs import decode_value, encode_value
 from airflow_comfy.runner.context import BadInput, NodeContext, RunContext, SavedImage, log
+from airflow_comfy.runner.models.files import ModelFileError
 from airflow_comfy.runner.registry import implementation
 from airflow_comfy.version import __version__
 from airflow_comfy.workflow.api_format import convert_api
@@ -49,11 +50,21 @@ class GroupRun:
         boundary = _BoundaryReader(self.spec, self.input_manifests, self.context, self.store)
         for node_id in execution_order(nodes):
             node = nodes[node_id]
-            kwargs = {name: (self._resolve(value, results, boundary) if isinstance(value, Link) else value)
-                      for name, value in self._declared_inputs(node).items()}
+            node_context = NodeContext(self.context, node_id, node.class_type)
+            kwargs = {}
+            for name, value in self._declared_inputs(node).items():
+                try:
+                    kwargs[name] = self._resolve(value, results, boundary) if isinstance(value, Link) else value
+                except (BadInput, BadArtifact, ModelFileError) as exc:
+                    # Say which node and input needed the missing or unreadable upstream value.
+                    raise node_context.bad_input(str(exc), name) from exc
             began = time.perf_counter()
             log.info("node %s (%s): start", node_id, node.class_type)
-            outputs = implementation(node.class_type)(NodeContext(self.context, node_id, node.class_type), **kwargs)
+            try:
+                outputs = implementation(node.class_type)(node_context, **kwargs)
+            except ModelFileError as exc:
+                # Model file errors name the folder and file; add the node, its class type and the input.
+                raise node_context.bad_input(str(exc), _file_input(node, str(exc))) from exc
             self.timings[node_id] = round(time.perf_counter() - began, 4)
             log.info("node %s (%s): done in %.2fs", node_id, node.class_type, self.timings[node_id])
             results[node_id] = tuple(outputs)
@@ -198,6 +209,14 @@ class _BoundaryReader:
         from airflow_comfy.runner.models import load_control_net
 
         return load_control_net(self.context, recipe)
+
+
+def _file_input(node: Node, message: str) -> str | None:
+    """The input of ``node`` that names the model file a :class:`ModelFileError` is about (``None`` if unclear)."""
+    names = [spec.name for spec in Catalog.builtin().get(node.class_type).inputs
+             if spec.folder and isinstance(node.inputs.get(spec.name), str)]
+    named = [name for name in names if node.inputs[name] in message]
+    return (named or names)[0] if len(named or names) == 1 else None
 
 
 def execution_order(nodes: Mapping[str, Node]) -> list[str]:

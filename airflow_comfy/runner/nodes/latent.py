@@ -64,14 +64,24 @@ def encode_pixels(ctx: NodeContext, vae: VAEModel, pixels: torch.Tensor) -> torc
     return latents.float().cpu()
 
 
+def check_encodable(ctx: NodeContext, vae: VAEModel, pixels: torch.Tensor) -> None:
+    """An image smaller than the VAE's downscale factor crops to nothing: bad input, not a convolution error."""
+    down = vae.downscale
+    if pixels.ndim != 4 or pixels.shape[1] < down or pixels.shape[2] < down:
+        size = f"{pixels.shape[2]}×{pixels.shape[1]}" if pixels.ndim == 4 else f"of shape {list(pixels.shape)}"
+        raise ctx.bad_input(f"the image is {size} pixels; the VAE needs at least {down}×{down}", "pixels")
+
+
 @implements("VAEEncode")
 def vae_encode(ctx: NodeContext, pixels: torch.Tensor, vae: VAEModel) -> tuple:
+    check_encodable(ctx, vae, pixels)
     return (Latent(samples=encode_pixels(ctx, vae, pixels)),)
 
 
 @implements("VAEEncodeForInpaint")
 def vae_encode_for_inpaint(ctx: NodeContext, pixels: torch.Tensor, vae: VAEModel, mask: torch.Tensor,
                            grow_mask_by: int) -> tuple:
+    check_encodable(ctx, vae, pixels)
     prepared, noise_mask = latent_ops.vae_encode_for_inpaint_prepare(pixels, mask, grow_mask_by, vae.downscale)
     return (Latent(samples=encode_pixels(ctx, vae, prepared), noise_mask=noise_mask),)
 

@@ -1,0 +1,276 @@
+"""Runner benchmark: what slicing a workflow into groups costs at run time, sliced vs ``single_group=True``.
+
+Run with ``.venv/bin/python benchmarks/runner.py [--workflows txt2img,img2img] [--repeat 3] [--verbose]
+[--keep]``. See ``benchmarks/README.md`` for how to read the output.
+
+What runs
+    Each example workflow is compiled twice with :func:`airflow_comfy.local_run.compile_for_run`: as sliced by
+    the factory, and with ``single_group=True`` (the whole workflow as one group). Both are run with
+    :func:`airflow_comfy.local_run.run_workflow` (``in_process=False``): one real ``python -m
+    airflow_comfy.runner run ...`` subprocess per group, in topological order, through a file:// artifact store,
+    on the tiny random-weight demo models (``airflow-comfy make-demo-models``, written once in setup) and two
+    64x64 input images (``demo-input.png``, ``demo-mask.png``). Repetitions interleave the two modes and
+    rotate their order; medians are reported.
+
+How it measures (nothing is added to the package)
+    ``run_workflow(python=...)`` is given a small wrapper instead of the interpreter. The runner's command is
+    unchanged; the wrapper starts it (under ``/usr/bin/time -v`` when available) and records, per group
+    process: its wall time (spawn to exit), its stdout/stderr (the runner's INFO log, with timestamps) and its
+    peak RSS. Then:
+    * cold start: spawn -> the first ``node X (Class): start`` log line (interpreter, imports, spec, store,
+      upstream manifests; not the lazy imports inside the first loader node, which count as model load);
+    * nodes / model load / boundary read: from the group's manifest ``timings`` (model load = the nodes whose
+      class name contains ``Loader``: each group replays the loaders it needs);
+    * persist write: the last persisted output file's mtime minus the last ``done`` log line (encode +
+      write of the values other groups read); bytes from the manifest ``outputs[].bytes``;
+    * peak RSS: ``Maximum resident set size`` of ``/usr/bin/time -v`` (else ``ru_maxrss`` of
+      ``getrusage(RUSAGE_CHILDREN)`` in the wrapper, a fresh process per group, so it is that group's alone).
+    The workflow's wall time is measured around ``run_workflow`` in this process, so it also includes the
+    driver's work between groups (reading manifests, building the next command).
+
+No timing is asserted: this is a report. It exits 0 unless a workflow fails to run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+TIME_BIN = "/usr/bin/time"
+MODES = ("sliced", "single")
+
+WRAPPER = r'''#!{python} -I
+# Written by benchmarks/runner.py: runs the runner command it is given and records timing, log and peak RSS.
+import json, os, resource, subprocess, sys, tempfile, time
+records, python, time_bin = {records!r}, {python!r}, {time_bin!r}
+record = tempfile.mkdtemp(prefix="%d-" % time.time_ns(), dir=records)
+cmd = [python, *sys.argv[1:]]
+if time_bin:
+    cmd = [time_bin, "-v", "-o", os.path.join(record, "time.txt"), *cmd]
+start = time.time()
+done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+end = time.time()
+with open(os.path.join(record, "log.txt"), "wb") as out:
+    out.write(done.stdout)
+with open(os.path.join(record, "record.json"), "w") as out:
+    json.dump({{"start": start, "end": end, "returncode": done.returncode, "argv": sys.argv[1:],
+               "maxrss_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}}, out)
+sys.stdout.buffer.write(done.stdout)
+sys.exit(done.returncode)
+'''
+
+LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO node (\S+) \(([^)]+)\): (start|done in)")
+
+
+# -------------------------------------------------------------------------------------------------- setup
+def prepare(root: Path) -> dict[str, Path]:
+    """Demo models (a subprocess: it also warms the page cache for torch/diffusers) and the two input images."""
+    models, inputs = root / "models", root / "input"
+    subprocess.run([sys.executable, "-m", "airflow_comfy.cli", "make-demo-models", str(models)], check=True,
+                   stdout=subprocess.DEVNULL)
+    inputs.mkdir()
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:64, 0:64]
+    rgb = np.stack([x * 4, y * 4, (x + y) * 2], axis=-1).astype("uint8")  # a smooth gradient
+    Image.fromarray(rgb, "RGB").save(inputs / "demo-input.png")
+    mask = np.zeros((64, 64), "uint8")
+    mask[16:48, 16:48] = 255  # the centre square is repainted
+    Image.fromarray(mask, "L").save(inputs / "demo-mask.png")
+    records = root / "records"
+    records.mkdir()
+    wrapper = root / "python-wrapper"
+    wrapper.write_text(WRAPPER.format(python=sys.executable, records=str(records),
+                                      time_bin=TIME_BIN if _has_time_v() else ""), encoding="utf-8")
+    wrapper.chmod(0o755)
+    return {"models": models, "input": inputs, "records": records, "wrapper": wrapper, "store": root / "store"}
+
+
+def _has_time_v() -> bool:
+    if not os.access(TIME_BIN, os.X_OK):
+        return False
+    done = subprocess.run([TIME_BIN, "-v", "true"], capture_output=True, text=True)
+    return done.returncode == 0 and "Maximum resident set size" in done.stderr
+
+
+# ---------------------------------------------------------------------------------------------- measures
+def run_once(compiled, paths: dict[str, Path], run_id: str) -> dict[str, Any]:
+    """One ``run_workflow`` call; returns its wall time and, per group, the measures described above."""
+    from airflow_comfy.local_run import run_workflow
+
+    for old in paths["records"].iterdir():
+        shutil.rmtree(old)
+    began = time.perf_counter()
+    result = run_workflow(compiled, models=paths["models"], input_dir=paths["input"],
+                          store=paths["store"].as_uri(), run_id=run_id, python=str(paths["wrapper"]),
+                          echo=lambda _msg: None, in_process=False)
+    wall = time.perf_counter() - began
+    records = sorted(paths["records"].iterdir(), key=lambda p: int(p.name.split("-")[0]))
+    groups = {}
+    for group, record in zip(result.manifests, records, strict=True):  # groups run in this order
+        groups[group] = group_measures(result.manifests[group], record)
+    return {"wall": wall, "groups": groups}
+
+
+def group_measures(manifest: dict[str, Any], record_dir: Path) -> dict[str, Any]:
+    record = json.loads((record_dir / "record.json").read_text())
+    log = (record_dir / "log.txt").read_text(errors="replace")
+    starts, dones, classes = [], [], {}
+    for line in log.splitlines():
+        m = LOG_LINE.match(line)
+        if m:
+            stamp = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()  # local time, like asctime
+            (starts if m.group(4) == "start" else dones).append(stamp)
+            classes[m.group(2)] = m.group(3)
+    timings = manifest.get("timings") or {}
+    totals = {**(timings.get("totals") or {}), **{k: v for k, v in timings.items() if k not in ("nodes", "totals")}}
+    nodes = timings.get("nodes") or {}
+    outputs = manifest.get("outputs") or []
+    persist = 0.0
+    files = [Path(o["uri"][len("file://"):]) for o in outputs if o.get("uri", "").startswith("file://")]
+    if files and dones:
+        persist = max(0.0, max(f.stat().st_mtime for f in files) - max(dones))
+    wall = record["end"] - record["start"]
+    rss_kb = _time_v_rss(record_dir / "time.txt") or record["maxrss_kb"]
+    return {
+        "wall": wall,
+        "cold": (min(starts) - record["start"]) if starts else float("nan"),
+        "outside": wall - float(totals.get("total", 0.0)),
+        "nodes": sum(nodes.values()),
+        "load": sum(s for n, s in nodes.items() if "Loader" in classes.get(n, "")),
+        "bread": float(totals.get("boundary_read", 0.0)),
+        "persist": persist,
+        "bytes": sum(int(o.get("bytes", 0)) for o in outputs),
+        "rss_mb": rss_kb / 1024,
+    }
+
+
+def _time_v_rss(path: Path) -> int | None:
+    if not path.exists():
+        return None
+    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", path.read_text())
+    return int(m.group(1)) if m else None
+
+
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-field medians over the repetitions (the wall time and every group measure separately)."""
+    groups = {g: {k: statistics.median(r["groups"][g][k] for r in runs) for k in runs[0]["groups"][g]}
+              for g in runs[0]["groups"]}
+    return {"wall": statistics.median(r["wall"] for r in runs), "walls": [r["wall"] for r in runs],
+            "groups": groups}
+
+
+# -------------------------------------------------------------------------------------------------- report
+HEADER = (f"{'workflow':14s} {'mode':6s} {'group':12s} {'wall s':>7s} {'cold s':>7s} {'nodes s':>7s} "
+          f"{'load s':>7s} {'bread s':>8s} {'persist s':>9s} {'out KB':>7s} {'peak MiB':>8s}")
+
+
+def table_rows(name: str, mode: str, run: dict[str, Any]) -> list[str]:
+    rows = []
+    for group, g in run["groups"].items():
+        rows.append(f"{name:14s} {mode:6s} {group:12s} {g['wall']:7.2f} {g['cold']:7.2f} {g['nodes']:7.2f} "
+                    f"{g['load']:7.2f} {g['bread']:8.4f} {g['persist']:9.4f} {g['bytes'] / 1024:7.1f} "
+                    f"{g['rss_mb']:8.0f}")
+    return rows
+
+
+def summary(name: str, sliced: dict[str, Any], single: dict[str, Any]) -> list[str]:
+    sg, ug = sliced["groups"].values(), next(iter(single["groups"].values()))
+    s_wall, u_wall = sliced["wall"], single["wall"]
+    delta = s_wall - u_wall
+    extra_cold = sum(g["cold"] for g in sg) - ug["cold"]
+    extra_load = sum(g["load"] for g in sg) - ug["load"]
+    io = sum(g["bread"] + g["persist"] for g in sg)
+    written = sum(g["bytes"] for g in sg)
+    peak = max(g["rss_mb"] for g in sg)
+    n = len(sliced["groups"])
+    return [
+        f"{name}: {n} groups, wall sliced {s_wall:.2f} s vs single {u_wall:.2f} s: ratio {s_wall / u_wall:.2f}x "
+        f"(+{delta:.2f} s)",
+        f"  of the +{delta:.2f} s: {n - 1} extra cold start(s) {extra_cold:+.2f} s, replayed model loads "
+        f"{extra_load:+.2f} s, artifact I/O {io:.4f} s, rest {delta - extra_cold - extra_load - io:+.2f} s",
+        f"  hand-off (boundary reads + persist writes, {written / 1024:.1f} KB written): {io:.4f} s = "
+        f"{100 * io / s_wall:.3f}% of sliced wall; cold starts: {sum(g['cold'] for g in sg):.2f} s = "
+        f"{100 * sum(g['cold'] for g in sg) / s_wall:.0f}%",
+        f"  peak RSS: largest group {peak:.0f} MiB vs unsliced {ug['rss_mb']:.0f} MiB: ratio "
+        f"{peak / ug['rss_mb']:.2f}x (groups: {', '.join(f'{g} {v['rss_mb']:.0f}' for g, v in sliced['groups'].items())})",
+    ]
+
+
+# -------------------------------------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workflows", default="txt2img,img2img",
+                        help="example_workflows/<name>.json, comma-separated (default txt2img,img2img)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each workflow and mode (default 3)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (printed)")
+    parser.add_argument("--verbose", action="store_true", help="print every run's wall time")
+    args = parser.parse_args(argv)
+    root = Path(tempfile.mkdtemp(prefix="airflow-comfy-runner-bench-"))
+    try:
+        return run(root, args)
+    finally:
+        if args.keep:
+            print(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def run(root: Path, args: argparse.Namespace) -> int:
+    from airflow_comfy.local_run import GroupFailed, compile_for_run
+
+    t0 = time.perf_counter()
+    paths = prepare(root)
+    rss_source = "/usr/bin/time -v" if _has_time_v() else "getrusage(RUSAGE_CHILDREN) in a per-group wrapper"
+    print(f"setup: demo models + 64x64 input images in {time.perf_counter() - t0:.1f} s (not counted); "
+          f"{os.cpu_count()} CPU(s); peak RSS from {rss_source}; runner threads "
+          f"{os.environ.get('COMFY_RUNNER_THREADS', 'default')}")
+
+    names = [n.strip() for n in args.workflows.split(",") if n.strip()]
+    compiled = {(n, mode): compile_for_run(ROOT / "example_workflows" / f"{n}.json", single_group=mode == "single")
+                for n in names for mode in MODES}
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {key: [] for key in compiled}
+    try:
+        for rep in range(args.repeat):
+            for name in names:
+                for mode in (MODES if rep % 2 == 0 else MODES[::-1]):  # alternate which mode goes first
+                    r = run_once(compiled[name, mode], paths, run_id=f"bench-{mode}-{rep}")
+                    runs[name, mode].append(r)
+                    if args.verbose:
+                        print(f"  run {rep + 1} {name:14s} {mode:6s} wall {r['wall']:6.2f} s  groups "
+                              + ", ".join(f"{g} {v['wall']:.2f}" for g, v in r["groups"].items()))
+    except GroupFailed as exc:
+        print(f"error: {exc}")
+        return 1
+    medians = {key: median_run(value) for key, value in runs.items()}
+
+    print(f"median of {args.repeat} runs per workflow and mode, one runner subprocess per group "
+          "(cold = spawn -> first node start; load = loader nodes, part of nodes; bread = boundary reads):")
+    print(HEADER)
+    for name in names:
+        for mode in MODES:
+            print("\n".join(table_rows(name, mode, medians[name, mode])))
+    print()
+    for name in names:
+        print("\n".join(summary(name, medians[name, "sliced"], medians[name, "single"])))
+    s_total = sum(medians[n, "sliced"]["wall"] for n in names)
+    u_total = sum(medians[n, "single"]["wall"] for n in names)
+    print(f"all: sliced/unsliced wall {s_total / u_total:.2f}x; benchmark took {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
