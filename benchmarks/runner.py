@@ -197,6 +197,7 @@ def summary(name: str, sliced: dict[str, Any], single: dict[str, Any]) -> list[s
     written = sum(g["bytes"] for g in sg)
     peak = max(g["rss_mb"] for g in sg)
     n = len(sliced["groups"])
+    per_group = ", ".join(f"{g} {v['rss_mb']:.0f}" for g, v in sliced["groups"].items())
     return [
         f"{name}: {n} groups, wall sliced {s_wall:.2f} s vs single {u_wall:.2f} s: ratio {s_wall / u_wall:.2f}x "
         f"(+{delta:.2f} s)",
@@ -206,7 +207,7 @@ def summary(name: str, sliced: dict[str, Any], single: dict[str, Any]) -> list[s
         f"{100 * io / s_wall:.3f}% of sliced wall; cold starts: {sum(g['cold'] for g in sg):.2f} s = "
         f"{100 * sum(g['cold'] for g in sg) / s_wall:.0f}%",
         f"  peak RSS: largest group {peak:.0f} MiB vs unsliced {ug['rss_mb']:.0f} MiB: ratio "
-        f"{peak / ug['rss_mb']:.2f}x (groups: {', '.join(f'{g} {v['rss_mb']:.0f}' for g, v in sliced['groups'].items())})",
+        f"{peak / ug['rss_mb']:.2f}x (groups: {per_group})",
     ]
 
 

@@ -32,7 +32,7 @@ def _control_fn(ctx: NodeContext):
 
 
 def _progress(ctx: NodeContext) -> StepProgress:
-    return StepProgress(f"node {ctx.node_id} ({ctx.class_type})", write=ctx.progress, every=1)
+    return StepProgress("sampling", write=ctx.progress, every=1)
 
 
 @implements("KSampler")
