@@ -381,3 +381,18 @@ def test_real_clip_ids():
     tokens = tokenize_weighted(tok, "a photo of a cat")
     assert [t for t, _ in tokens.chunks[0][:7]] == [49406, 320, 1125, 539, 320, 2368, 49407]
     assert tokens.chunks[0][7][0] == 49407  # SD 1.x pads with EOS
+
+
+def test_byte_table_is_in_clips_order_so_a_comma_is_token_267():
+    """Reference §10: built in plain byte order, "," would become 300 instead of 267 and every conditioning that
+    contains a comma would be off. The demo vocabulary uses CLIP's layout (256 byte characters, then the same
+    with ``</w>``), so the comma's end-of-word id must be 267 there too."""
+    import json
+
+    from airflow_comfy.runner.models.checkpoint import bytes_to_unicode
+    from airflow_comfy.runner.models.demo import demo_tokenizer_files
+
+    table = bytes_to_unicode()
+    assert list(table.values()).index(table[ord(",")]) == 11
+    vocab = json.loads(demo_tokenizer_files()["vocab.json"])
+    assert vocab[",</w>"] == 267 and vocab[","] == 11
