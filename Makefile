@@ -33,6 +33,7 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/parse.py
+	$(PY) benchmarks/runner.py --repeat 2
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache .ruff_cache build *.egg-info

@@ -10,7 +10,7 @@ What runs
     airflow_comfy.runner run ...`` subprocess per group, in topological order, through a file:// artifact store,
     on the tiny random-weight demo models (``airflow-comfy make-demo-models``, written once in setup) and two
     64x64 input images (``demo-input.png``, ``demo-mask.png``). Repetitions interleave the two modes and
-    rotate their order; medians are reported.
+    alternate which goes first; medians are reported.
 
 How it measures (nothing is added to the package)
     ``run_workflow(python=...)`` is given a small wrapper instead of the interpreter. The runner's command is
@@ -20,9 +20,13 @@ How it measures (nothing is added to the package)
     * cold start: spawn -> the first ``node X (Class): start`` log line (interpreter, imports, spec, store,
       upstream manifests; not the lazy imports inside the first loader node, which count as model load);
     * nodes / model load / boundary read: from the group's manifest ``timings`` (model load = the nodes whose
-      class name contains ``Loader``: each group replays the loaders it needs);
+      class name contains ``Loader``: each group replays the loaders it needs). The checkpoint loader imports
+      diffusers/transformers lazily, so model load includes those imports; setup times them once in a fresh
+      process to say how much of the replayed loads they are;
     * persist write: the last persisted output file's mtime minus the last ``done`` log line (encode +
       write of the values other groups read); bytes from the manifest ``outputs[].bytes``;
+    * exit: spawn-to-exit end minus the mtime of the group's manifest in the store (the executor's last write):
+      interpreter shutdown, which every group process pays;
     * peak RSS: ``Maximum resident set size`` of ``/usr/bin/time -v`` (else ``ru_maxrss`` of
       ``getrusage(RUSAGE_CHILDREN)`` in the wrapper, a fresh process per group, so it is that group's alone).
     The workflow's wall time is measured around ``run_workflow`` in this process, so it also includes the
@@ -99,6 +103,26 @@ def prepare(root: Path) -> dict[str, Path]:
     return {"models": models, "input": inputs, "records": records, "wrapper": wrapper, "store": root / "store"}
 
 
+LAZY_IMPORTS = """
+import time
+import torch, airflow_comfy.runner.cli, airflow_comfy.runner.executor  # what the runner has before node 1
+from airflow_comfy.runner.registry import implementation
+implementation("CheckpointLoaderSimple")
+t = time.perf_counter()
+from transformers import CLIPTextModel, CLIPTokenizer
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+print(time.perf_counter() - t)
+"""
+
+
+def lazy_import_seconds() -> float:
+    """Seconds a fresh runner process spends importing diffusers/transformers: the checkpoint loader does it
+    lazily, so it is inside the first loader node's time of every group (measured once, in a subprocess)."""
+    done = subprocess.run([sys.executable, "-c", LAZY_IMPORTS], capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
 def _has_time_v() -> bool:
     if not os.access(TIME_BIN, os.X_OK):
         return False
@@ -144,6 +168,9 @@ def group_measures(manifest: dict[str, Any], record_dir: Path) -> dict[str, Any]
     if files and dones:
         persist = max(0.0, max(f.stat().st_mtime for f in files) - max(dones))
     wall = record["end"] - record["start"]
+    exit_s = float("nan")
+    if manifest.get("manifest_uri", "").startswith("file://"):  # written last, just before the process exits
+        exit_s = record["end"] - Path(manifest["manifest_uri"][len("file://"):]).stat().st_mtime
     rss_kb = _time_v_rss(record_dir / "time.txt") or record["maxrss_kb"]
     return {
         "wall": wall,
@@ -153,6 +180,7 @@ def group_measures(manifest: dict[str, Any], record_dir: Path) -> dict[str, Any]
         "load": sum(s for n, s in nodes.items() if "Loader" in classes.get(n, "")),
         "bread": float(totals.get("boundary_read", 0.0)),
         "persist": persist,
+        "exit": exit_s,
         "bytes": sum(int(o.get("bytes", 0)) for o in outputs),
         "rss_mb": rss_kb / 1024,
     }
@@ -175,24 +203,25 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 # -------------------------------------------------------------------------------------------------- report
 HEADER = (f"{'workflow':14s} {'mode':6s} {'group':12s} {'wall s':>7s} {'cold s':>7s} {'nodes s':>7s} "
-          f"{'load s':>7s} {'bread s':>8s} {'persist s':>9s} {'out KB':>7s} {'peak MiB':>8s}")
+          f"{'load s':>7s} {'bread s':>8s} {'persist s':>9s} {'exit s':>7s} {'out KB':>7s} {'peak MiB':>8s}")
 
 
 def table_rows(name: str, mode: str, run: dict[str, Any]) -> list[str]:
     rows = []
     for group, g in run["groups"].items():
         rows.append(f"{name:14s} {mode:6s} {group:12s} {g['wall']:7.2f} {g['cold']:7.2f} {g['nodes']:7.2f} "
-                    f"{g['load']:7.2f} {g['bread']:8.4f} {g['persist']:9.4f} {g['bytes'] / 1024:7.1f} "
+                    f"{g['load']:7.2f} {g['bread']:8.4f} {g['persist']:9.4f} {g['exit']:7.2f} {g['bytes'] / 1024:7.1f} "
                     f"{g['rss_mb']:8.0f}")
     return rows
 
 
-def summary(name: str, sliced: dict[str, Any], single: dict[str, Any]) -> list[str]:
+def summary(name: str, sliced: dict[str, Any], single: dict[str, Any], imports: float) -> list[str]:
     sg, ug = sliced["groups"].values(), next(iter(single["groups"].values()))
     s_wall, u_wall = sliced["wall"], single["wall"]
     delta = s_wall - u_wall
     extra_cold = sum(g["cold"] for g in sg) - ug["cold"]
     extra_load = sum(g["load"] for g in sg) - ug["load"]
+    extra_exit = sum(g["exit"] for g in sg) - ug["exit"]
     io = sum(g["bread"] + g["persist"] for g in sg)
     written = sum(g["bytes"] for g in sg)
     peak = max(g["rss_mb"] for g in sg)
@@ -202,7 +231,8 @@ def summary(name: str, sliced: dict[str, Any], single: dict[str, Any]) -> list[s
         f"{name}: {n} groups, wall sliced {s_wall:.2f} s vs single {u_wall:.2f} s: ratio {s_wall / u_wall:.2f}x "
         f"(+{delta:.2f} s)",
         f"  of the +{delta:.2f} s: {n - 1} extra cold start(s) {extra_cold:+.2f} s, replayed model loads "
-        f"{extra_load:+.2f} s, artifact I/O {io:.4f} s, rest {delta - extra_cold - extra_load - io:+.2f} s",
+        f"{extra_load:+.2f} s (lazy library imports alone: {imports:.1f} s per process), extra exits {extra_exit:+.2f} s, artifact I/O {io:.4f} s, "
+        f"rest {delta - extra_cold - extra_load - extra_exit - io:+.2f} s",
         f"  hand-off (boundary reads + persist writes, {written / 1024:.1f} KB written): {io:.4f} s = "
         f"{100 * io / s_wall:.3f}% of sliced wall; cold starts: {sum(g['cold'] for g in sg):.2f} s = "
         f"{100 * sum(g['cold'] for g in sg) / s_wall:.0f}%",
@@ -236,9 +266,12 @@ def run(root: Path, args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     paths = prepare(root)
     rss_source = "/usr/bin/time -v" if _has_time_v() else "getrusage(RUSAGE_CHILDREN) in a per-group wrapper"
+    imports = lazy_import_seconds()
     print(f"setup: demo models + 64x64 input images in {time.perf_counter() - t0:.1f} s (not counted); "
           f"{os.cpu_count()} CPU(s); peak RSS from {rss_source}; runner threads "
           f"{os.environ.get('COMFY_RUNNER_THREADS', 'default')}")
+    print(f"setup: diffusers/transformers import in a fresh process: {imports:.2f} s (inside each group's first "
+          "loader node)")
 
     names = [n.strip() for n in args.workflows.split(",") if n.strip()]
     compiled = {(n, mode): compile_for_run(ROOT / "example_workflows" / f"{n}.json", single_group=mode == "single")
@@ -259,14 +292,15 @@ def run(root: Path, args: argparse.Namespace) -> int:
     medians = {key: median_run(value) for key, value in runs.items()}
 
     print(f"median of {args.repeat} runs per workflow and mode, one runner subprocess per group "
-          "(cold = spawn -> first node start; load = loader nodes, part of nodes; bread = boundary reads):")
+          "(cold = spawn -> first node start; load = loader nodes, part of nodes; bread = boundary reads; "
+          "exit = manifest written -> process gone):")
     print(HEADER)
     for name in names:
         for mode in MODES:
             print("\n".join(table_rows(name, mode, medians[name, mode])))
     print()
     for name in names:
-        print("\n".join(summary(name, medians[name, "sliced"], medians[name, "single"])))
+        print("\n".join(summary(name, medians[name, "sliced"], medians[name, "single"], imports)))
     s_total = sum(medians[n, "sliced"]["wall"] for n in names)
     u_total = sum(medians[n, "single"]["wall"] for n in names)
     print(f"all: sliced/unsliced wall {s_total / u_total:.2f}x; benchmark took {time.perf_counter() - t0:.0f} s")
