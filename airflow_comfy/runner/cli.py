@@ -24,6 +24,10 @@ DEFAULT_THREADS = 4
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(message)s")
+    # diffusers/transformers report every dtype move ("modules ... should be kept in float32") at INFO/WARNING:
+    # noise in a task log. Their errors still show.
+    for library in ("diffusers", "transformers"):
+        logging.getLogger(library).setLevel(logging.ERROR)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:

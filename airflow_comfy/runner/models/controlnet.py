@@ -160,7 +160,10 @@ def prepare_hint(hint_image: torch.Tensor, width: int, height: int, batch: int, 
         hint = center_crop_to_aspect(hint, width, height)
         hint = F.interpolate(hint, size=(height, width), mode="nearest-exact")
     hint = repeat_to_batch(hint, batch, batched_number)
-    return hint.to(device=device or hint.device, dtype=dtype)
+    # Contiguous NCHW whatever the IMAGE's strides: an IMAGE read from the artifact store is contiguous [B,H,W,C]
+    # (so its NCHW view is channels-last), Canny's output is a view of a contiguous NCHW tensor. Convolutions pick
+    # their kernels by memory format, and the bits differ: without this, sliced runs differ from unsliced ones.
+    return hint.to(device=device or hint.device, dtype=dtype).contiguous()
 
 
 def control_residuals(control_net: ControlNet, x_in: torch.Tensor, t: torch.Tensor | float,

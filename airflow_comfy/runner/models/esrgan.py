@@ -256,7 +256,9 @@ def upscale_image(model: UpscaleModel | nn.Module, image: torch.Tensor, *, tile:
     net = model.model if isinstance(model, UpscaleModel) else model
     scale = float(model.scale if isinstance(model, UpscaleModel) else net.scale)
     param = next(net.parameters())
-    pixels = image.movedim(-1, 1).to(device=param.device, dtype=param.dtype)
+    # Contiguous NCHW whatever the IMAGE's strides (one read from the artifact store and one computed in this
+    # group differ): convolution kernels depend on the memory format, and sliced runs must equal unsliced ones.
+    pixels = image.movedim(-1, 1).to(device=param.device, dtype=param.dtype).contiguous()
     with torch.no_grad():
         while True:
             try:

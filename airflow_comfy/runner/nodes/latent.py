@@ -58,7 +58,9 @@ def encode_pixels(ctx: NodeContext, vae: VAEModel, pixels: torch.Tensor) -> torc
         y, x = (pixels.shape[1] % down) // 2, (pixels.shape[2] % down) // 2
         pixels = pixels[:, y:y + height, x:x + width, :]
     model = vae.vae.to(ctx.device, vae_dtype(ctx))
-    batch = (pixels[..., :3].movedim(-1, 1) * 2.0 - 1.0).to(ctx.device, vae_dtype(ctx))
+    # Contiguous NCHW whatever the IMAGE's strides: the VAE's convolutions give other bits for other memory
+    # formats, and an IMAGE read from the artifact store has other strides than one computed in the group.
+    batch = (pixels[..., :3].movedim(-1, 1) * 2.0 - 1.0).to(ctx.device, vae_dtype(ctx)).contiguous()
     with torch.inference_mode():
         latents = model.encode(batch).latent_dist.mode()
     return latents.float().cpu()
