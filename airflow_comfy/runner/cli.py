@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(message)s")
     # diffusers/transformers report every dtype move ("modules ... should be kept in float32") at INFO/WARNING:
     # noise in a task log. Their errors still show.
+    # (They configure their loggers on import, from these variables.)
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     for library in ("diffusers", "transformers"):
         logging.getLogger(library).setLevel(logging.ERROR)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
