@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from airflow_comfy.runner.models import layout
 from airflow_comfy.runner.models.checkpoint import embedded_config, materialize, record_model_file
@@ -31,6 +30,7 @@ from airflow_comfy.runner.models.files import (
     file_key,
     resolve_model_file,
 )
+from airflow_comfy.runner.ops.image import common_upscale
 from airflow_comfy.runner.values import ControlNet, Recipe
 
 _CACHE: OrderedDict[tuple, ControlNet] = OrderedDict()
@@ -119,19 +119,6 @@ def load_control_net(context: Any, recipe_or_name: Recipe | str) -> ControlNet:
 # --- hints and residuals ----------------------------------------------------------------------------------------
 
 
-def center_crop_to_aspect(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """Crop ``[..., H, W]`` symmetrically to the aspect ratio ``width/height`` (ComfyUI's ``crop="center"``)."""
-    old_h, old_w = images.shape[-2], images.shape[-1]
-    old_aspect = old_w / old_h
-    new_aspect = width / height
-    x0 = y0 = 0
-    if old_aspect > new_aspect:
-        x0 = round((old_w - old_w * (new_aspect / old_aspect)) / 2)
-    elif old_aspect < new_aspect:
-        y0 = round((old_h - old_h * (old_aspect / new_aspect)) / 2)
-    return images[..., y0:old_h - y0, x0:old_w - x0]
-
-
 def repeat_to_batch(images: torch.Tensor, batch: int, batched_number: int = 1) -> torch.Tensor:
     """Fit a hint batch to the model batch: one image is repeated; several are cycled to ``batch //
     batched_number`` and that block repeated ``batched_number`` times (cond/uncond halves)."""
@@ -157,8 +144,7 @@ def prepare_hint(hint_image: torch.Tensor, width: int, height: int, batch: int, 
         raise ValueError(f"a ControlNet hint must be an IMAGE [B,H,W,C], got shape {tuple(hint_image.shape)}")
     hint = hint_image.movedim(-1, 1).float()
     if hint.shape[-2:] != (height, width):
-        hint = center_crop_to_aspect(hint, width, height)
-        hint = F.interpolate(hint, size=(height, width), mode="nearest-exact")
+        hint = common_upscale(hint, width, height, "nearest-exact", "center")
     hint = repeat_to_batch(hint, batch, batched_number)
     # Contiguous NCHW whatever the IMAGE's strides: an IMAGE read from the artifact store is contiguous [B,H,W,C]
     # (so its NCHW view is channels-last), Canny's output is a view of a contiguous NCHW tensor. Convolutions pick
