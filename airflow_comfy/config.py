@@ -19,6 +19,8 @@ class ComfySettings:
     workflows_folder: str
     backend: str
     artifact_store: str
+    aws_conn_id: str
+    aws_secret_name: str
     models_path: str
     input_path: str
     object_info_files: tuple[str, ...]

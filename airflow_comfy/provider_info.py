@@ -23,6 +23,19 @@ CONFIG_OPTIONS: dict[str, tuple[str, str, str, str | None]] = {
         "Where groups hand over tensors and write images: a file:// folder or s3://bucket/prefix.",
         "s3://my-bucket/comfy",
     ),
+    "aws_conn_id": (
+        "string", "",
+        "Airflow connection whose login/password (and extra aws_session_token, region_name, endpoint_url) "
+        "become the local runner's AWS_* environment for an s3:// artifact_store, read when the task runs. "
+        "Empty: the standard AWS environment or config of the worker.",
+        "comfy_s3",
+    ),
+    "aws_secret_name": (
+        "string", "",
+        "Kubernetes Secret (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ... keys) loaded into the environment "
+        "of every group pod (envFrom). Empty: none (the image, IRSA or a pod template provides credentials).",
+        "comfy-s3-credentials",
+    ),
     "models_path": (
         "string", "{AIRFLOW_HOME}/comfy/models",
         "ComfyUI-style models folder (checkpoints/, loras/, vae/, controlnet/, upscale_models/, embeddings/) "

@@ -132,5 +132,6 @@ def _local_task(
         runner_python=settings.runner_python or None,
         runner_command=runner_command,
         env=dict(task_config.env),
+        aws_conn_id=settings.aws_conn_id or None,
         **common,
     )

@@ -37,6 +37,9 @@ class ComfyGroupLocalOperator(BaseOperator):
     :param runner_command: replaces the whole ``[python, -m, airflow_comfy.runner]`` prefix (tests use it to
         run a fake runner).
     :param env: extra environment variables of the runner (templated); ``HF_HUB_OFFLINE=1`` is always set.
+    :param aws_conn_id: an Airflow connection whose credentials the runner gets as ``AWS_*`` environment
+        variables (see :func:`aws_env_from_connection`), read when the task runs and never stored on the
+        operator, written to its arguments, the log or XCom. None: the worker's own AWS environment.
 
     Returns the manifest the runner wrote (pushed as XCom ``return_value``). Exit code 2 (bad input) raises
     ``AirflowFailException`` (no retry); any other failure raises ``AirflowException`` (retried).
@@ -53,6 +56,7 @@ class ComfyGroupLocalOperator(BaseOperator):
         runner_python: str | None = None,
         runner_command: list[str] | None = None,
         env: dict[str, str] | None = None,
+        aws_conn_id: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -60,25 +64,34 @@ class ComfyGroupLocalOperator(BaseOperator):
         self.runner_python = runner_python
         self.runner_command = list(runner_command) if runner_command else None
         self.env = dict(env or {})
+        self.aws_conn_id = aws_conn_id or None
         self._process: subprocess.Popen[str] | None = None
 
     def command(self, manifest_out: str) -> list[str]:
         prefix = self.runner_command or runner_prefix(self.runner_python or sys.executable)
         return [*prefix, *local_arguments(self.arguments, manifest_out)]
 
-    def subprocess_env(self) -> dict[str, str]:
-        return {**os.environ, **self.env, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    def subprocess_env(self, credentials: dict[str, str] | None = None) -> dict[str, str]:
+        """The runner's environment. ``credentials`` (the ``AWS_*`` variables from ``aws_conn_id``) replace the
+        worker's own AWS identity (keys, token, profile), so that the two are never mixed; the task's ``env``
+        still wins over both."""
+        base = dict(os.environ)
+        if credentials is not None:
+            for name in AWS_IDENTITY_ENV:
+                base.pop(name, None)
+        return {**base, **(credentials or {}), **self.env, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
     def execute(self, context: Any) -> dict[str, Any]:
+        credentials = aws_env_from_connection(self.aws_conn_id) if self.aws_conn_id else None
         with tempfile.TemporaryDirectory(prefix="airflow-comfy-") as tmp:
             manifest_out = os.path.join(tmp, "manifest.json")
-            returncode, tail = self._run(self.command(manifest_out))
+            returncode, tail = self._run(self.command(manifest_out), self.subprocess_env(credentials))
             raise_for_exit(returncode, tail)
             manifest = read_manifest(manifest_out)
         self.log.info("Runner manifest: %s", manifest.get(MANIFEST_URI_KEY))
         return manifest
 
-    def _run(self, command: list[str]) -> tuple[int, list[str]]:
+    def _run(self, command: list[str], env: dict[str, str]) -> tuple[int, list[str]]:
         """Run ``command``, streaming its output (stdout and stderr) line by line into the task log."""
         self.log.info("Running: %s", describe_command(command))
         tail: collections.deque[str] = collections.deque(maxlen=ERROR_TAIL_LINES)
@@ -88,7 +101,7 @@ class ComfyGroupLocalOperator(BaseOperator):
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=self.subprocess_env(),
+                env=env,
                 text=True,
                 errors="backslashreplace",
                 bufsize=1,
@@ -119,6 +132,57 @@ class ComfyGroupLocalOperator(BaseOperator):
 
     def on_kill(self) -> None:
         self._stop_process()
+
+
+#: Connection extra keys (as the amazon provider names them) and the runner's environment variable for each.
+AWS_EXTRA_ENV = {
+    "aws_session_token": "AWS_SESSION_TOKEN",
+    "region_name": "AWS_DEFAULT_REGION",
+    "endpoint_url": "AWS_ENDPOINT_URL_S3",
+}
+
+#: The worker's variables that name an AWS identity; dropped from the runner's environment when the credentials
+#: come from ``aws_conn_id``.
+AWS_IDENTITY_ENV = (
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+    "AWS_PROFILE", "AWS_DEFAULT_PROFILE",
+)
+
+
+def aws_env_from_connection(conn_id: str) -> dict[str, str]:
+    """``AWS_*`` environment variables from the Airflow connection ``conn_id``: login → ``AWS_ACCESS_KEY_ID``,
+    password → ``AWS_SECRET_ACCESS_KEY`` and the extras in :data:`AWS_EXTRA_ENV`. Read through Airflow's own
+    connection API (any secrets backend, ``AIRFLOW_CONN_*``, the metadata database); the secrets are
+    registered with Airflow's log masker. A connection that is not defined fails the task (retried)."""
+    from airflow.sdk import BaseHook
+
+    try:
+        conn = BaseHook.get_connection(conn_id)
+    except Exception as exc:
+        raise AirflowException(f"could not read the AWS connection {conn_id!r} ([comfy] aws_conn_id): {exc}") from None
+    env: dict[str, str] = {}
+    if conn.login:
+        env["AWS_ACCESS_KEY_ID"] = conn.login
+    if conn.password:
+        env["AWS_SECRET_ACCESS_KEY"] = conn.password
+    extra = conn.extra_dejson or {}
+    for key, name in AWS_EXTRA_ENV.items():
+        value = extra.get(key)
+        if value:
+            env[name] = str(value)
+    _mask(env.get("AWS_SECRET_ACCESS_KEY"), env.get("AWS_SESSION_TOKEN"))
+    return env
+
+
+def _mask(*secrets: str | None) -> None:
+    """Ask Airflow's log masker to redact ``secrets`` in task logs (best effort)."""
+    try:
+        from airflow.sdk.log import mask_secret
+    except ImportError:  # pragma: no cover - older task SDKs
+        return
+    for secret in secrets:
+        if secret:
+            mask_secret(secret)
 
 
 def describe_command(command: list[str], max_arg: int = 120) -> str:

@@ -140,6 +140,14 @@ def models_volume(settings: ComfySettings) -> tuple[list[k8s.V1Volume], list[k8s
     return [volume], [mount]
 
 
+def aws_env_from(settings: ComfySettings) -> list[k8s.V1EnvFromSource]:
+    """The ``aws_secret_name`` Secret as the runner container's ``envFrom`` (its keys, e.g.
+    ``AWS_ACCESS_KEY_ID``, become environment variables; the values never pass through Airflow)."""
+    if not settings.aws_secret_name:
+        return []
+    return [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=settings.aws_secret_name))]
+
+
 def resource_requirements(resources: dict[str, dict[str, Any]] | None) -> k8s.V1ResourceRequirements | None:
     if not resources:
         return None
@@ -186,6 +194,7 @@ def group_pod_kwargs(
         "affinity": k8s_model(task_config.affinity, k8s.V1Affinity, "affinity") if task_config.affinity else None,
         "priority_class_name": task_config.priority_class_name,
         "env_vars": dict(task_config.env),
+        "env_from": aws_env_from(settings),
         "volumes": volumes,
         "volume_mounts": volume_mounts,
     }
