@@ -53,6 +53,7 @@ CKPT = demo.DEMO_CHECKPOINT
 
 EXPECTED_FILES = [
     "checkpoints/demo-sd15-tiny.safetensors",
+    "checkpoints/demo-sdxl-tiny.safetensors",
     "controlnet/demo-controlnet.safetensors",
     "embeddings/demo-embedding.safetensors",
     "loras/demo-lora.safetensors",
@@ -60,6 +61,10 @@ EXPECTED_FILES = [
     "tokenizers/demo-sd15-tiny/special_tokens_map.json",
     "tokenizers/demo-sd15-tiny/tokenizer_config.json",
     "tokenizers/demo-sd15-tiny/vocab.json",
+    "tokenizers/demo-sdxl-tiny/merges.txt",
+    "tokenizers/demo-sdxl-tiny/special_tokens_map.json",
+    "tokenizers/demo-sdxl-tiny/tokenizer_config.json",
+    "tokenizers/demo-sdxl-tiny/vocab.json",
     "upscale_models/demo-esrgan-x2.safetensors",
     "vae/demo-vae.safetensors",
 ]

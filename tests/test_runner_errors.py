@@ -146,7 +146,7 @@ def test_model_symlink_out_of_the_models_folder(run_group, models: Path, tmp_pat
 
 
 def test_compiling_refuses_path_escapes_before_any_runner(tmp_path: Path):
-    workflow = json.loads((EXAMPLES / "img2img.json").read_text(encoding="utf-8"))
+    workflow = json.loads((EXAMPLES / "inpaint.json").read_text(encoding="utf-8"))
     workflow["10"]["inputs"]["image"] = "../../etc/passwd"
     path = tmp_path / "escape.json"
     path.write_text(json.dumps(workflow), encoding="utf-8")
@@ -281,7 +281,7 @@ def _subprocess_run(spec: GroupSpec, *, store: str, models: Path, inputs: Path, 
 
 
 def test_runner_process_exit_codes(models: Path, inputs: Path, tmp_path: Path):
-    compiled = compile_for_run(EXAMPLES / "img2img.json", single_group=True)
+    compiled = compile_for_run(EXAMPLES / "inpaint.json", single_group=True)
     spec = GroupSpec.from_dict(compiled.groups[0]["spec"])
     spec.nodes["10"]["inputs"]["image"] = "../escape.png"
     proc = _subprocess_run(spec, store=(tmp_path / "store").as_uri(), models=models, inputs=inputs,
@@ -289,8 +289,8 @@ def test_runner_process_exit_codes(models: Path, inputs: Path, tmp_path: Path):
     assert proc.returncode == BAD_INPUT, proc.stderr[-3000:]
     assert "node 10 (LoadImage): input 'image'" in proc.stderr and "Traceback" not in proc.stderr
 
-    # The preprocess group (LoadImage, ImageScale, VAEEncode) writes its latent: into a store it cannot write.
-    compiled = compile_for_run(EXAMPLES / "img2img.json")
+    # The preprocess group (LoadImage, LoadImageMask, VAEEncodeForInpaint) writes its latent: into a store it cannot write.
+    compiled = compile_for_run(EXAMPLES / "inpaint.json")
     assert compiled.groups[0]["task_id"] == "preprocess"
     spec = GroupSpec.from_dict(compiled.groups[0]["spec"])
     proc = _subprocess_run(spec, store="file:///proc/forbidden", models=models, inputs=inputs, tmp_path=tmp_path)

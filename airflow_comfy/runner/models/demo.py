@@ -8,6 +8,14 @@
   VAE with 4 blocks of 32 channels (8× down), scaling 0.18215; CLIP text model width 32, 2 layers, 4 heads,
   77 positions. Its diffusers configs are embedded in the safetensors ``__metadata__`` (key ``airflow_comfy``,
   see :mod:`.checkpoint`), although the loader would derive the same ones from the shapes.
+* ``checkpoints/demo-sdxl-tiny.safetensors``: an SDXL-shaped single-file checkpoint in SGM layout
+  (``model.diffusion_model.*``, ``first_stage_model.*``, ``conditioner.embedders.0.transformer.*`` = CLIP-L,
+  ``conditioner.embedders.1.model.*`` = OpenCLIP-bigG): UNet Down + CrossAttnDown, channels (32, 64),
+  1 layer per block, transformer depths (1, 2), linear projections, ``text_time`` added conditioning (time
+  embedding 8, pooled width 48); cross-attention width 96 = CLIP-L's 32 + bigG's 64 (concatenated); bigG with
+  a 48-wide ``text_projection`` (the pooled output); VAE like the SD 1.x one but scaling 0.13025. Configs
+  embedded as for the SD 1.x one; both tokenizers are the demo tokenizer, in ``tokenizers/demo-sdxl-tiny/``
+  (bigG pads with ``!``, as SDXL does). Built last, from seeds of its own.
 * ``tokenizers/demo-sd15-tiny/``: its CLIP-layout BPE tokenizer (vocab.json, merges.txt, tokenizer_config.json):
   the 256 byte characters in CLIP's order, the same with ``</w>``, 200 merges learned from a small built-in
   corpus, ``<|startoftext|>``, ``<|endoftext|>`` (714 tokens).
@@ -45,6 +53,7 @@ from airflow_comfy.runner.models.checkpoint import (
 )
 
 DEMO_CHECKPOINT = "demo-sd15-tiny.safetensors"
+DEMO_SDXL_CHECKPOINT = "demo-sdxl-tiny.safetensors"
 DEMO_VAE = "demo-vae.safetensors"
 DEMO_LORA = "demo-lora.safetensors"
 DEMO_CONTROLNET = "demo-controlnet.safetensors"
@@ -78,6 +87,26 @@ TINY_VAE: dict[str, Any] = {
     "scaling_factor": 0.18215,
 }
 TINY_CONTROLNET_EMBEDDING = [8, 8, 16, 16]
+TINY_SDXL_CLIP_G_WIDTH = 64
+TINY_SDXL_POOLED_WIDTH = 48
+TINY_SDXL_UNET: dict[str, Any] = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "transformer_layers_per_block": [1, 2],
+    "attention_head_dim": [2, 4],
+    "cross_attention_dim": 32 + TINY_SDXL_CLIP_G_WIDTH,
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "projection_class_embeddings_input_dim": TINY_SDXL_POOLED_WIDTH + 6 * 8,
+    "norm_num_groups": 32,
+}
+TINY_SDXL_VAE: dict[str, Any] = dict(TINY_VAE, scaling_factor=0.13025)
 
 _CORPUS = """
 a photo of a cat sitting on a chair in the sun
@@ -289,6 +318,29 @@ def build_tiny_sd15(seed: int = SEED) -> dict[str, Any]:
     return {"unet": unet, "vae": vae, "text_encoder": text, "tokenizer": tokenizer}
 
 
+def build_tiny_sdxl(seed: int = SEED + 10) -> dict[str, Any]:
+    """The SDXL demo checkpoint's modules (``unet``, ``vae``, ``text_encoder`` = CLIP-L, ``text_encoder_2`` =
+    bigG with projection) and ``tokenizer`` (the demo tokenizer, for both encoders), in memory."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = demo_tokenizer()
+    vocab = len(tokenizer)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config(TINY_SDXL_UNET)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL.from_config(TINY_SDXL_VAE)
+    torch.manual_seed(seed + 2)
+    clip_l = CLIPTextModel(CLIPTextConfig(**tiny_clip_config(vocab), attn_implementation="eager"))
+    torch.manual_seed(seed + 3)
+    clip_g = CLIPTextModelWithProjection(CLIPTextConfig(
+        **dict(tiny_clip_config(vocab), hidden_size=TINY_SDXL_CLIP_G_WIDTH, intermediate_size=128, hidden_act="gelu",
+               projection_dim=TINY_SDXL_POOLED_WIDTH), attn_implementation="eager"))
+    for module in (unet, vae, clip_l, clip_g):
+        module.eval().requires_grad_(False)
+    return {"unet": unet, "vae": vae, "text_encoder": clip_l, "text_encoder_2": clip_g, "tokenizer": tokenizer}
+
+
 def build_tiny_controlnet(unet: torch.nn.Module, seed: int = SEED + 3) -> torch.nn.Module:
     """A ControlNet of ``unet`` whose zero convolutions are made non-zero (so it changes the result)."""
     from diffusers import ControlNetModel
@@ -380,4 +432,13 @@ def make_demo_models(folder: str | os.PathLike[str]) -> list[Path]:
     generator = torch.Generator().manual_seed(SEED + 7)
     written.append(_save(root / "embeddings" / DEMO_EMBEDDING,
                          {"emb_params": torch.randn(1, 32, generator=generator) * 0.02}))
+    # (last, with seeds of its own, so that the files above do not depend on it)
+    xl = build_tiny_sdxl()
+    xl_tok_dir = root / "tokenizers" / Path(DEMO_SDXL_CHECKPOINT).stem
+    xl_tok_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in demo_tokenizer_files().items():
+        (xl_tok_dir / name).write_text(text, encoding="utf-8")
+        written.append(xl_tok_dir / name)
+    written.append(save_ldm_checkpoint(root / "checkpoints" / DEMO_SDXL_CHECKPOINT, unet=xl["unet"], vae=xl["vae"],
+                                       text_encoders=[xl["text_encoder"], xl["text_encoder_2"]], family="sdxl"))
     return written
