@@ -24,3 +24,21 @@ def test_runner_imports_no_airflow():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_device_and_precision_selection():
+    """CUDA when present, CPU otherwise; fp16 UNet/CLIP on CUDA by default, fp32 on the CPU; asking for CUDA
+    where there is none is an infrastructure error (retryable on another node), not bad input."""
+    import pytest
+    import torch
+
+    from airflow_comfy.runner.cli import _device, _dtype
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert _device("auto").type == expected
+    assert _dtype("auto", torch.device("cuda")) == torch.float16
+    assert _dtype("auto", torch.device("cpu")) == torch.float32
+    assert _dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA is not available"):
+            _device("cuda")
