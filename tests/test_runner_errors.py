@@ -297,3 +297,13 @@ def test_runner_process_exit_codes(models: Path, inputs: Path, tmp_path: Path):
     assert proc.returncode == INFRASTRUCTURE, proc.stderr[-3000:]
     assert "failed: ArtifactError" in proc.stderr
     assert not (tmp_path / "manifest.json").exists()
+
+
+def test_upstream_manifest_outside_the_store_is_bad_input(tmp_path: Path):
+    from airflow_comfy.runner.cli import main
+
+    code = main(["run", "--spec", GroupSpec(workflow_name="w", workflow_sha256="", group="g", nodes={}).to_data_uri(),
+                 "--store", (tmp_path / "store").as_uri(), "--run-key", "d/r",
+                 "--inputs", (tmp_path / "elsewhere" / "manifest.json").as_uri(),
+                 "--models", str(tmp_path), "--input-dir", str(tmp_path)])
+    assert code == BAD_INPUT

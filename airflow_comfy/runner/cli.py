@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> dict:
     params = _read_params(args.params)
     device = _device(args.device)
     store = open_store(args.store)
-    manifests = [GroupManifest.from_json(store.read_uri(uri).decode("utf-8"), uri=uri) for uri in args.inputs]
+    manifests = [GroupManifest.from_json(_read_input(store, uri), uri=uri) for uri in args.inputs]
     context = RunContext(models_root=args.models, input_dir=args.input_dir, device=device,
                          dtype=_dtype(args.precision, device), allow_pickle=args.allow_pickle)
     logging.getLogger("airflow_comfy.runner").info(
@@ -114,6 +114,15 @@ def run(args: argparse.Namespace) -> dict:
     group_run = GroupRun(spec=spec, store=store, run_key=args.run_key, try_number=args.try_number,
                          params=params, input_manifests=manifests, context=context)
     return group_run.execute().to_dict()
+
+
+def _read_input(store, uri: str) -> bytes:
+    """An upstream manifest; one outside ``--store`` is a wiring mistake that no retry can fix."""
+    try:
+        store.key_of(uri)
+    except ValueError as exc:
+        raise _SpecError(f"--inputs {uri} is not in the artifact store {store.root_uri}: {exc}") from exc
+    return store.read_uri(uri)
 
 
 def _read_spec(value: str) -> GroupSpec:
