@@ -75,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("make-demo-models", help="write tiny random-weight demo models (seconds, offline)")
     demo.add_argument("folder", type=Path)
+    demo.add_argument("--inputs", type=Path, default=None,
+                      help="also write the example workflows' input images (demo-input.png, demo-mask.png) here")
     demo.set_defaults(func=_make_demo_models)
 
     check = sub.add_parser("check", help="load every workflow of a folder as the DAG factory does and report")
@@ -180,9 +182,11 @@ def _run(args) -> int:
 
 
 def _make_demo_models(args) -> int:
-    from airflow_comfy.runner.models.demo import make_demo_models
+    from airflow_comfy.runner.models.demo import make_demo_models, write_demo_inputs
 
     for path in make_demo_models(args.folder):
+        print(path)
+    for path in write_demo_inputs(args.inputs) if args.inputs else []:
         print(path)
     return 0
 

@@ -84,16 +84,9 @@ def prepare(root: Path) -> dict[str, Path]:
     models, inputs = root / "models", root / "input"
     subprocess.run([sys.executable, "-m", "airflow_comfy.cli", "make-demo-models", str(models)], check=True,
                    stdout=subprocess.DEVNULL)
-    inputs.mkdir()
-    import numpy as np
-    from PIL import Image
+    from airflow_comfy.runner.models.demo import write_demo_inputs
 
-    y, x = np.mgrid[0:64, 0:64]
-    rgb = np.stack([x * 4, y * 4, (x + y) * 2], axis=-1).astype("uint8")  # a smooth gradient
-    Image.fromarray(rgb, "RGB").save(inputs / "demo-input.png")
-    mask = np.zeros((64, 64), "uint8")
-    mask[16:48, 16:48] = 255  # the centre square is repainted
-    Image.fromarray(mask, "L").save(inputs / "demo-mask.png")
+    write_demo_inputs(inputs)
     records = root / "records"
     records.mkdir()
     wrapper = root / "python-wrapper"

@@ -21,8 +21,7 @@ mkdir -p "$AIRFLOW_HOME" "$AIRFLOW__CORE__DAGS_FOLDER" "$DEMO_DIR/input"
 cp dags/comfy_workflows.py "$AIRFLOW__CORE__DAGS_FOLDER/"
 
 echo "== demo models (tiny, RANDOM weights: the images will be noise) -> $DEMO_DIR/models"
-"$VENV/bin/airflow-comfy" make-demo-models "$DEMO_DIR/models" >/dev/null
-"$VENV/bin/python" scripts/demo_inputs.py "$DEMO_DIR/input"
+"$VENV/bin/airflow-comfy" make-demo-models "$DEMO_DIR/models" --inputs "$DEMO_DIR/input" >/dev/null
 
 echo "== the example workflows, as the DAG factory sees them"
 "$VENV/bin/airflow-comfy" check example_workflows

@@ -442,3 +442,24 @@ def make_demo_models(folder: str | os.PathLike[str]) -> list[Path]:
     written.append(save_ldm_checkpoint(root / "checkpoints" / DEMO_SDXL_CHECKPOINT, unet=xl["unet"], vae=xl["vae"],
                                        text_encoders=[xl["text_encoder"], xl["text_encoder_2"]], family="sdxl"))
     return written
+
+
+def write_demo_inputs(folder: str | os.PathLike[str]) -> list[Path]:
+    """The input images the example workflows read: ``demo-input.png`` (an RGB 64×64 gradient with a dark square
+    and a light disc on it, so that Canny finds edges) and ``demo-mask.png`` (a white disc on black, 64×64)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    y, x = np.mgrid[0:64, 0:64]
+    gradient = np.stack([x * 4, y * 4, (x + y) * 2], axis=-1).astype(np.uint8)
+    image = Image.fromarray(gradient, "RGB")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((6, 34, 26, 56), fill=(20, 30, 40))
+    draw.ellipse((34, 6, 58, 30), fill=(240, 230, 200))
+    image.save(root / "demo-input.png")
+    mask = Image.new("L", (64, 64), 0)
+    ImageDraw.Draw(mask).ellipse((16, 16, 47, 47), fill=255)
+    mask.save(root / "demo-mask.png")
+    return [root / "demo-input.png", root / "demo-mask.png"]
