@@ -37,7 +37,6 @@ import json
 import logging
 import os
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from functools import cache
@@ -47,6 +46,7 @@ from typing import Any
 import torch
 
 from airflow_comfy.runner.models import layout
+from airflow_comfy.runner.models.cache import ModelCache, clear_all
 from airflow_comfy.runner.models.files import (
     ModelFileError,
     TensorReader,
@@ -700,27 +700,19 @@ def _rename_old_vae_attention(weights: Mapping[str, torch.Tensor]) -> dict[str, 
 
 # --- the cache and the public entry points ---------------------------------------------------------------------
 
-_CACHE: OrderedDict[tuple, LoadedCheckpoint] = OrderedDict()
-_CACHE_LOCK = threading.RLock()
+_CACHE: ModelCache[LoadedCheckpoint] = ModelCache(_CACHE_SIZE)
 
 
 def clear_cache() -> None:
     """Forget every cached model: checkpoints, VAEs, tokenizers, ControlNets, upscalers (the next load reads the
     files again)."""
-    from airflow_comfy.runner.models import controlnet, esrgan
-
-    with _CACHE_LOCK:
-        _CACHE.clear()
-        _VAE_CACHE.clear()
+    clear_all()
     with _TOKENIZER_LOCK:
         _TOKENIZER_CACHE.clear()
-    controlnet._CACHE.clear()
-    esrgan._CACHE.clear()
 
 
 def cached_entries() -> list[tuple]:
-    with _CACHE_LOCK:
-        return list(_CACHE)
+    return _CACHE.keys()
 
 
 def _subset(entry: LoadedCheckpoint, components: frozenset[str]) -> LoadedCheckpoint:
@@ -769,24 +761,14 @@ def load_checkpoint_file(
     fkey = file_key(p)
     base_key = (fkey, str(device), str(dtype), str(vae_dtype), str(root), allow_pickle)
     if use_cache:
-        with _CACHE_LOCK:
-            for key, entry in reversed(_CACHE.items()):
-                if key[:-1] == base_key and wanted <= entry.components:
-                    _CACHE.move_to_end(key)
-                    hit = _subset(entry, wanted)
-                    break
-            else:
-                hit = None
-        if hit is not None:
-            return _renamed(hit, name)
+        entry = _CACHE.find(lambda key, entry: key[:-1] == base_key and wanted <= entry.components)
+        if entry is not None:
+            return _renamed(_subset(entry, wanted), name)
     loader = _load_diffusers_folder if p.is_dir() else _load_single_file
     loaded = loader(p, wanted, name=name, models_root=root, allow_pickle=allow_pickle, device=device, dtype=dtype,
                     vae_dtype=vae_dtype)
     if use_cache:
-        with _CACHE_LOCK:
-            _CACHE[(*base_key, wanted)] = loaded
-            while len(_CACHE) > _CACHE_SIZE:
-                _CACHE.popitem(last=False)
+        _CACHE.put((*base_key, wanted), loaded)
         return _renamed(_subset(loaded, wanted), name, fresh=loaded)
     return loaded
 
@@ -815,7 +797,7 @@ def vae_layout(keys: Iterable[str]) -> tuple[str, str]:
     raise ModelFileError("not a VAE (no encoder.down.* or encoder.down_blocks.* keys)")
 
 
-_VAE_CACHE: OrderedDict[tuple, VAEModel] = OrderedDict()
+_VAE_CACHE: ModelCache[VAEModel] = ModelCache(_CACHE_SIZE)
 
 
 def load_vae_file(path: str | os.PathLike[str], *, name: str | None = None, family: str | None = None,
@@ -830,9 +812,9 @@ def load_vae_file(path: str | os.PathLike[str], *, name: str | None = None, fami
     label = _label(p)
     name = name or p.name
     key = (file_key(p), family, str(device), str(dtype), allow_pickle)
-    if use_cache and key in _VAE_CACHE:
-        _VAE_CACHE.move_to_end(key)
-        return replace(_VAE_CACHE[key], recipe=Recipe("VAELoader", name))
+    cached = _VAE_CACHE.get(key) if use_cache else None
+    if cached is not None:
+        return replace(cached, recipe=Recipe("VAELoader", name))
     with TensorReader(p, allow_pickle=allow_pickle) as reader:
         try:
             kind, prefix = vae_layout(reader.keys)
@@ -854,9 +836,7 @@ def load_vae_file(path: str | os.PathLike[str], *, name: str | None = None, fami
     vae = VAEModel(vae=module, latent_scale=float(config.get("scaling_factor", LATENT_SCALE.get(fam, 0.18215))),
                    recipe=Recipe("VAELoader", name))
     if use_cache:
-        _VAE_CACHE[key] = vae
-        while len(_VAE_CACHE) > _CACHE_SIZE:
-            _VAE_CACHE.popitem(last=False)
+        _VAE_CACHE.put(key, vae)
     return replace(vae)
 
 

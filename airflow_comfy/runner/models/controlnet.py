@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import re
-from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from airflow_comfy.runner.models import layout
+from airflow_comfy.runner.models.cache import ModelCache
 from airflow_comfy.runner.models.checkpoint import embedded_config, materialize, record_model_file
 from airflow_comfy.runner.models.files import (
     ModelFileError,
@@ -33,8 +33,7 @@ from airflow_comfy.runner.models.files import (
 from airflow_comfy.runner.ops.image import common_upscale
 from airflow_comfy.runner.values import ControlNet, Recipe
 
-_CACHE: OrderedDict[tuple, ControlNet] = OrderedDict()
-_CACHE_SIZE = 4
+_CACHE: ModelCache[ControlNet] = ModelCache(4)
 
 
 def controlnet_layout(keys: list[str]) -> tuple[str, str]:
@@ -73,9 +72,9 @@ def load_controlnet_file(path: str | os.PathLike[str], *, name: str | None = Non
     label = _label(p)
     name = name or p.name
     key = (file_key(p), str(device), str(dtype), allow_pickle)
-    if use_cache and key in _CACHE:
-        _CACHE.move_to_end(key)
-        return replace(_CACHE[key], recipe=Recipe("ControlNetLoader", name))
+    cached = _CACHE.get(key) if use_cache else None
+    if cached is not None:
+        return replace(cached, recipe=Recipe("ControlNetLoader", name))
     with TensorReader(p, allow_pickle=allow_pickle) as reader:
         try:
             kind, prefix = controlnet_layout(reader.keys)
@@ -99,9 +98,7 @@ def load_controlnet_file(path: str | os.PathLike[str], *, name: str | None = Non
                         device=device, dtype=dtype)
     control = ControlNet(model=model, recipe=Recipe("ControlNetLoader", name), kind="controlnet")
     if use_cache:
-        _CACHE[key] = control
-        while len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
+        _CACHE.put(key, control)
     return replace(control)
 
 

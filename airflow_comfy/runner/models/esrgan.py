@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from airflow_comfy.runner.models.cache import ModelCache
 from airflow_comfy.runner.models.files import (
     ModelFileError,
     TensorReader,
@@ -161,7 +162,7 @@ def build_rrdbnet(state_dict: dict[str, torch.Tensor], *, label: str = "upscale 
     return net
 
 
-_CACHE: dict[tuple, UpscaleModel] = {}
+_CACHE: ModelCache[UpscaleModel] = ModelCache(1)
 
 
 def load_upscale_model_file(path: str | os.PathLike[str], *, name: str | None = None, allow_pickle: bool = False,
@@ -170,8 +171,9 @@ def load_upscale_model_file(path: str | os.PathLike[str], *, name: str | None = 
     p = Path(path)
     name = name or p.name
     key = (file_key(p), str(device), allow_pickle)
-    if use_cache and key in _CACHE:
-        return replace(_CACHE[key], recipe=Recipe("UpscaleModelLoader", name))
+    cached = _CACHE.get(key) if use_cache else None
+    if cached is not None:
+        return replace(cached, recipe=Recipe("UpscaleModelLoader", name))
     with TensorReader(p, allow_pickle=allow_pickle) as reader:
         sd = reader.read()
     if "module.conv_first.weight" in sd or any(k.startswith("module.") for k in sd):
@@ -180,8 +182,7 @@ def load_upscale_model_file(path: str | os.PathLike[str], *, name: str | None = 
     model = UpscaleModel(model=net, scale=int(net.scale) if float(net.scale).is_integer() else net.scale,
                          recipe=Recipe("UpscaleModelLoader", name))
     if use_cache:
-        _CACHE.clear()
-        _CACHE[key] = model
+        _CACHE.put(key, model)
     return replace(model)
 
 
