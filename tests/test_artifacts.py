@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from s3_server import moto_s3_server
 
 from airflow_comfy.artifacts import layout
 from airflow_comfy.artifacts.errors import ArtifactError, ArtifactExistsError, ArtifactNotFound, BadArtifact
@@ -379,13 +380,8 @@ FAKE_TOKEN = "fake-session-token-Pp1Oo2"
 
 @pytest.fixture(scope="module")
 def s3_server() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+    with moto_s3_server() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture

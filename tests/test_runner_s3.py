@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
+from s3_server import moto_s3_server
 
 from airflow_comfy import local_run
 from airflow_comfy.artifacts.store import file_uri_path
@@ -35,14 +36,8 @@ SECRETS = (FAKE_KEY_ID, FAKE_SECRET, FAKE_TOKEN)
 def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """moto's S3 server on a free port, and an environment (inherited by subprocesses) that points at it with
     fake credentials and no real AWS configuration."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
     home = tmp_path_factory.mktemp("aws")
-    with pytest.MonkeyPatch.context() as env:
+    with moto_s3_server() as endpoint, pytest.MonkeyPatch.context() as env:
         for name in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE"):
             env.delenv(name, raising=False)
         env.setenv("AWS_ACCESS_KEY_ID", FAKE_KEY_ID)
@@ -54,7 +49,6 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         env.setenv("AWS_EC2_METADATA_DISABLED", "true")
         env.setenv("AWS_ENDPOINT_URL_S3", endpoint)
         yield endpoint
-    server.stop()
 
 
 @dataclass

@@ -14,6 +14,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from s3_server import moto_s3_server
 from test_operators import SCHEMA_VERSIONS, pod_task, sample_spec, settings
 
 from airflow_comfy.config import get_settings
@@ -241,13 +242,8 @@ def test_dag_with_aws_conn_id_serializes(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
 @pytest.fixture(scope="module")
 def moto_endpoint() -> Iterator[str]:
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
+    with moto_s3_server() as endpoint:
+        yield endpoint
 
 
 def test_boto3_in_the_runner_lists_the_bucket_with_only_the_connection(
