@@ -191,21 +191,36 @@ def _make_demo_models(args) -> int:
     return 0
 
 
+BUILDING_STUB = "comfy_workflows.py"
+ERROR_STUB = "comfy_workflow_errors.py"
+
+
 def _check(args) -> int:
+    """Print what Airflow will show for the folder with the two loader stubs in it: the DAGs of
+    ``comfy_workflows.py`` and the import error of ``comfy_workflow_errors.py``."""
     import warnings
 
-    from airflow_comfy.factory.loader import load_workflows
+    from airflow_comfy.config import get_settings
+    from airflow_comfy.factory.loader import scan_workflows
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        dags = load_workflows(args.folder, object_info_files=[str(p) for p in args.object_info])
-    for dag_id in sorted(dags):
-        print(f"ok     {dag_id}: {len(dags[dag_id].tasks)} task(s)")
-    problems = [w for w in caught if w.category.__name__ == "ComfyWorkflowWarning"]
-    for warning in problems:
-        print(f"error  {warning.message}")
-    print(f"\n{len(dags)} DAG(s), {len(problems)} workflow(s) with errors")
-    return EXIT_INVALID if problems else 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scan = scan_workflows(args.folder, get_settings(), object_info_files=[str(p) for p in args.object_info])
+    print(f"DAGs of {BUILDING_STUB}:")
+    for dag_id in sorted(scan.dags):
+        tasks = scan.dags[dag_id].tasks
+        print(f"  {dag_id}  ({scan.good[dag_id].name}): {len(tasks)} task(s): "
+              f"{', '.join(t.task_id for t in tasks)}")
+    if not scan.dags:
+        print("  (none)")
+    print("Import errors:")
+    if scan.errors:
+        print(f"  {ERROR_STUB}: ComfyWorkflowImportError: " + scan.import_error_text().replace("\n", "\n    "))
+    else:
+        print("  (none)")
+    files = len({e.file for e in scan.errors})
+    print(f"\n{len(scan.dags)} DAG(s); {files} workflow file(s) named in the import error of {ERROR_STUB}")
+    return EXIT_INVALID if scan.errors else 0
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ export AIRFLOW__COMFY__CACHE_DIR="$DEMO_DIR/cache"
 export AIRFLOW__COMFY__RUNNER_PYTHON="$ROOT/$VENV/bin/python"
 export HF_HUB_OFFLINE=1
 mkdir -p "$AIRFLOW_HOME" "$AIRFLOW__CORE__DAGS_FOLDER" "$DEMO_DIR/input"
-cp dags/comfy_workflows.py "$AIRFLOW__CORE__DAGS_FOLDER/"
+cp dags/comfy_workflows.py dags/comfy_workflow_errors.py "$AIRFLOW__CORE__DAGS_FOLDER/"
 
 echo "== demo models (tiny, RANDOM weights: the images will be noise) -> $DEMO_DIR/models"
 "$VENV/bin/airflow-comfy" make-demo-models "$DEMO_DIR/models" --inputs "$DEMO_DIR/input" >/dev/null

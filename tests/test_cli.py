@@ -116,6 +116,7 @@ def test_check_lists_good_and_bad_workflows(tmp_path):
     write(folder / "bad.json", txt2img(**{"3.sampler_name": "nope"}))
     result = cli("check", folder, env=airflow_env(tmp_path))
     assert result.returncode == 2
-    assert "ok     good: 2 task(s)" in result.stdout
+    assert "DAGs of comfy_workflows.py:\n  good  (good.json): 2 task(s): inference, postprocess\n" in result.stdout
+    assert "Import errors:\n  comfy_workflow_errors.py: ComfyWorkflowImportError: airflow-comfy: 1 workflow" in result.stdout
     assert "bad.json: node 3 (KSampler): input 'sampler_name'" in result.stdout
-    assert "1 DAG(s), 1 workflow(s) with errors" in result.stdout
+    assert "1 DAG(s); 1 workflow file(s) named in the import error of comfy_workflow_errors.py" in result.stdout

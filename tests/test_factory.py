@@ -32,7 +32,8 @@ from airflow_comfy.operators.pod import ComfyGroupPodOperator
 pytestmark = pytest.mark.airflow
 
 STUB = REPO / "dags" / "comfy_workflows.py"
-SENTINEL = "ComfyWorkflowImportError: "
+ERROR_STUB = REPO / "dags" / "comfy_workflow_errors.py"
+SENTINEL = "airflow_comfy.ComfyWorkflowImportError: "
 TEMPLATE_FILES = sorted(p for p in TEMPLATES.glob("*.json") if not p.name.startswith("index"))
 GOOD_DAGS = {
     "2_pass_pose_worship", "area_composition", "area_composition_square_area_for_subject", "controlnet_example",
@@ -50,9 +51,10 @@ NODE_TYPE_LISTING = re.compile(r"[A-Za-z0-9_]+ \(nodes? [0-9:]+(, [0-9:]+)*\)")
 
 
 def dags_folder(folder: Path, files: dict[str, str | dict | list]) -> Path:
-    """A dags folder holding the loader stub and ``files`` (text, or JSON documents)."""
+    """A dags folder holding the two loader stubs and ``files`` (text, or JSON documents)."""
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copy(STUB, folder / STUB.name)
+    shutil.copy(ERROR_STUB, folder / ERROR_STUB.name)
     for name, content in files.items():
         text = content if isinstance(content, str) else json.dumps(content)
         (folder / name).write_text(text, encoding="utf-8")
@@ -67,11 +69,11 @@ def parse(folder: Path) -> DagBag:
 
 
 def loader_error(bag: DagBag, folder: Path) -> str:
-    """The loader file's import error, after checking it is the only one and the sentinel's."""
-    assert list(bag.import_errors) == [str(folder / STUB.name)], bag.import_errors
+    """The error stub's import error, after checking it is the only one: the building stub never has one."""
+    assert list(bag.import_errors) == [str(folder / ERROR_STUB.name)], bag.import_errors
     (text,) = bag.import_errors.values()
-    assert text.startswith(SENTINEL), text[:2000]
-    return text.removeprefix(SENTINEL)
+    assert SENTINEL in text, text[:2000]
+    return text.partition(SENTINEL)[2]
 
 
 def error_blocks(text: str, folder: Path) -> dict[str, str]:
@@ -228,10 +230,10 @@ def test_cli_lists_the_dags_and_the_import_error(templates_folder: Path, templat
         errors_run = pool.submit(run_airflow, "dags", "list-import-errors", "-o", "json", env=env, returncode=1)
         list_run = pool.submit(run_airflow, "dags", "list", "-o", "json", env=env)
     errors = cli_json(errors_run.result())
-    assert [e["filepath"] for e in errors] == [STUB.name]
-    error = errors[0]["error"]
-    assert error.startswith(SENTINEL + "airflow-comfy: 152 workflow file(s)")
-    blocks = error_blocks(error.removeprefix(SENTINEL), templates_folder)
+    assert [e["filepath"] for e in errors] == [ERROR_STUB.name]
+    error = errors[0]["error"].partition(SENTINEL)[2]
+    assert error.startswith("airflow-comfy: 152 workflow file(s)")
+    blocks = error_blocks(error, templates_folder)
     assert set(blocks) == BAD_TEMPLATES
     assert "UNETLoader (node" in blocks["flux_dev_full_text_to_image.json"]
     dags = cli_json(list_run.result())
@@ -456,7 +458,9 @@ def test_unchanged_workflows_come_from_the_parse_cache(tmp_path: Path, monkeypat
                                              "copy.json": DEFAULT_TEXT})
 
     def entries() -> dict[str, dict]:
-        return {p.name: json.loads(p.read_text()) for p in cache.glob("*.json")}
+        """The compiled workflows in the cache (verdicts left out)."""
+        return {p.name: json.loads(p.read_text()) for p in cache.glob("*/*.json")
+                if not p.name.endswith(".verdict.json")}
 
     clear_memory()  # as in a fresh dag-processor process
     first = parse(folder)
@@ -466,7 +470,8 @@ def test_unchanged_workflows_come_from_the_parse_cache(tmp_path: Path, monkeypat
     assert all(re.fullmatch(r"[0-9a-f]{64}\.json", name) for name in entries())
 
     # An unchanged folder is not compiled again: what the cache holds is what the next parse serves.
-    lora_entry = next(p for p in cache.glob("*.json") if json.loads(p.read_text())["dag_id"] == "lora")
+    lora_name = next(name for name, entry in entries().items() if entry["dag_id"] == "lora")
+    lora_entry = next(cache.glob(f"*/{lora_name}"))
     data = json.loads(lora_entry.read_text())
     data["doc_md"] = "served from the parse cache"
     lora_entry.write_text(json.dumps(data))
@@ -475,7 +480,9 @@ def test_unchanged_workflows_come_from_the_parse_cache(tmp_path: Path, monkeypat
     assert second.dags["lora"].doc_md == "served from the parse cache"
     assert len(entries()) == 3
 
-    # One byte changed: that workflow is compiled again (new prompt default), the others still come from cache.
+    # One byte changed: that workflow is compiled again (new prompt default), the others still come from cache,
+    # and the entry of the old bytes is removed: the cache holds one entry per file of the folder.
+    old_default = {n for n, e in entries().items() if e["dag_id"] == "default"}
     changed = DEFAULT_TEXT.replace("purple galaxy bottle", "purple galaxy bottlE")
     assert changed != DEFAULT_TEXT
     (folder / "default.json").write_text(changed, encoding="utf-8")
@@ -484,7 +491,15 @@ def test_unchanged_workflows_come_from_the_parse_cache(tmp_path: Path, monkeypat
     assert third.dags["default"].params.get_param("prompt").value.endswith("purple galaxy bottlE,")
     assert third.dags["copy"].params.get_param("prompt").value.endswith("purple galaxy bottle,")
     assert third.dags["lora"].doc_md == "served from the parse cache"
-    assert len(entries()) == 4
+    assert len(entries()) == 3 and not old_default & set(entries())
+    assert len(list(cache.glob("*/*.verdict.json"))) == 3
+
+    # Files removed from the folder leave the cache at the next parse.
+    (folder / "copy.json").unlink()
+    (folder / "lora.json").unlink()
+    clear_memory()
+    assert set(parse(folder).dags) == {"default"}
+    assert [e["dag_id"] for e in entries().values()] == ["default"]
 
 
 def test_corrupt_cache_entries_are_recompiled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -493,8 +508,10 @@ def test_corrupt_cache_entries_are_recompiled(tmp_path: Path, monkeypatch: pytes
     folder = dags_folder(tmp_path / "dags", {"default.json": DEFAULT_TEXT})
     clear_memory()
     assert set(parse(folder).dags) == {"default"}
-    (entry,) = cache.glob("*.json")
+    (entry,) = (p for p in cache.glob("*/*.json") if not p.name.endswith(".verdict.json"))
+    (verdict,) = cache.glob("*/*.verdict.json")
     entry.write_text('{"dag_id": "defa')
+    verdict.write_text('{"probl')
     clear_memory()
     bag = parse(folder)
     assert not bag.import_errors

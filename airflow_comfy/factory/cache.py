@@ -1,56 +1,135 @@
-"""Parse cache: compiled workflows keyed by what they depend on (path, bytes, sidecar, catalog, version).
+"""Parse cache: what loading a workflow file found, keyed by everything that result depends on.
 
-The dag-processor re-parses the loader file every loop, often in a fresh process, so the cache lives on disk
-(one JSON file per key) with an in-process layer in front. Writes are atomic (temp file + rename); an
-unreadable or corrupt entry is treated as a miss, never as an error.
+The dag-processor parses the two stub files every loop, each in a fresh process, so the cache lives on disk,
+one folder per workflows folder (``<cache_dir>/<hash of the folder path>/``), with an in-process layer in
+front. For each key (see :func:`airflow_comfy.factory.compile.cache_key`) it keeps
+
+* ``<key>.json``: the compiled workflow (what slicing made; the DAG is rebuilt from it), and
+* ``<key>.verdict.json``: whether the file became a DAG (``{"ok": true}``) or why not
+  (``{"problems": [...]}``), written by whichever stub loaded the file first. The error stub reads only
+  verdicts, so reporting the bad files of a folder costs a hash per file once the folder has been seen.
+
+Writes are atomic (temp file + rename); an unreadable or corrupt entry is a miss, never an error. Entries of
+keys the folder no longer uses (edited or removed files) are removed by :meth:`ParseCache.prune`, so the cache
+holds one entry per current file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
+from airflow_comfy.workflow.errors import Problem, WorkflowError
+
 _MEMORY: dict[str, dict[str, Any]] = {}
 _MEMORY_LIMIT = 512
+COMPILED_SUFFIX = ".json"
+VERDICT_SUFFIX = ".verdict.json"
+#: A temp file older than this is left over from a writer that died; prune removes it.
+STALE_TEMP_SECONDS = 600
 
 
-class CompileCache:
-    def __init__(self, directory: str | os.PathLike | None):
-        self.directory = Path(directory) if directory else None
+class ParseCache:
+    """The cache of one workflows folder. ``directory`` None or empty: memory only."""
 
-    def get(self, key: str) -> dict[str, Any] | None:
+    def __init__(self, directory: str | os.PathLike | None, folder: str | os.PathLike):
+        folder_id = hashlib.sha256(str(Path(folder).resolve()).encode()).hexdigest()[:16]
+        self.root = Path(directory) / folder_id if directory else None
+
+    # --- compiled workflows -----------------------------------------------------------------------------
+    def compiled(self, key: str) -> dict[str, Any] | None:
         if key in _MEMORY:
             return _MEMORY[key]
-        if self.directory is None:
-            return None
-        try:
-            data = json.loads((self.directory / f"{key}.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        self._remember(key, data)
+        data = self._read(key + COMPILED_SUFFIX)
+        if data is not None:
+            _remember(key, data)
         return data
 
-    def put(self, key: str, value: dict[str, Any]) -> None:
-        self._remember(key, value)
-        if self.directory is None:
+    def put_compiled(self, key: str, value: dict[str, Any]) -> None:
+        _remember(key, value)
+        self._write(key + COMPILED_SUFFIX, value)
+
+    # --- verdicts -------------------------------------------------------------------------------------------
+    def verdict(self, key: str) -> WorkflowError | bool | None:
+        """True: the file became a DAG; a WorkflowError: why it did not; None: not known yet."""
+        data = self._read(key + VERDICT_SUFFIX)
+        if not isinstance(data, dict):
+            return None
+        if data.get("ok") is True:
+            return True
+        try:
+            return WorkflowError([Problem(**p) for p in data["problems"]])
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def put_verdict(self, key: str, verdict: WorkflowError | bool) -> None:
+        if verdict is True:
+            self._write(key + VERDICT_SUFFIX, {"ok": True})
+        elif isinstance(verdict, WorkflowError):
+            self._write(key + VERDICT_SUFFIX, {"problems": [p.__dict__ for p in verdict.problems]})
+
+    # --- housekeeping -------------------------------------------------------------------------------------
+    def prune(self, used_keys: set[str]) -> int:
+        """Remove the entries of keys not in ``used_keys`` (and temp files of dead writers); returns how many
+        files were removed."""
+        if self.root is None:
+            return 0
+        removed = 0
+        try:
+            names = os.listdir(self.root)
+        except OSError:
+            return 0
+        now = time.time()
+        for name in names:
+            if name.startswith(".tmp-"):
+                if not _older_than(self.root / name, now - STALE_TEMP_SECONDS):
+                    continue
+            elif name.split(".", 1)[0] in used_keys:
+                continue
+            try:
+                os.unlink(self.root / name)
+                removed += 1
+            except OSError:
+                pass
+        return removed
+
+    def _read(self, name: str) -> Any:
+        if self.root is None:
+            return None
+        try:
+            return json.loads((self.root / name).read_bytes())
+        except (OSError, ValueError):
+            return None
+
+    def _write(self, name: str, value: Any) -> None:
+        if self.root is None:
             return
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".json")
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".json")
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 json.dump(value, handle, separators=(",", ":"))
-            os.replace(tmp, self.directory / f"{key}.json")
+            os.replace(tmp, self.root / name)
         except OSError:
             pass  # a read-only or full disk only costs speed
 
-    @staticmethod
-    def _remember(key: str, value: dict[str, Any]) -> None:
-        if len(_MEMORY) >= _MEMORY_LIMIT:
-            _MEMORY.pop(next(iter(_MEMORY)))
-        _MEMORY[key] = value
+
+def _older_than(path: Path, moment: float) -> bool:
+    try:
+        return path.stat().st_mtime < moment
+    except OSError:
+        return False
+
+
+def _remember(key: str, value: dict[str, Any]) -> None:
+    if len(_MEMORY) >= _MEMORY_LIMIT:
+        _MEMORY.pop(next(iter(_MEMORY)))
+    _MEMORY[key] = value
 
 
 def clear_memory() -> None:

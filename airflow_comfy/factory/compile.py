@@ -56,12 +56,13 @@ def dag_id_for(path: Path, sidecar: Sidecar) -> str:
     return _DAG_ID_RE.sub("_", stem.strip()).strip("_") or "workflow"
 
 
-def cache_key(content: bytes, sidecar: Sidecar, catalog: Catalog, source: str = "") -> str:
+def cache_key(content: bytes, sidecar: Sidecar, catalog: Catalog, source: str = "", context: str = "") -> str:
     """Key of a compiled workflow. ``source`` is the file's path: the compiled result names it and carries the
-    dag id made from it, so two files with the same bytes (a copied template) must not share an entry."""
+    dag id made from it, so two files with the same bytes (a copied template) must not share an entry.
+    ``context``: anything else the result depends on (the loader passes the settings and Airflow's version)."""
     digest = hashlib.sha256()
     for part in (source.encode(), content, sidecar.raw_text.encode(), catalog.fingerprint().encode(),
-                 __version__.encode()):
+                 __version__.encode(), context.encode()):
         digest.update(hashlib.sha256(part).digest())
     return digest.hexdigest()
 

@@ -1,33 +1,51 @@
-"""``load_workflows``: every ComfyUI workflow JSON in a folder becomes a DAG.
+"""The two loader stubs of the dags folder: every ComfyUI workflow JSON in a folder becomes a DAG, and every
+file that cannot become one is reported as an import error, without hiding any other workflow.
 
-Used from the two-line stub in the dags folder::
+Users copy two files from ``dags/`` into their dags folder::
 
-    from airflow_comfy import load_workflows  # airflow DAG loader: keep the words "airflow" and "dag" here
+    # comfy_workflows.py: the airflow DAG factory (keep the words "airflow" and "dag" in a stub)
+    from airflow_comfy import load_workflows
     load_workflows(globals_dict=globals())
 
-Error isolation: a workflow that cannot become a DAG never hides the others. The good DAGs are placed in
-the stub's globals; every bad file's error (file, node id, class type, input) is
+    # comfy_workflow_errors.py: no DAG here; the airflow import error that names every bad workflow
+    from airflow_comfy import report_workflow_errors
+    report_workflow_errors(globals_dict=globals())
 
-* emitted as a warning (captured per file by the DagBag), and
-* reported as an **import error of the loader file** in the Airflow UI. Airflow validates each DAG of a file
-  separately and records a failing one as the file's import error while still loading the others
-  (``DagBag`` bags DAGs one by one); a sentinel DAG whose ``validate()`` raises the combined message uses
-  exactly that mechanism.
+Why two files: when a file has an import error, Airflow's dag-processor marks **every DAG of that file**
+stale (``_update_import_errors`` in ``airflow/dag_processing/collection.py``, Airflow 3.3), so the file that
+builds the DAGs must never end in an import error. :func:`load_workflows` therefore never raises for a bad
+workflow: it builds the good ones and only warns about the others. :func:`report_workflow_errors` defines no
+DAG and raises one :class:`ComfyWorkflowImportError` naming every bad file (file, node id, class type,
+input), which Airflow shows as that file's import error; an import error on a file without DAGs hides
+nothing. Both scan the same folder in the same order with the same rules, so a file is either a DAG of the
+first stub or a block of the second stub's error, never both and never neither.
+
+A workflow edited into a bad one loses its DAG (Airflow deactivates it, its runs and logs stay in the
+metadata database) and shows in the import error until it is fixed, when the DAG comes back: the same as a
+Python DAG file that stops importing.
+
+What each file became is cached by content (:mod:`airflow_comfy.factory.cache`): the building stub keeps the
+compiled workflow and rebuilds only the Airflow objects, the error stub reads only the verdict.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
+import os
+import stat
 import traceback
 import warnings
-from datetime import datetime, timedelta, timezone
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from airflow.sdk import DAG, Param
 
 from airflow_comfy.config import ComfySettings, get_settings
-from airflow_comfy.factory.cache import CompileCache
+from airflow_comfy.factory.cache import ParseCache
 from airflow_comfy.factory.compile import CompiledWorkflow, cache_key, compile_workflow, dag_id_for
 from airflow_comfy.factory.sidecar import Sidecar, load_sidecar, sidecar_path
 from airflow_comfy.operators.build import build_group_task
@@ -48,51 +66,129 @@ class ComfyWorkflowWarning(UserWarning):
 
 
 class ComfyWorkflowImportError(Exception):
-    """Raised by the sentinel DAG so that Airflow records bad workflows as the loader file's import error."""
+    """Raised by the error stub: Airflow shows it as that file's import error."""
+
+    __module__ = "airflow_comfy"  # how the UI's import error names it
 
 
-class _InvalidWorkflowsDag(DAG):
-    """Never runs: Airflow calls ``validate()`` before accepting a DAG, and this one refuses with the list of
-    workflow files that could not be loaded, which Airflow then shows as the loader file's import error."""
+@dataclass
+class FolderScan:
+    """What the two stubs make of one workflows folder."""
 
-    def validate(self) -> None:  # type: ignore[override]
-        raise ComfyWorkflowImportError(self.description)
+    folder: Path
+    dags: dict[str, DAG] = field(default_factory=dict)
+    """Built DAGs by dag id (only when the scan builds them)."""
+    good: dict[str, Path] = field(default_factory=dict)
+    """dag id -> the workflow file that makes it."""
+    errors: list[WorkflowError] = field(default_factory=list)
+
+    def import_error_text(self) -> str:
+        files = sorted({e.file or str(self.folder) for e in self.errors})
+        return (f"airflow-comfy: {len(files)} workflow file(s) in {self.folder} could not become DAGs "
+                "(the other workflows loaded):\n\n" + "\n\n".join(e.summary() for e in self.errors))
 
 
 def load_workflows(folder: str | Path | None = None, globals_dict: dict | None = None, *,
                    object_info_files: list[str] | None = None, settings: ComfySettings | None = None,
                    ) -> dict[str, DAG]:
-    """Build one DAG per ``*.json`` workflow in ``folder`` (default: ``[comfy] workflows_folder``, else the
-    folder of the calling stub). Returns ``{dag_id: DAG}``; with ``globals_dict``, also places them there."""
+    """The building stub: one DAG per good ``*.json`` workflow in ``folder`` (default: ``[comfy]
+    workflows_folder``, else the calling stub's folder). Returns ``{dag_id: DAG}``; with ``globals_dict``,
+    also places them there. Never raises for a bad workflow: each is a warning here and a block of
+    the error stub's import error."""
     settings = settings or get_settings()
-    folder = _resolve_folder(folder, globals_dict, settings)
-    errors: list[WorkflowError] = []
-    dags: dict[str, DAG] = {}
+    scan = scan_workflows(_resolve_folder(folder, globals_dict, settings), settings,
+                          object_info_files=object_info_files, build=True)
+    if globals_dict is not None:
+        for dag_id, dag in scan.dags.items():
+            globals_dict[f"comfy_dag__{dag_id}"] = dag
+    for error in scan.errors:
+        warnings.warn(error.summary(), ComfyWorkflowWarning, stacklevel=2)
+    return scan.dags
+
+
+def find_workflow_errors(folder: str | Path | None = None, globals_dict: dict | None = None, *,
+                         object_info_files: list[str] | None = None, settings: ComfySettings | None = None,
+                         ) -> FolderScan:
+    """What the error stub reports: the workflows of ``folder`` that cannot become DAGs, found as
+    :func:`load_workflows` finds them, without building the DAGs whose files the cache already knows as good.
+    :func:`airflow_comfy.report_workflow_errors` raises :class:`ComfyWorkflowImportError` from it."""
+    settings = settings or get_settings()
+    return scan_workflows(_resolve_folder(folder, globals_dict, settings), settings,
+                          object_info_files=object_info_files, build=False)
+
+
+def scan_workflows(folder: Path, settings: ComfySettings, *, object_info_files: list[str] | None = None,
+                   build: bool = True) -> FolderScan:
+    """Every workflow of ``folder`` in name order: a DAG (built when ``build``; otherwise only checked, from
+    the cache's verdict where it has one) or an error. Never raises."""
+    scan = FolderScan(folder)
     try:
         catalog = load_catalog([*settings.object_info_files, *(object_info_files or [])])
     except WorkflowError as exc:
-        catalog, errors = None, [exc]
-    files = _workflow_files(folder, errors)
-    cache = CompileCache(settings.cache_dir or None)
-    claimed: dict[str, Path] = {}
-    for path in files if catalog is not None else []:
+        scan.errors.append(exc)
+        return scan
+    cache = ParseCache(settings.cache_dir or None, folder)
+    context = _build_context(settings)
+    used_keys: set[str] = set()
+    for path in _workflow_files(folder, scan.errors):
         try:
-            dag = _load_one(path, catalog, cache, settings, claimed)
+            dag_id, dag = _scan_one(path, catalog, cache, settings, context, scan.good, used_keys, build)
         except WorkflowError as exc:
-            errors.append(exc.located(str(path)) if not exc.file else exc)
+            scan.errors.append(exc.located(str(path)) if not exc.file else exc)
         except Exception as exc:  # a bug of ours must not hide the other workflows either
             log.exception("airflow-comfy: internal error while loading %s", path)
-            errors.append(WorkflowError(Problem(
-                f"internal error ({type(exc).__name__}: {exc}); please report it with this traceback:\n"
-                f"{traceback.format_exc(limit=-3)}", "internal_error", file=str(path))))
+            scan.errors.append(_internal_error(path, exc))
         else:
-            dags[dag.dag_id] = dag
-    if globals_dict is not None:
-        for dag_id, dag in dags.items():
-            globals_dict[f"comfy_dag__{dag_id}"] = dag
-    if errors:
-        _report(errors, folder, globals_dict)
-    return dags
+            scan.good[dag_id] = path
+            if dag is not None:
+                scan.dags[dag_id] = dag
+    if build:
+        cache.prune(used_keys)
+    return scan
+
+
+def _scan_one(path: Path, catalog: Catalog, cache: ParseCache, settings: ComfySettings, context: str,
+              claimed: dict[str, Path], used_keys: set[str], build: bool) -> tuple[str, DAG | None]:
+    sidecar = load_sidecar(sidecar_path(path))
+    dag_id = dag_id_for(path, sidecar)
+    content = _read_workflow(path, settings.max_workflow_bytes)
+    key = cache_key(content, sidecar, catalog, str(path), context)
+    used_keys.add(key)
+    verdict = cache.verdict(key)
+    if isinstance(verdict, WorkflowError):
+        raise verdict
+    if dag_id in claimed:  # only a file that makes a DAG claims its id: a broken file never blocks a good one
+        raise WorkflowError(Problem(
+            f"dag id {dag_id!r} is already used by {claimed[dag_id].name}; rename one file or set dag_id in its "
+            "sidecar", "dag_id_collision", file=str(path)))
+    if verdict is True and not build:
+        return dag_id, None
+    try:
+        dag = _build_one(path, content, key, sidecar, catalog, cache, settings)
+    except WorkflowError as exc:
+        cache.put_verdict(key, exc.located(str(path)) if not exc.file else exc)
+        raise
+    if verdict is None:
+        cache.put_verdict(key, True)
+    return dag_id, dag if build else None
+
+
+def _build_one(path: Path, content: bytes, key: str, sidecar: Sidecar, catalog: Catalog, cache: ParseCache,
+               settings: ComfySettings) -> DAG:
+    cached = cache.compiled(key)
+    if cached is not None:
+        compiled = CompiledWorkflow.from_dict(cached)
+    else:
+        compiled = compile_workflow(path, content, sidecar, catalog, max_nodes=settings.max_workflow_nodes)
+        cache.put_compiled(key, compiled.to_dict())
+    return build_dag(compiled, sidecar, settings)
+
+
+def _build_context(settings: ComfySettings) -> str:
+    """What besides the file decides whether and how it builds: the settings and Airflow's version."""
+    from airflow import __version__ as airflow_version
+
+    return hashlib.sha256(repr((dataclasses.astuple(settings), airflow_version)).encode()).hexdigest()
 
 
 def _resolve_folder(folder: str | Path | None, globals_dict: dict | None, settings: ComfySettings) -> Path:
@@ -106,36 +202,59 @@ def _resolve_folder(folder: str | Path | None, globals_dict: dict | None, settin
 
 
 def _workflow_files(folder: Path, errors: list[WorkflowError]) -> list[Path]:
-    if not folder.is_dir():
-        errors.append(WorkflowError(Problem("workflows folder does not exist", "missing_folder", file=str(folder))))
+    """The folder's ``*.json`` workflow files in name order. Folders are skipped; anything else that is not
+    a readable regular file (a dangling link, a device, a FIFO) is an error, never silently dropped."""
+    try:
+        entries = sorted(folder.glob("*.json"))
+    except OSError as exc:
+        errors.append(WorkflowError(Problem(f"cannot list the workflows folder: {exc.strerror or exc}",
+                                            "missing_folder", file=str(folder))))
         return []
-    return sorted(p for p in folder.glob("*.json") if p.is_file() and not p.name.endswith(SKIPPED_SUFFIXES))
+    if not entries and not folder.is_dir():
+        errors.append(WorkflowError(Problem("workflows folder does not exist", "missing_folder", file=str(folder))))
+    files = []
+    for path in entries:
+        if path.name.endswith(SKIPPED_SUFFIXES):
+            continue
+        try:
+            mode = path.stat().st_mode
+        except OSError as exc:
+            errors.append(WorkflowError(Problem(f"cannot read the file: {exc.strerror or exc}", "unreadable",
+                                                file=str(path))))
+            continue
+        if stat.S_ISDIR(mode):
+            continue
+        if not stat.S_ISREG(mode):
+            errors.append(WorkflowError(Problem("not a regular file (a device, socket or FIFO is never read)",
+                                                "unreadable", file=str(path))))
+            continue
+        files.append(path)
+    return files
 
 
-def _load_one(path: Path, catalog: Catalog, cache: CompileCache, settings: ComfySettings,
-              claimed: dict[str, Path]) -> DAG:
-    sidecar = load_sidecar(sidecar_path(path))
-    dag_id = dag_id_for(path, sidecar)
-    if dag_id in claimed:
-        raise WorkflowError(Problem(
-            f"dag id {dag_id!r} is already used by {claimed[dag_id].name}; rename one file or set dag_id in its "
-            "sidecar", "dag_id_collision", file=str(path)))
-    size = path.stat().st_size
-    if size > settings.max_workflow_bytes:
-        raise WorkflowError(Problem(
-            f"file is {size} bytes, over the limit of {settings.max_workflow_bytes} ([comfy] max_workflow_bytes)",
-            "too_large", file=str(path)))
-    content = path.read_bytes()
-    key = cache_key(content, sidecar, catalog, str(path))
-    cached = cache.get(key)
-    if cached is not None:
-        compiled = CompiledWorkflow.from_dict(cached)
-    else:
-        compiled = compile_workflow(path, content, sidecar, catalog, max_nodes=settings.max_workflow_nodes)
-        cache.put(key, compiled.to_dict())
-    dag = build_dag(compiled, sidecar, settings)
-    claimed[dag_id] = path  # only a file that made a DAG claims its id: a broken file never blocks a good one
-    return dag
+def _read_workflow(path: Path, max_bytes: int) -> bytes:
+    """The file's bytes; a file over ``max_bytes`` is refused before it is read."""
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size > max_bytes:
+                raise WorkflowError(Problem(
+                    f"file is {size} bytes, over the limit of {max_bytes} ([comfy] max_workflow_bytes)",
+                    "too_large", file=str(path)))
+            content = handle.read(max_bytes + 1)
+    except OSError as exc:
+        raise WorkflowError(Problem(f"cannot read the file: {exc.strerror or exc}", "unreadable",
+                                    file=str(path))) from exc
+    if len(content) > max_bytes:  # grew while we read it
+        raise WorkflowError(Problem(f"file is over the limit of {max_bytes} bytes ([comfy] max_workflow_bytes)",
+                                    "too_large", file=str(path)))
+    return content
+
+
+def _internal_error(path: Path, exc: Exception) -> WorkflowError:
+    return WorkflowError(Problem(
+        f"internal error ({type(exc).__name__}: {exc}); please report it with this traceback:\n"
+        f"{traceback.format_exc(limit=-3)}", "internal_error", file=str(path)))
 
 
 def build_dag(compiled: CompiledWorkflow, sidecar: Sidecar, settings: ComfySettings) -> DAG:
@@ -209,15 +328,3 @@ def _param(p: dict[str, Any]) -> Param:
     return Param(p["default"], title=p["title"], description=p["description"], **p["schema"])
 
 
-def _report(errors: list[WorkflowError], folder: Path, globals_dict: dict | None) -> None:
-    for error in errors:
-        warnings.warn(error.summary(), ComfyWorkflowWarning, stacklevel=4)
-    if globals_dict is None:
-        return
-    files = sorted({e.file or str(folder) for e in errors})
-    text = (f"airflow-comfy: {len(files)} workflow file(s) in {folder} could not become DAGs "
-            "(the other workflows loaded):\n\n" + "\n\n".join(e.summary() for e in errors))
-    globals_dict["comfy_workflow_errors"] = _InvalidWorkflowsDag(
-        dag_id="airflow_comfy_workflow_errors", schedule=None, description=text,
-        default_args={"retry_delay": timedelta(seconds=0)},
-    )
