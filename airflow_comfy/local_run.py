@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from airflow_comfy.artifacts.errors import ArtifactError
+from airflow_comfy.artifacts.specs import publish_spec
+from airflow_comfy.artifacts.store import open_store
 from airflow_comfy.factory.compile import CompiledWorkflow, compile_workflow
 from airflow_comfy.factory.sidecar import load_sidecar, sidecar_path
 from airflow_comfy.operators.command import local_arguments, runner_arguments, runner_prefix
@@ -33,6 +36,10 @@ class LocalRunResult:
     @property
     def images(self) -> list[dict]:
         return [image for manifest in self.manifests.values() for image in manifest.get("images", [])]
+
+
+#: The runner's exit code for an infrastructure failure (retryable); see airflow_comfy.runner.cli.
+EXIT_INFRASTRUCTURE = 1
 
 
 class GroupFailed(RuntimeError):
@@ -92,8 +99,12 @@ def _run_group(group: dict, result: LocalRunResult, *, models: Path, input_dir: 
                echo, in_process: bool) -> None:
     spec = GroupSpec.from_dict(group["spec"])
     inputs = [result.manifests[g]["manifest_uri"] for g in group["upstream"]]
+    try:
+        publish_spec(open_store(store), spec.to_bytes(), group["spec_sha256"])
+    except ArtifactError as exc:  # as the operators do: the store failed, the task is retried
+        raise GroupFailed(spec.group, EXIT_INFRASTRUCTURE, f"could not write the group spec: {exc}") from None
     arguments = runner_arguments(
-        spec, store=store, models_path=str(models), input_path=str(input_dir), spec_uri=group["spec_uri"],
+        spec, store=store, models_path=str(models), input_path=str(input_dir), spec_sha256=group["spec_sha256"],
         run_key=result.run_key, try_number="1", params=json.dumps(params), input_uris=inputs)
     manifest_out = scratch / f"manifest-{spec.group}.json"
     argv = local_arguments(arguments, str(manifest_out)) + list(extra_args or [])

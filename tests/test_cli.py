@@ -14,6 +14,7 @@ import yaml
 from workflow_builders import EXAMPLES, REFERENCE, TEMPLATES, txt2img, write
 
 from airflow_comfy.cli import main
+from airflow_comfy.local_run import compile_for_run
 from airflow_comfy.workflow.groupspec import GroupSpec
 
 
@@ -93,6 +94,7 @@ def test_render_pods_are_valid_kubernetes_pods(tmp_path):
     result = cli("render-pods", EXAMPLES / "txt2img_grouped.json", env=airflow_env(tmp_path))
     assert result.returncode == 0, result.stderr
     pods = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    shas = {g["task_id"]: g["spec_sha256"] for g in compile_for_run(EXAMPLES / "txt2img_grouped.json").groups}
     assert [p["metadata"]["labels"]["airflow-comfy/group"] for p in pods] == ["prompts", "sampling",
                                                                               "decode_and_save"]
     for pod in pods:
@@ -100,8 +102,10 @@ def test_render_pods_are_valid_kubernetes_pods(tmp_path):
             kubernetes_validate.validate(pod, version, strict=True)
         container = pod["spec"]["containers"][0]
         assert container["command"] == ["python", "-m", "airflow_comfy.runner"]
-        spec = GroupSpec.from_data_uri(container["args"][container["args"].index("--spec") + 1])
-        assert spec.group == pod["metadata"]["labels"]["airflow-comfy/group"]
+        args = container["args"]
+        sha = shas[pod["metadata"]["labels"]["airflow-comfy/group"]]
+        assert args[args.index("--spec") + 1].endswith(f"/specs/sha256/{sha}.json")  # the spec by content address
+        assert args[args.index("--spec-sha256") + 1] == sha
     sampling = pods[1]["spec"]
     # The sidecar's per-task settings reach the pod.
     assert sampling["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "1"}

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -16,6 +17,8 @@ import pytest
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from kubernetes.client import models as k8s
 
+from airflow_comfy.artifacts.specs import publish_spec, read_spec_bytes
+from airflow_comfy.artifacts.store import open_store
 from airflow_comfy.config import get_settings
 from airflow_comfy.operators import build_group_task
 from airflow_comfy.operators.command import (
@@ -152,26 +155,35 @@ def option(arguments: list[str], flag: str) -> list[str]:
 
 def test_runner_arguments_contract():
     spec = sample_spec()
-    args = runner_arguments(spec, store="s3://b/p", models_path="/m", input_path="/i", upstream_task_ids=["encode"])
+    args = runner_arguments(spec, store="s3://bucket/p", models_path="/m", input_path="/i", upstream_task_ids=["encode"])
     assert args[0] == "run"
-    assert GroupSpec.from_data_uri(option(args, "--spec")[0]).to_dict() == spec.to_dict()
-    assert option(args, "--store") == ["s3://b/p"]
+    # the spec travels by content address: a short URI and the hash of its bytes, never the spec itself
+    sha = hashlib.sha256(spec.to_bytes()).hexdigest()
+    assert option(args, "--spec") == [f"s3://bucket/p/specs/sha256/{sha}.json"]
+    assert option(args, "--spec-sha256") == [sha]
+    assert GroupSpec.from_json(spec.to_bytes().decode()).to_dict() == spec.to_dict()
+    assert max(len(a) for a in args) < 200
+    assert option(args, "--store") == ["s3://bucket/p"]
     assert option(args, "--run-key") == [RUN_KEY_TEMPLATE]
     assert option(args, "--try") == [TRY_TEMPLATE]
     assert option(args, "--params") == [PARAMS_TEMPLATE]
     assert option(args, "--inputs") == [inputs_template("encode")]
     assert option(args, "--models") == ["/m"] and option(args, "--input-dir") == ["/i"]
     # defaults to the spec's upstream groups; a root group has no --inputs
-    by_default = runner_arguments(spec, store="s3://b/p", models_path="/m", input_path="/i")
+    by_default = runner_arguments(spec, store="s3://bucket/p", models_path="/m", input_path="/i")
     assert by_default == args
     assert "--inputs" not in runner_arguments(encode_spec(), store="x", models_path="/m", input_path="/i")
 
 
-def test_spec_uri_carries_jinja_and_quotes_untouched():
+def test_spec_carries_jinja_and_quotes_untouched(tmp_path: Path):
     spec = encode_spec()
-    uri = runner_arguments(spec, store="x", models_path="/m", input_path="/i")[2]
-    assert "{{" not in uri and "{%" not in uri
-    assert GroupSpec.from_data_uri(uri).nodes["6"]["inputs"]["text"] == TRICKY_PROMPT
+    store = open_store(tmp_path / "store")
+    args = runner_arguments(spec, store=store.root_uri, models_path="/m", input_path="/i")
+    assert not any(TRICKY_PROMPT in a for a in args)  # nothing of the spec is on the command line
+    uri = publish_spec(store, spec.to_bytes(), spec.sha256())
+    assert option(args, "--spec") == [uri]
+    published = read_spec_bytes(store, uri, option(args, "--spec-sha256")[0])
+    assert GroupSpec.from_json(published.decode()).nodes["6"]["inputs"]["text"] == TRICKY_PROMPT
 
 
 # --- the pod ------------------------------------------------------------------------------------------------
@@ -221,7 +233,9 @@ def test_pod_runs_the_runner_command(gpu_manifest: dict[str, Any]):
     assert base["command"] == ["python", "-m", "airflow_comfy.runner"]
     args = base["args"]
     assert args[0] == "run"
-    assert GroupSpec.from_data_uri(option(args, "--spec")[0]).to_dict() == sample_spec().to_dict()
+    sha = sample_spec().sha256()
+    assert option(args, "--spec") == [f"file:///srv/comfy/artifacts/specs/sha256/{sha}.json"]
+    assert option(args, "--spec-sha256") == [sha]
     assert option(args, "--xcom-path") == [POD_XCOM_PATH]
     assert option(args, "--inputs") == [inputs_template("encode")]
     assert option(args, "--store") == ["file:///srv/comfy/artifacts"]
@@ -249,7 +263,9 @@ def test_pod_templates_render_to_the_runner_arguments():
     assert option(args, "--run-key") == ["wf/manual__1"] and option(args, "--try") == ["2"]
     assert json.loads(option(args, "--params")[0]) == {"prompt": TRICKY_PROMPT}
     assert option(args, "--inputs") == ["s3://b/run/encode/manifest.json"]
-    assert GroupSpec.from_data_uri(option(args, "--spec")[0]).to_dict() == sample_spec().to_dict()
+    sha = sample_spec().sha256()
+    assert option(args, "--spec") == [f"file:///srv/comfy/artifacts/specs/sha256/{sha}.json"]
+    assert option(args, "--spec-sha256") == [sha]
 
 
 def test_pod_labels_and_name_are_valid(gpu_manifest: dict[str, Any]):
@@ -398,16 +414,20 @@ def test_container_exit_code():
 FAKE_RUNNER = r'''
 """A stand-in for `python -m airflow_comfy.runner`: checks its arguments like the real CLI will, records
 them, and behaves as FAKE_EXIT / FAKE_MANIFEST (from its environment) say."""
-import argparse, base64, json, os, sys
+import argparse, hashlib, json, os, sys
 
 parser = argparse.ArgumentParser()
 parser.add_argument("command", choices=["run"])
-for flag in ("--spec", "--store", "--run-key", "--try", "--params", "--models", "--input-dir", "--manifest-out"):
+for flag in ("--spec", "--spec-sha256", "--store", "--run-key", "--try", "--params", "--models", "--input-dir",
+             "--manifest-out"):
     parser.add_argument(flag, required=True)
 parser.add_argument("--inputs", action="append", default=[])
 args = parser.parse_args()
-assert args.spec.startswith("data:application/json;base64,"), args.spec
-spec = json.loads(base64.b64decode(args.spec.split(",", 1)[1]))
+assert args.spec.startswith(args.store + "/specs/sha256/"), (args.spec, args.store)
+with open(args.spec[len("file://"):], "rb") as f:  # the operator published it before starting the runner
+    data = f.read()
+assert hashlib.sha256(data).hexdigest() == args.spec_sha256
+spec = json.loads(data)
 params = json.loads(args.params)  # must be JSON
 assert int(getattr(args, "try")) >= 1
 assert os.environ["HF_HUB_OFFLINE"] == "1"
@@ -638,9 +658,14 @@ def test_airflow_run_renders_the_runner_arguments(airflow_run: dict[str, Any]):
     # params given at run time reach --params as JSON, merged with the DAG's defaults, Jinja-looking text untouched
     assert encode["params"] == {"prompt": TRICKY_PROMPT, "seed": 7}
     # the spec's prompt reaches the runner unchanged after Airflow rendered the templates
-    spec = GroupSpec.from_data_uri(option(encode["argv"], "--spec")[0])
+    # (the operator wrote the spec to the store at its content address; the log names the URI, no blob)
+    uri = option(encode["argv"], "--spec")[0]
+    data = read_spec_bytes(open_store(f"file://{airflow_run['home']}/artifacts"), uri,
+                           option(encode["argv"], "--spec-sha256")[0])
+    spec = GroupSpec.from_json(data.decode())
     assert spec.nodes["6"]["inputs"]["text"] == TRICKY_PROMPT
     assert spec.to_dict() == encode_spec().to_dict()
+    assert any(f"Group spec: {uri} (sha256 " in line for line in airflow_run["output"].splitlines())
     # the upstream group's manifest URI reaches --inputs through XCom
     store = f"file://{airflow_run['home']}/artifacts"
     assert encode["inputs"] == []

@@ -9,6 +9,7 @@ would normally have caught, too. Two cases run ``python -m airflow_comfy.runner`
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import shutil
@@ -24,6 +25,7 @@ import pytest
 from PIL import Image
 
 from airflow_comfy.artifacts.manifest import GroupManifest, OutputRecord
+from airflow_comfy.artifacts.specs import publish_spec
 from airflow_comfy.artifacts.store import open_store
 from airflow_comfy.local_run import compile_for_run
 from airflow_comfy.operators.command import local_arguments, runner_arguments, runner_prefix
@@ -62,7 +64,8 @@ class Failure:
 @pytest.fixture
 def run_group(models: Path, inputs: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> Callable[..., Failure]:
     """``run_group(workflow, change=None, group=0, ...)``: run one group of an example in-process; ``change``
-    edits the group spec's dict (or ``spec_uri`` replaces the spec). Returns the exit code and stderr."""
+    edits the group spec's dict (or ``spec_uri``, a data: URI, replaces the spec). Returns the exit code and
+    stderr."""
 
     def run(workflow: str, change: Callable[[dict], Any] | None = None, *, group: int = 0,
             single_group: bool = True, params: dict | str | None = None, store: str | None = None,
@@ -71,11 +74,16 @@ def run_group(models: Path, inputs: Path, tmp_path: Path, capsys: pytest.Capture
         data = json.loads(json.dumps(compiled.groups[group]["spec"]))
         if change:
             change(data)
+        spec = GroupSpec.from_dict(data)
         argv = runner_arguments(
-            GroupSpec.from_dict(data), store=store or (tmp_path / "store").as_uri(), models_path=str(models),
-            input_path=str(inputs), spec_uri=spec_uri, run_key=f"{compiled.dag_id}/{uuid.uuid4().hex[:8]}",
+            spec, store=store or (tmp_path / "store").as_uri(), models_path=str(models),
+            input_path=str(inputs), run_key=f"{compiled.dag_id}/{uuid.uuid4().hex[:8]}",
             try_number="1", params=params if isinstance(params, str) else json.dumps(params or {}),
             input_uris=input_uris or [])
+        # the spec is published where the task would put it, or (for a store these tests make unwritable) in a
+        # store of its own: the runner reads a spec outside --store by its full URI
+        spec_store = open_store(store if store and not store.startswith("file:///proc") else tmp_path / "specs")
+        argv[argv.index("--spec") + 1] = spec_uri or publish_spec(spec_store, spec.to_bytes(), spec.sha256())
         capsys.readouterr()
         returncode = runner_main(local_arguments(argv, str(tmp_path / "manifest.json")) + ["--threads", "1"])
         captured = capsys.readouterr()
@@ -261,7 +269,40 @@ def test_not_a_spec(run_group):
     assert_bad_input(run_group("txt2img_api.json", spec_uri=uri), "cannot read the group spec")
 
 
+def test_store_spec_needs_its_hash(run_group, tmp_path: Path):
+    spec = GroupSpec.from_dict(compile_for_run(EXAMPLES / "txt2img_api.json", single_group=True).groups[0]["spec"])
+    uri = publish_spec(open_store(tmp_path / "specs"), spec.to_bytes(), spec.sha256())
+    from airflow_comfy.runner.cli import main
+
+    code = main(["run", "--spec", uri, "--store", (tmp_path / "store").as_uri(), "--run-key", "d/r",
+                 "--models", str(tmp_path), "--input-dir", str(tmp_path)])
+    assert code == BAD_INPUT
+
+
 # --- infrastructure ------------------------------------------------------------------------------------------
+
+
+def test_damaged_or_missing_spec_is_an_infrastructure_failure(run_group, tmp_path: Path, capsys):
+    """The object at the spec's content address does not hash to --spec-sha256 (or is gone): retryable, since
+    the task's next try publishes it again (publish_spec replaces a damaged copy)."""
+    from airflow_comfy.runner.cli import main
+
+    spec = GroupSpec.from_dict(compile_for_run(EXAMPLES / "txt2img_api.json", single_group=True).groups[0]["spec"])
+    store = open_store(tmp_path / "store")
+    uri = publish_spec(store, spec.to_bytes(), spec.sha256())
+    path = Path(uri.removeprefix("file://"))
+    path.write_bytes(path.read_bytes().replace(b"KSampler", b"KSamplor"))
+    argv = ["run", "--spec", uri, "--spec-sha256", spec.sha256(), "--store", store.root_uri, "--run-key", "d/r",
+            "--models", str(tmp_path), "--input-dir", str(tmp_path)]
+    capsys.readouterr()
+    assert main(argv) == INFRASTRUCTURE
+    assert f"hashes to {hashlib.sha256(path.read_bytes()).hexdigest()}, not to --spec-sha256" in capsys.readouterr().err
+    assert publish_spec(store, spec.to_bytes(), spec.sha256()) == uri  # repaired
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == spec.sha256()
+    path.unlink()
+    assert main(argv) == INFRASTRUCTURE
+    assert "no artifact at" in capsys.readouterr().err
+
 
 
 def test_unwritable_store_is_an_infrastructure_failure(run_group):
@@ -276,6 +317,7 @@ def test_unwritable_store_is_an_infrastructure_failure(run_group):
 def _subprocess_run(spec: GroupSpec, *, store: str, models: Path, inputs: Path, tmp_path: Path):
     argv = runner_arguments(spec, store=store, models_path=str(models), input_path=str(inputs),
                             run_key="errors/subprocess", try_number="1", params="{}", input_uris=[])
+    argv[argv.index("--spec") + 1] = publish_spec(open_store(tmp_path / "specs"), spec.to_bytes(), spec.sha256())
     command = runner_prefix(sys.executable) + local_arguments(argv, str(tmp_path / "manifest.json"))
     return subprocess.run(command + ["--threads", "1"], capture_output=True, text=True, timeout=300)
 

@@ -21,6 +21,7 @@ from s3_server import moto_s3_server
 
 from airflow_comfy import local_run
 from airflow_comfy.artifacts.store import file_uri_path
+from airflow_comfy.factory.compile import CompiledWorkflow
 from airflow_comfy.local_run import GroupFailed, LocalRunResult, compile_for_run, run_workflow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +56,7 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 class S3Run:
     bucket: str
     client: Any
+    compiled: CompiledWorkflow
     result: LocalRunResult
     local: LocalRunResult
     logs: list[str] = field(default_factory=list)
@@ -105,7 +107,7 @@ def s3_run(s3_endpoint: str, demo_models: Path, demo_inputs: Path,
     local = run_workflow(compiled, models=demo_models, input_dir=demo_inputs,
                          store=tmp_path_factory.mktemp("local-store").as_uri(), run_id="local-run",
                          extra_args=THREADS, in_process=True, echo=lambda _line: None)
-    return S3Run(bucket=bucket, client=client, result=result, local=local, logs=logs)
+    return S3Run(bucket=bucket, client=client, compiled=compiled, result=result, local=local, logs=logs)
 
 
 def test_images_are_in_the_bucket_with_png_metadata(s3_run: S3Run):
@@ -130,7 +132,9 @@ def test_boundary_artifacts_and_manifests_are_under_runs(s3_run: S3Run):
     keys = s3_run.object_keys()
     prefix = s3_run.run_prefix
     assert prefix == "comfy/runs/txt2img/s3-run/"
-    assert keys == sorted([
+    specs = [key for key in keys if key.startswith("comfy/specs/sha256/")]  # one per group, by content
+    assert sorted(specs) == sorted(f"comfy/specs/sha256/{g['spec_sha256']}.json" for g in s3_run.compiled.groups)
+    assert [key for key in keys if key not in specs] == sorted([
         prefix + "inference/try-1/5/0.safetensors",
         prefix + "inference/try-1/manifest.json",
         prefix + "postprocess/try-1/manifest.json",
@@ -181,7 +185,7 @@ def test_credentials_never_appear_in_manifests_objects_or_logs(s3_run: S3Run):
 def test_store_failure_is_retryable_and_its_log_has_no_credentials(s3_endpoint: str, demo_models: Path,
                                                                   demo_inputs: Path):
     compiled = compile_for_run(WORKFLOW)
-    compiled.groups = compiled.groups[:1]  # the inference group: it computes, then cannot write its latent
+    compiled.groups = compiled.groups[:1]  # the inference group: its spec cannot be written to the store
     with pytest.raises(GroupFailed) as failed:
         run_workflow(compiled, models=demo_models, input_dir=demo_inputs,
                      store=f"s3://missing-{uuid.uuid4().hex[:12]}/comfy", run_id="no-bucket", extra_args=THREADS,

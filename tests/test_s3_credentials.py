@@ -149,10 +149,10 @@ def test_settings_default_empty_and_documented(monkeypatch: pytest.MonkeyPatch):
 
 
 def test_connection_credentials_reach_only_the_runner_environment(
-    clean_aws_env: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture,
-    capfd: pytest.CaptureFixture[str],
+    clean_aws_env: None, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str],
 ):
-    define_connection(monkeypatch, "http://127.0.0.1:9000")
+    define_connection(monkeypatch, moto_endpoint)
     record = tmp_path / "env.json"
     task = s3_task(tmp_path, script(tmp_path, "env_runner.py", ENV_RUNNER), ENV_RECORD=str(record))
     render(task)
@@ -166,7 +166,7 @@ def test_connection_credentials_reach_only_the_runner_environment(
     assert seen["AWS_SECRET_ACCESS_KEY"] == sha(SECRET)
     assert seen["AWS_SESSION_TOKEN"] == sha(TOKEN)
     assert seen["AWS_DEFAULT_REGION"] == sha(REGION)
-    assert seen["AWS_ENDPOINT_URL_S3"] == sha("http://127.0.0.1:9000")
+    assert seen["AWS_ENDPOINT_URL_S3"] == sha(moto_endpoint)
     assert "worker" not in json.dumps(seen)  # hashes only, and none of the worker's identity
     assert sha("worker-secret") not in seen.values()
 
@@ -181,12 +181,15 @@ def test_connection_credentials_reach_only_the_runner_environment(
     assert_no_secret("the output", out + err)
     assert manifest["manifest_uri"] == "s3://comfy-bucket/prefix/manifest.json"
     assert "--store" in task.arguments and "s3://comfy-bucket/prefix" in task.arguments
+    # the worker wrote the group spec to the store with the connection's credentials, before the runner started
+    spec_uri = task.arguments[task.arguments.index("--spec") + 1]
+    assert bucket_object(moto_endpoint, spec_uri) == sample_spec().to_bytes()
 
 
 def test_task_env_still_wins_and_no_conn_keeps_worker_environment(
-    clean_aws_env: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    clean_aws_env: None, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ):
-    define_connection(monkeypatch, "http://127.0.0.1:9000", token=False)
+    define_connection(monkeypatch, moto_endpoint, token=False)
     record = tmp_path / "env.json"
     runner = script(tmp_path, "env_runner.py", ENV_RUNNER)
     task = s3_task(tmp_path, runner, ENV_RECORD=str(record), AWS_DEFAULT_REGION="us-west-2")
@@ -197,6 +200,7 @@ def test_task_env_still_wins_and_no_conn_keeps_worker_environment(
     assert seen["AWS_ACCESS_KEY_ID"] == sha(KEY_ID)
     assert "AWS_SESSION_TOKEN" not in seen  # the worker's token is not mixed with the connection's keys
 
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", moto_endpoint)  # the worker's own S3 configuration
     plain = s3_task(tmp_path, runner, aws_conn_id="", ENV_RECORD=str(record))
     assert plain.aws_conn_id is None
     render(plain)
@@ -220,12 +224,12 @@ def test_dag_with_aws_conn_id_serializes(monkeypatch: pytest.MonkeyPatch, tmp_pa
     from airflow.sdk import DAG
     from airflow.serialization.serialized_objects import DagSerialization
 
-    define_connection(monkeypatch, "http://127.0.0.1:9000")
+    define_connection(monkeypatch, "http://127.0.0.1:9")
     with DAG("wf_s3", schedule=None) as dag:
         for backend in ("local", "kubernetes"):
             build_group_task(
                 sample_spec(), task_config=GroupTaskConfig(backend=backend), task_id=f"sample_{backend}",
-                settings=settings(tmp_path, artifact_store="s3://b/p", aws_conn_id=CONN_ID,
+                settings=settings(tmp_path, artifact_store="s3://bucket-b/p", aws_conn_id=CONN_ID,
                                   aws_secret_name="comfy-s3"),
                 upstream_task_ids=[],
             )
@@ -242,17 +246,29 @@ def test_dag_with_aws_conn_id_serializes(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
 @pytest.fixture(scope="module")
 def moto_endpoint() -> Iterator[str]:
+    """moto's S3 server with the bucket of ``s3_task``'s store."""
     with moto_s3_server() as endpoint:
+        setup_client(endpoint).create_bucket(Bucket="comfy-bucket")
         yield endpoint
+
+
+def setup_client(endpoint: str):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="setup",
+                        aws_secret_access_key="setup")
+
+
+def bucket_object(endpoint: str, uri: str) -> bytes:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return setup_client(endpoint).get_object(Bucket=bucket, Key=key)["Body"].read()
 
 
 def test_boto3_in_the_runner_lists_the_bucket_with_only_the_connection(
     clean_aws_env: None, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ):
-    import boto3
 
-    boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1", aws_access_key_id="setup",
-                 aws_secret_access_key="setup").create_bucket(Bucket="comfy-e2e-bucket")
+    setup_client(moto_endpoint).create_bucket(Bucket="comfy-e2e-bucket")
     # the worker has no AWS identity at all: boto3 in the runner can only use what the connection gives it
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(name)

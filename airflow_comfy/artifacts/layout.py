@@ -7,6 +7,7 @@
     runs/<dag_id>/<run_id>/<group>/manifest.json                    the group's final manifest (if published)
     runs/<dag_id>/<run_id>/outputs/<subfolder>/<filename>           SaveImage's files
     runs/<dag_id>/<run_id>/outputs/snapshot.<group>.try-<n>.json    what made them (workflow, params, version)
+    specs/sha256/<hex>.json                                         a group spec, named by its content's sha256
 
 Per-try keys mean a retry (or a cleared and re-run task) writes beside, never over, what an earlier try wrote.
 
@@ -25,6 +26,8 @@ import re
 from airflow_comfy.artifacts.keys import sanitize_filename, sanitize_part, validate_key
 
 RUNS = "runs"
+SPECS = "specs/sha256"
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 OUTPUTS = "outputs"
 MANIFEST = "manifest.json"
 SCALAR_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
@@ -124,3 +127,11 @@ def extension_for(type_name: str) -> str:
     """File extension of a persisted value of ComfyUI type ``type_name``: ``json`` for INT / FLOAT / STRING /
     BOOLEAN, ``safetensors`` for tensors (see ``runner.codecs``, which refuses types that never cross)."""
     return "json" if type_name in SCALAR_TYPES else "safetensors"
+
+
+def spec_key(sha256: str) -> str:
+    """``specs/sha256/<hex>.json``: the group spec whose bytes hash to ``sha256`` (written once, shared by every
+    run of the same workflow version)."""
+    if not _SHA256_HEX.match(sha256 or ""):
+        raise ValueError(f"a spec's sha256 must be 64 lowercase hex digits, got {sha256!r}")
+    return f"{SPECS}/{sha256}.json"

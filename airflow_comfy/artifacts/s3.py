@@ -1,7 +1,8 @@
 """S3 (and S3-compatible: MinIO, Ceph RGW, R2, GCS interop ...) artifact store. boto3 is imported lazily.
 
-Credentials come ONLY from boto3's standard chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/
-``AWS_SESSION_TOKEN``, ``AWS_PROFILE`` and the config files, IRSA / pod identity, instance roles). They are
+Credentials come from boto3's standard chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/
+``AWS_SESSION_TOKEN``, ``AWS_PROFILE`` and the config files, IRSA / pod identity, instance roles), or, on the
+Airflow side, from the ``credentials`` a task read from its Airflow connection for this store alone. They are
 refused in URIs and never appear in ``repr``, URIs, logs or exception messages (messages are built from the
 error code and text, with any credential value scrubbed, and are raised ``from None``).
 
@@ -63,7 +64,10 @@ class S3Store(ArtifactStore):
         endpoint_url: str | None = None,
         region_name: str | None = None,
         client: Any = None,
+        credentials: dict[str, str] | None = None,
     ) -> None:
+        """``credentials``: ``aws_access_key_id``, ``aws_secret_access_key`` and optionally
+        ``aws_session_token`` for this store only; None: boto3's default chain (environment, config, role)."""
         if not _BUCKET.match(bucket or ""):
             raise ValueError(f"invalid S3 bucket name {bucket!r}")
         prefix = prefix.strip("/")
@@ -73,6 +77,7 @@ class S3Store(ArtifactStore):
         self.region_name = region_name
         self._session: Any = None
         self._client = client
+        self._credentials = dict(credentials) if credentials else None
         self._conditional_writes = True
 
     @classmethod
@@ -125,7 +130,7 @@ class S3Store(ArtifactStore):
             if "request_checksum_calculation" in Config.OPTION_DEFAULTS:  # botocore >= 1.36
                 options.update(request_checksum_calculation="when_required",
                                response_checksum_validation="when_required")
-        self._session = boto3.session.Session()
+        self._session = boto3.session.Session(**(self._credentials or {}))
         return self._session.client("s3", endpoint_url=self.endpoint_url, region_name=self.region_name,
                                     config=Config(**options))
 

@@ -35,7 +35,7 @@ class CompiledWorkflow:
     sha256: str
     mode: str
     groups: list[dict[str, Any]]
-    """``{"task_id", "title", "upstream": [...], "spec": GroupSpec dict, "spec_uri": its data: URI}`` in
+    """``{"task_id", "title", "upstream": [...], "spec": GroupSpec dict, "spec_sha256": of its bytes}`` in
     topological order."""
     params: list[dict[str, Any]]
     doc_md: str
@@ -86,7 +86,7 @@ def compile_workflow(path: Path, content: bytes, sidecar: Sidecar, catalog: Cata
         sha256=sha,
         mode=graph.mode,
         groups=[{"task_id": s.group, "title": g.title, "upstream": list(s.upstream), "spec": s.to_dict(),
-                 "spec_uri": s.to_data_uri()}
+                 "spec_sha256": s.sha256()}
                 for s, g in zip(specs, graph.groups, strict=True)],
         params=[{"name": p.name, "title": p.title, "description": p.description, "schema": p.schema,
                  "default": p.default} for p in params],

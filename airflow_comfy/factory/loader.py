@@ -284,7 +284,7 @@ def build_dag(compiled: CompiledWorkflow, sidecar: Sidecar, settings: ComfySetti
             settings=settings,
             upstream_task_ids=group["upstream"],
             dag=dag,
-            spec_uri=group["spec_uri"],
+            spec_sha256=group["spec_sha256"],
         )
     for group in compiled.groups:
         for upstream in group["upstream"]:

@@ -16,7 +16,8 @@ from airflow_comfy.workflow.groupspec import GroupSpec
 
 def spec_doc_md(spec: GroupSpec) -> str:
     """The task's documentation in the UI: what the group computes, replays, reads and hands over.
-    (The whole spec is in the task's ``--spec`` argument; ``airflow-comfy slice --json`` prints it.)"""
+    (The whole spec is the object the task's ``--spec`` argument names; ``airflow-comfy slice --json`` prints
+    it.)"""
     replayed = set(spec.recipe_nodes)
     lines = [f"### ComfyUI group `{spec.group}` of workflow `{spec.workflow_name}`", "",
              f"Runs {len(spec.nodes)} node(s): {len(spec.nodes) - len(replayed)} computed, {len(replayed)} "
@@ -69,19 +70,20 @@ def build_group_task(
     dag: Any = None,
     task_id: str | None = None,
     runner_command: list[str] | None = None,
-    spec_uri: str | None = None,
+    spec_sha256: str | None = None,
 ) -> BaseOperator:
     """The task that runs ``spec``: a ``ComfyGroupPodOperator`` (backend "kubernetes") or a
     ``ComfyGroupLocalOperator`` (backend "local").
 
     ``upstream_task_ids`` are the tasks whose manifests (XCom ``return_value``) this group reads; the caller
     still sets the dependencies (``upstream >> task``). ``runner_command`` replaces the local backend's
-    ``[python, -m, airflow_comfy.runner]`` (tests). ``spec_uri``: ``spec.to_data_uri()``, if already known.
+    ``[python, -m, airflow_comfy.runner]`` (tests). ``spec_sha256``: ``spec.sha256()``, if already known.
     """
     common = task_kwargs(spec, task_config=task_config, settings=settings, task_id=task_id, dag=dag)
+    spec_sha256 = spec_sha256 or spec.sha256()
     if task_config.backend == "kubernetes":
-        return _pod_task(spec, task_config, settings, upstream_task_ids, dag, common, spec_uri)
-    return _local_task(spec, task_config, settings, upstream_task_ids, runner_command, common, spec_uri)
+        return _pod_task(spec, task_config, settings, upstream_task_ids, dag, common, spec_sha256)
+    return _local_task(spec, task_config, settings, upstream_task_ids, runner_command, common, spec_sha256)
 
 
 def _pod_task(
@@ -91,7 +93,7 @@ def _pod_task(
     upstream_task_ids: Sequence[str],
     dag: Any,
     common: dict[str, Any],
-    spec_uri: str | None,
+    spec_sha256: str | None,
 ) -> BaseOperator:
     from airflow_comfy.operators.pod import ComfyGroupPodOperator, group_pod_kwargs, pod_models_path
 
@@ -101,11 +103,13 @@ def _pod_task(
         models_path=pod_models_path(settings),
         input_path=settings.pod_input_path,
         upstream_task_ids=upstream_task_ids,
-        spec_uri=spec_uri,
+        spec_sha256=spec_sha256,
     )
     dag_id = dag.dag_id if dag is not None else spec.workflow_name
     pod_kwargs = group_pod_kwargs(spec, task_config=task_config, settings=settings, dag_id=dag_id)
-    return ComfyGroupPodOperator(arguments=arguments, **pod_kwargs, **common)
+    return ComfyGroupPodOperator(arguments=arguments, group_spec=spec, spec_sha256=spec_sha256,
+                                 store=settings.artifact_store, aws_conn_id=settings.aws_conn_id or None,
+                                 **pod_kwargs, **common)
 
 
 def _local_task(
@@ -115,7 +119,7 @@ def _local_task(
     upstream_task_ids: Sequence[str],
     runner_command: list[str] | None,
     common: dict[str, Any],
-    spec_uri: str | None,
+    spec_sha256: str | None,
 ) -> BaseOperator:
     from airflow_comfy.operators.local import ComfyGroupLocalOperator
 
@@ -125,7 +129,7 @@ def _local_task(
         models_path=settings.models_path,
         input_path=settings.input_path,
         upstream_task_ids=upstream_task_ids,
-        spec_uri=spec_uri,
+        spec_sha256=spec_sha256,
     )
     return ComfyGroupLocalOperator(
         arguments=arguments,
@@ -133,5 +137,8 @@ def _local_task(
         runner_command=runner_command,
         env=dict(task_config.env),
         aws_conn_id=settings.aws_conn_id or None,
+        group_spec=spec,
+        spec_sha256=spec_sha256,
+        store=settings.artifact_store,
         **common,
     )

@@ -3,7 +3,7 @@
 Both operators (Kubernetes pod and local subprocess) run the very same command::
 
     python -m airflow_comfy.runner run
-        --spec <data: URI of the GroupSpec>
+        --spec <store>/specs/sha256/<hex>.json --spec-sha256 <hex>   # the GroupSpec, content-addressed
         --store <artifact store URI>
         --run-key "{{ dag.dag_id }}/{{ run_id }}"
         --try "{{ ti.try_number }}"
@@ -13,8 +13,11 @@ Both operators (Kubernetes pod and local subprocess) run the very same command::
         [--xcom-path /airflow/xcom/return.json]    # pod only: KPO's xcom sidecar reads that file
         [--manifest-out <file>]                    # local only: where the runner writes its manifest
 
-The ``{{ ... }}`` parts are Jinja templates that Airflow renders just before the task runs. The spec is a
-base64 ``data:`` URI, so a prompt containing ``{{`` is never rendered.
+The ``{{ ... }}`` parts are Jinja templates that Airflow renders just before the task runs. The spec never
+rides on the command line (Linux refuses one argument over 128 KiB, and a UI workflow in an output group's PNG
+metadata is often larger): the task writes its bytes to the artifact store at their content address just
+before the runner starts (:mod:`airflow_comfy.artifacts.specs`), and the runner checks the hash. Nothing of
+the spec goes through Jinja, so a prompt containing ``{{`` reaches the runner untouched.
 
 Exit codes: ``EXIT_OK`` (0) success; ``EXIT_BAD_INPUT`` (2) the inputs are wrong and trying again cannot help
 (the operators raise ``AirflowFailException``, so Airflow does not retry); anything else is an infrastructure
@@ -27,6 +30,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from airflow_comfy.artifacts.specs import spec_uri
+from airflow_comfy.artifacts.store import open_store
 from airflow_comfy.workflow.groupspec import EXIT_BAD_INPUT, EXIT_OK, GroupSpec
 
 RUNNER_MODULE = "airflow_comfy.runner"
@@ -65,7 +70,7 @@ def runner_arguments(
     models_path: str,
     input_path: str,
     upstream_task_ids: Sequence[str] | None = None,
-    spec_uri: str | None = None,
+    spec_sha256: str | None = None,
     run_key: str = RUN_KEY_TEMPLATE,
     try_number: str = TRY_TEMPLATE,
     params: str = PARAMS_TEMPLATE,
@@ -76,16 +81,19 @@ def runner_arguments(
     By default they are Airflow templates (rendered just before the task runs): the run key, try number and
     params come from the task's context and each upstream group's manifest URI from its XCom
     (``upstream_task_ids``, default ``spec.upstream``: task id == group name). ``airflow-comfy run`` passes
-    concrete values instead (``run_key``, ``try_number``, ``params`` JSON, ``input_uris``). ``spec_uri`` is
-    ``spec.to_data_uri()`` when the caller already has it (the parse cache keeps it). The backend adds
-    ``--xcom-path`` (pod) or ``--manifest-out`` (local).
+    concrete values instead (``run_key``, ``try_number``, ``params`` JSON, ``input_uris``). ``spec_sha256`` is
+    ``spec.sha256()`` when the caller already has it (the parse cache keeps it); the spec itself is published
+    to ``store`` by whoever starts the runner (:func:`airflow_comfy.artifacts.specs.publish_spec`). The backend
+    adds ``--xcom-path`` (pod) or ``--manifest-out`` (local).
     """
     if input_uris is None:
         upstream = list(spec.upstream if upstream_task_ids is None else upstream_task_ids)
         input_uris = [inputs_template(task_id) for task_id in upstream]
+    sha256 = spec_sha256 or spec.sha256()
     arguments = [
         RUN_SUBCOMMAND,
-        "--spec", spec_uri or spec.to_data_uri(),
+        "--spec", spec_uri(open_store(store), sha256),
+        "--spec-sha256", sha256,
         "--store", store,
         "--run-key", run_key,
         "--try", str(try_number),

@@ -21,6 +21,8 @@ from airflow_comfy.operators.command import (
     local_arguments,
     runner_prefix,
 )
+from airflow_comfy.operators.spec_publish import publish_group_spec
+from airflow_comfy.workflow.groupspec import GroupSpec
 
 #: How many of the runner's last output lines an error message quotes.
 ERROR_TAIL_LINES = 20
@@ -40,6 +42,10 @@ class ComfyGroupLocalOperator(BaseOperator):
     :param aws_conn_id: an Airflow connection whose credentials the runner gets as ``AWS_*`` environment
         variables (see :func:`aws_env_from_connection`), read when the task runs and never stored on the
         operator, written to its arguments, the log or XCom. None: the worker's own AWS environment.
+    :param group_spec: the GroupSpec the arguments name by ``--spec``/``--spec-sha256``; written to ``store``
+        at that content address before the runner starts (:mod:`airflow_comfy.operators.spec_publish`).
+    :param spec_sha256: its sha256, as computed at parse time.
+    :param store: the artifact store URI (the runner's ``--store``).
 
     Returns the manifest the runner wrote (pushed as XCom ``return_value``). Exit code 2 (bad input) raises
     ``AirflowFailException`` (no retry); any other failure raises ``AirflowException`` (retried).
@@ -57,9 +63,15 @@ class ComfyGroupLocalOperator(BaseOperator):
         runner_command: list[str] | None = None,
         env: dict[str, str] | None = None,
         aws_conn_id: str | None = None,
+        group_spec: GroupSpec | None = None,
+        spec_sha256: str | None = None,
+        store: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.group_spec = group_spec
+        self.spec_sha256 = spec_sha256
+        self.store = store
         self.arguments = list(arguments)
         self.runner_python = runner_python
         self.runner_command = list(runner_command) if runner_command else None
@@ -83,6 +95,8 @@ class ComfyGroupLocalOperator(BaseOperator):
 
     def execute(self, context: Any) -> dict[str, Any]:
         credentials = aws_env_from_connection(self.aws_conn_id) if self.aws_conn_id else None
+        if self.group_spec is not None and self.spec_sha256 and self.store:
+            publish_group_spec(self.group_spec, self.spec_sha256, self.store, aws_env=credentials, log=self.log)
         with tempfile.TemporaryDirectory(prefix="airflow-comfy-") as tmp:
             manifest_out = os.path.join(tmp, "manifest.json")
             returncode, tail = self._run(self.command(manifest_out), self.subprocess_env(credentials))

@@ -13,6 +13,7 @@ from kubernetes.client import models as k8s
 
 from airflow_comfy.config import ComfySettings
 from airflow_comfy.operators.command import EXIT_BAD_INPUT, RUNNER_MODULE, pod_arguments
+from airflow_comfy.operators.spec_publish import publish_group_spec
 from airflow_comfy.operators.task_config import GroupTaskConfig
 from airflow_comfy.workflow.groupspec import GroupSpec
 
@@ -43,6 +44,11 @@ class ComfyGroupPodOperator(KubernetesPodOperator):
 
     When the runner container exits with code 2 (bad input), the task fails with ``AirflowFailException``,
     so Airflow does not retry it; any other failure stays a retryable ``AirflowException``.
+
+    ``group_spec``/``spec_sha256``/``store``: before the pod is created, the worker writes the GroupSpec to the
+    artifact store at the content address the arguments name (``aws_conn_id``: the Airflow connection whose
+    credentials the worker uses for that write; the pod itself reads with its own, ``[comfy]
+    aws_secret_name``).
     """
 
     ui_color = "#d6eaf8"
@@ -53,8 +59,16 @@ class ComfyGroupPodOperator(KubernetesPodOperator):
         arguments: list[str],
         env_vars: dict[str, str] | None = None,
         cmds: list[str] | None = None,
+        group_spec: GroupSpec | None = None,
+        spec_sha256: str | None = None,
+        store: str | None = None,
+        aws_conn_id: str | None = None,
         **kwargs: Any,
     ) -> None:
+        self.group_spec = group_spec
+        self.spec_sha256 = spec_sha256
+        self.store = store
+        self.aws_conn_id = aws_conn_id or None
         env = {**(env_vars or {}), "HF_HUB_OFFLINE": "1"}
         kwargs.setdefault("get_logs", True)
         kwargs.setdefault("on_finish_action", "delete_pod")
@@ -68,6 +82,14 @@ class ComfyGroupPodOperator(KubernetesPodOperator):
             do_xcom_push=True,
             **kwargs,
         )
+
+    def execute(self, context: Any) -> Any:
+        if self.group_spec is not None and self.spec_sha256 and self.store:
+            from airflow_comfy.operators.local import aws_env_from_connection
+
+            aws_env = aws_env_from_connection(self.aws_conn_id) if self.aws_conn_id else None
+            publish_group_spec(self.group_spec, self.spec_sha256, self.store, aws_env=aws_env, log=self.log)
+        return super().execute(context)
 
     def cleanup(
         self,

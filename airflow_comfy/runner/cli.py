@@ -55,7 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m airflow_comfy.runner")
     sub = parser.add_subparsers(dest="command", required=True)
     run_ = sub.add_parser("run", help="execute one group spec")
-    run_.add_argument("--spec", required=True, help="data: URI (or file://, s3:// URI) of the GroupSpec")
+    run_.add_argument("--spec", required=True,
+                      help="URI of the GroupSpec in the artifact store (file://, s3://), or a data: URI")
+    run_.add_argument("--spec-sha256", default=None,
+                      help="sha256 of the spec's bytes: checked before the spec is used (required for a store URI)")
     run_.add_argument("--store", required=True, help="artifact store URI (file://... or s3://bucket/prefix)")
     run_.add_argument("--run-key", required=True, help="<dag_id>/<run_id>: scope of this run's artifacts")
     run_.add_argument("--try", dest="try_number", type=int, default=1)
@@ -101,10 +104,10 @@ def run(args: argparse.Namespace) -> dict:
     from airflow_comfy.runner.executor import GroupRun
 
     torch.set_num_threads(max(1, args.threads))
-    spec = _read_spec(args.spec)
+    store = open_store(args.store)
+    spec = _read_spec(args.spec, args.spec_sha256, store)
     params = _read_params(args.params)
     device = _device(args.device)
-    store = open_store(args.store)
     manifests = [GroupManifest.from_json(_read_input(store, uri), uri=uri) for uri in args.inputs]
     context = RunContext(models_root=args.models, input_dir=args.input_dir, device=device,
                          dtype=_dtype(args.precision, device), allow_pickle=args.allow_pickle)
@@ -125,15 +128,40 @@ def _read_input(store, uri: str) -> bytes:
     return store.read_uri(uri)
 
 
-def _read_spec(value: str) -> GroupSpec:
-    try:
-        if value.startswith("data:"):
-            return GroupSpec.from_data_uri(value)
-        from airflow_comfy.artifacts.store import read_uri
+def _read_spec(value: str, sha256: str | None, store) -> GroupSpec:
+    """The GroupSpec from its content address in the store (checked against ``sha256``), or from a data: URI.
+    A spec that cannot be fetched, or whose bytes do not match the hash, is an infrastructure failure (the
+    task's next try writes it again); one that was read intact but is not a valid spec is bad input."""
+    from airflow_comfy.artifacts.specs import read_spec_bytes
+    from airflow_comfy.artifacts.store import read_uri
 
-        return GroupSpec.from_json(read_uri(value).decode("utf-8"))
+    if value.startswith("data:"):
+        data = None
+    elif sha256 is None:
+        raise _SpecError(f"--spec {value} needs --spec-sha256 (the hash of the spec's bytes)")
+    else:
+        try:
+            store.key_of(value)
+        except ValueError:
+            data = read_spec_bytes(_UriReader(read_uri), value, sha256)
+        else:
+            data = read_spec_bytes(store, value, sha256)
+    log = logging.getLogger("airflow_comfy.runner")
+    if data is None:
+        log.info("group spec: a data: URI of %d characters", len(value))
+    else:
+        log.info("group spec: %s (sha256 %s, %d bytes)", value, sha256, len(data))
+    try:
+        return GroupSpec.from_data_uri(value) if data is None else GroupSpec.from_json(data.decode("utf-8"))
     except (ValueError, KeyError, TypeError) as exc:
-        raise _SpecError(f"cannot read the group spec: {exc}") from exc
+        raise _SpecError(f"cannot read the group spec {value[:200]}: {exc}") from exc
+
+
+class _UriReader:
+    """``read_uri`` with a store's interface, for a spec outside ``--store``."""
+
+    def __init__(self, reader):
+        self.read_uri = reader
 
 
 def _read_params(text: str) -> dict:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -103,6 +104,14 @@ class GroupSpec:
 
     def to_json(self, *, indent: int | None = None) -> str:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=indent is not None)
+
+    def to_bytes(self) -> bytes:
+        """The spec as the runner reads it from the artifact store: compact UTF-8 JSON, the same bytes for the
+        same spec (its sha256 names the stored object and travels beside its URI)."""
+        return json.dumps(self.to_dict(), separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.to_bytes()).hexdigest()
 
     def to_data_uri(self) -> str:
         """The spec as a self-contained ``data:`` URI: safe to put in a pod's args, where Airflow renders Jinja
