@@ -8,6 +8,8 @@ names the file.
 from __future__ import annotations
 
 import json
+import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -103,6 +105,24 @@ def _parse_json(text: str) -> Any:
             f"not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}", "invalid_json")) from None
     except RecursionError:
         raise WorkflowError(Problem("not valid JSON: nested too deeply", "invalid_json")) from None
+    except ValueError:  # Python refuses to read an integer of more digits than sys.get_int_max_str_digits()
+        raise WorkflowError(Problem(_long_number_message(text), "invalid_json")) from None
+
+
+_STRING_OR_NUMBER = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|-?([0-9]+)([.eE][-+.eE0-9]*)?')
+
+
+def _long_number_message(text: str) -> str:
+    """Where the integer too long for Python is: the first integer, outside strings, over the limit."""
+    limit = getattr(sys, "get_int_max_str_digits", lambda: 0)()  # Python >= 3.10.7
+    for match in _STRING_OR_NUMBER.finditer(text):
+        digits, fraction = match.group(1, 2)
+        if digits and not fraction and len(digits) > limit:
+            line = text.count("\n", 0, match.start()) + 1
+            column = match.start() - (text.rfind("\n", 0, match.start()) + 1) + 1
+            return (f"not valid JSON: the number at line {line}, column {column} has {len(digits):,} digits; "
+                    f"the most a workflow may use is {limit:,}")
+    return f"not valid JSON: a number has more than {limit:,} digits" if limit else "not valid JSON: a number is too long"
 
 
 def _json_type(value: Any) -> str:
