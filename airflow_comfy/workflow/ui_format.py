@@ -18,6 +18,7 @@ conversion proper never trips over bad input.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -248,13 +249,40 @@ def _slot_index(value: Any) -> int | None:
     return None
 
 
+def _finite(value: Any) -> float | None:
+    """``value`` as a float when it is a number a float holds (not inf or NaN, not an integer of 400 digits)."""
+    if not _is_number(value):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _numbers(value: Any, count: int) -> list[float] | None:
+    """The first ``count`` items of a list as finite floats (``None`` if any is missing or not one)."""
+    if not isinstance(value, list | tuple) or len(value) < count:
+        return None
+    numbers = [_finite(item) for item in value[:count]]
+    return [n for n in numbers if n is not None] if None not in numbers else None
+
+
 def _pair(value: Any) -> tuple[float, float] | None:
     """``[x, y]``, or the ``{"0": x, "1": y}`` that old LiteGraph saved for typed arrays."""
     if isinstance(value, Mapping):
         value = [value.get("0"), value.get("1")]
-    if isinstance(value, list | tuple) and len(value) >= 2 and _is_number(value[0]) and _is_number(value[1]):
-        return float(value[0]), float(value[1])
-    return None
+    numbers = _numbers(value, 2)
+    return (numbers[0], numbers[1]) if numbers else None
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """A short ``repr`` for messages."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer too long for repr()
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class _Reader:
@@ -281,15 +309,24 @@ class _Reader:
             return []
         groups = []
         for index, item in enumerate(raw):
-            bounding = item.get("bounding") if isinstance(item, Mapping) else None
-            if not (isinstance(bounding, list | tuple) and len(bounding) == 4 and all(map(_is_number, bounding))):
-                self.problems.add(f"group #{index} has no valid 'bounding' [x, y, width, height]",
-                                  "invalid_group")
-                continue
-            title = item.get("title")
-            groups.append(UIGroup(index, title if isinstance(title, str) else "Group",
-                                  tuple(float(v) for v in bounding)))
+            group = self._group(index, item)
+            if group is not None:
+                groups.append(group)
         return groups
+
+    def _group(self, index: int, item: Any) -> UIGroup | None:
+        if not isinstance(item, Mapping):
+            self.problems.add(f"group #{index} is not an object", "invalid_group")
+            return None
+        title = item.get("title") if isinstance(item.get("title"), str) else "Group"
+        raw = item.get("bounding")
+        bounding = _numbers(raw, 4)
+        if bounding is None or len(raw) != 4:
+            self.problems.add(f"group #{index} ('{title}'): 'bounding' must be four finite numbers "
+                              f"[x, y, width, height], not {_shown(raw)}", "invalid_group")
+            return None
+        x, y, width, height = bounding
+        return UIGroup(index, title, (x, y, width, height))
 
     # nodes ------------------------------------------------------------------------------------------------
 
@@ -379,9 +416,9 @@ class _Reader:
         pos = _pair(raw.get("pos"))
         size = _pair(raw.get("size")) if raw.get("size") is not None else (0.0, 0.0)
         if pos is None or size is None:
-            bad = "pos" if pos is None else "size"
-            self.problems.add(f"{self._in(label)}'{bad}' must be two numbers, not {raw.get(bad)!r}",
-                              "invalid_position", **where)
+            bad, form = ("pos", "[x, y]") if pos is None else ("size", "[width, height]")
+            self.problems.add(f"{self._in(label)}'{bad}' must be two finite numbers {form}, not "
+                              f"{_shown(raw.get(bad))}", "invalid_position", **where)
             return None
         flags = raw.get("flags")
         if isinstance(flags, Mapping) and flags.get("collapsed"):
