@@ -235,8 +235,21 @@ def _link_id(value: Any) -> int | str | None:
     if isinstance(value, float) and value.is_integer():
         return int(value)
     if isinstance(value, str) and value:
-        return int(value) if value.lstrip("-").isdigit() else value
+        number = _integer_text(value)
+        return value if number is None else number
     return None
+
+
+def _integer_text(value: str) -> int | None:
+    """The integer a string like ``"12"`` or ``"-10"`` writes in ASCII digits; ``None`` for any other string
+    (``"²"``, ``"--3"``, one of more digits than Python converts)."""
+    digits = value[1:] if value.startswith("-") else value
+    if not (digits.isascii() and digits.isdigit()):
+        return None
+    try:
+        return int(value)
+    except ValueError:  # over sys.get_int_max_str_digits()
+        return None
 
 
 def _slot_index(value: Any) -> int | None:
