@@ -263,7 +263,7 @@ def _slot_index(value: Any) -> int | None:
 
 
 def _finite(value: Any) -> float | None:
-    """``value`` as a float when it is a number a float holds (not inf or NaN, not an integer of 400 digits)."""
+    """``value`` as a float if it is a number a float holds: not inf or NaN, nor an integer of 400 digits."""
     if not _is_number(value):
         return None
     try:
@@ -281,12 +281,32 @@ def _numbers(value: Any, count: int) -> list[float] | None:
     return [n for n in numbers if n is not None] if None not in numbers else None
 
 
+def _slot(item: Mapping[str, Any]) -> UISlot:
+    widget = item.get("widget")
+    widget_name = widget.get("name") if isinstance(widget, Mapping) else None
+    name = item.get("name")
+    link_ids = item.get("linkIds")
+    return UISlot(
+        name=str(name) if name is not None else str(widget_name or ""),
+        type=str(item.get("type") or ""),
+        link=_link_id(item.get("link")),
+        widget=str(widget_name) if widget_name is not None else None,
+        link_ids=tuple(_link_id(v) for v in link_ids) if isinstance(link_ids, list) else (),
+    )
+
+
 def _pair(value: Any) -> tuple[float, float] | None:
     """``[x, y]``, or the ``{"0": x, "1": y}`` that old LiteGraph saved for typed arrays."""
     if isinstance(value, Mapping):
         value = [value.get("0"), value.get("1")]
     numbers = _numbers(value, 2)
     return (numbers[0], numbers[1]) if numbers else None
+
+
+def _ref(value: Any) -> str:
+    """A link id, node id or slot from the document, for messages (a 5,000-digit id is cut short)."""
+    text = str(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text):,} characters)"
 
 
 def _shown(value: Any, limit: int = 80) -> str:
@@ -409,17 +429,12 @@ class _Reader:
                 self.problems.add(f"{self._in(label)}{key}[{index}] is not an object", "invalid_node", **where)
                 slots.append(UISlot("", ""))
                 continue
-            widget = item.get("widget")
-            widget_name = widget.get("name") if isinstance(widget, Mapping) else None
-            name = item.get("name")
-            link_ids = item.get("linkIds")
-            slots.append(UISlot(
-                name=str(name) if name is not None else str(widget_name or ""),
-                type=str(item.get("type") or ""),
-                link=_link_id(item.get("link")),
-                widget=str(widget_name) if widget_name is not None else None,
-                link_ids=tuple(_link_id(v) for v in link_ids) if isinstance(link_ids, list) else (),
-            ))
+            slot = _slot(item)
+            if node_id is not None and item.get("link") is not None and slot.link is None:
+                self.problems.add(f"{self._in(label)}{key}[{index}]: 'link' must be a link id (a whole number), "
+                                  f"not {_shown(item.get('link'))}", "invalid_link", input_name=slot.name or None,
+                                  **where)
+            slots.append(slot)
         return slots
 
     def _rect(self, raw: Mapping[str, Any], label: str,
@@ -679,7 +694,7 @@ class _Converter:
             seen.add((scope.path, link_id))
             link = scope.graph.links.get(link_id)
             if link is None:
-                self._problem(consumer, f"{self._in(scope)}link {link_id} is not in the links list",
+                self._problem(consumer, f"{self._in(scope)}link {_ref(link_id)} is not in the links list",
                               "missing_link")
                 return UNRESOLVED
             step = self._step(scope, link, want_type, consumer)
@@ -694,8 +709,8 @@ class _Converter:
             return self._through_subgraph_input(scope, link, consumer)
         origin = scope.graph.nodes.get(link.origin)
         if origin is None:
-            self._problem(consumer, f"{self._in(scope)}link {link.id} comes from node {link.origin}, which "
-                                    "does not exist", "link_to_missing_node")
+            self._problem(consumer, f"{self._in(scope)}link {_ref(link.id)} comes from node "
+                                    f"{_ref(link.origin)}, which does not exist", "link_to_missing_node")
             return UNRESOLVED
         if origin.type == "PrimitiveNode":
             return _primitive_value(origin)
@@ -714,9 +729,10 @@ class _Converter:
     def _output_link(self, scope: _Scope, origin: UINode, link: UILink, consumer: _Consumer) -> _Resolution:
         spec = self.catalog.get(origin.type)
         if spec is not None and not 0 <= link.origin_slot < len(spec.outputs):
-            self._problem(consumer, f"{self._in(scope)}link {link.id} uses output slot {link.origin_slot} of "
-                                    f"node {scope.execution_id(origin.id)} ({origin.type}), which has "
-                                    f"{len(spec.outputs)} output(s)", "invalid_link_slot")
+            origin_id = scope.execution_id(origin.id)
+            self._problem(consumer, f"{self._in(scope)}link {_ref(link.id)} uses output slot "
+                                    f"{_ref(link.origin_slot)} of node {origin_id} ({origin.type}), which "
+                                    f"has {len(spec.outputs)} output(s)", "invalid_link_slot")
             return UNRESOLVED
         return Link(scope.execution_id(origin.id), link.origin_slot)
 
@@ -745,9 +761,11 @@ class _Converter:
             return UNRESOLVED  # a subgraph containing itself: reported once by _emit_instance
         definition = self.definitions[instance.type]
         if not 0 <= link.origin_slot < len(definition.outputs):
-            self._problem(consumer, f"{self._in(scope)}link {link.id} uses output slot {link.origin_slot} of "
-                                    f"subgraph node {scope.execution_id(instance.id)}, whose definition has "
-                                    f"{len(definition.outputs)} output(s)", "invalid_link_slot")
+            instance_id = scope.execution_id(instance.id)
+            outputs = len(definition.outputs)
+            self._problem(consumer, f"{self._in(scope)}link {_ref(link.id)} uses output slot "
+                                    f"{_ref(link.origin_slot)} of subgraph node {instance_id}, whose "
+                                    f"definition has {outputs} output(s)", "invalid_link_slot")
             return UNRESOLVED
         inner_link = _link_into_output(definition, link.origin_slot)
         if inner_link is None:
@@ -759,8 +777,9 @@ class _Converter:
         definition, instance = scope.graph, scope.instance
         assert instance is not None and scope.parent is not None
         if not 0 <= link.origin_slot < len(definition.inputs):
-            self._problem(consumer, f"{self._in(scope)}link {link.id} uses input slot {link.origin_slot} of the "
-                                    f"subgraph, which has {len(definition.inputs)} input(s)", "invalid_link_slot")
+            self._problem(consumer, f"{self._in(scope)}link {_ref(link.id)} uses input slot "
+                                    f"{_ref(link.origin_slot)} of the subgraph, which has "
+                                    f"{len(definition.inputs)} input(s)", "invalid_link_slot")
             return UNRESOLVED
         name = definition.inputs[link.origin_slot].name
         outer = _instance_input(instance, name, link.origin_slot, definition)
