@@ -22,6 +22,9 @@ from airflow_comfy.workflow.ui_format import convert_ui, count_ui_nodes
 
 DEFAULT_MAX_BYTES = 5_000_000
 DEFAULT_MAX_NODES = 2_000
+MAX_DEPTH = 100
+"""How deeply a workflow's JSON may nest (a ComfyUI document needs about ten levels). Deeper values would
+make later passes (copying, encoding the group specs) overflow Python's recursion limit."""
 
 
 def load_workflow(path: str | Path, catalog: Catalog, *, max_bytes: int = DEFAULT_MAX_BYTES,
@@ -38,6 +41,7 @@ def parse_workflow_text(text: str | bytes, catalog: Catalog, *, name: str, sourc
     """Parse a workflow document held in memory (``source`` names it in messages)."""
     try:
         doc = _parse_json(_decode(text))
+        _check_depth(doc)
         if not isinstance(doc, dict):
             raise WorkflowError(Problem(
                 f"the top level is a JSON {_json_type(doc)}; a ComfyUI workflow is a JSON object "
@@ -122,7 +126,39 @@ def _long_number_message(text: str) -> str:
             column = match.start() - (text.rfind("\n", 0, match.start()) + 1) + 1
             return (f"not valid JSON: the number at line {line}, column {column} has {len(digits):,} digits; "
                     f"the most a workflow may use is {limit:,}")
-    return f"not valid JSON: a number has more than {limit:,} digits" if limit else "not valid JSON: a number is too long"
+    return f"not valid JSON: a number has more than {limit:,} digits" if limit else "not valid JSON"
+
+
+def _check_depth(doc: Any) -> None:
+    if _depth_over(doc, MAX_DEPTH):
+        raise WorkflowError(Problem(f"the JSON is nested more than {MAX_DEPTH} levels deep, at "
+                                    f"{_deep_path(doc, MAX_DEPTH)}", "too_deep"))
+
+
+def _depth_over(doc: Any, limit: int) -> bool:
+    """Whether some value lies more than ``limit`` containers deep (walked without recursion)."""
+    stack = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return True
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((item, depth + 1) for item in items if isinstance(item, dict | list))
+    return False
+
+
+def _deep_path(doc: Any, limit: int, shown: int = 8) -> str:
+    """Where the nesting goes too deep, as ``nodes[4].widgets_values[0][0]...`` (its first ``shown`` steps)."""
+    path: list[str] = []
+    value = doc
+    while len(path) < shown:
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        deeper = [(key, item) for key, item in items if _depth_over(item, limit - len(path) - 1)]
+        if not deeper:
+            break
+        key, value = deeper[0]
+        path.append(f"[{key}]" if isinstance(key, int) else f".{key}")
+    return "".join(path).lstrip(".") + ("..." if len(path) == shown else "")
 
 
 def _json_type(value: Any) -> str:
