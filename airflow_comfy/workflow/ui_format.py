@@ -36,6 +36,8 @@ SUBGRAPH_INPUT_ID = "-10"
 SUBGRAPH_OUTPUT_ID = "-20"
 TITLE_HEIGHT = 30.0
 COLLAPSED_WIDTH = 80.0
+MAX_SUBGRAPH_DEPTH = 32
+"""How many subgraph instances may nest inside one another (the editor's own workflows use a few)."""
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -149,7 +151,8 @@ def count_ui_nodes(doc: Mapping[str, Any]) -> int:
         for raw in nodes if isinstance(nodes, list) else ():
             total += 1
             node_type = raw.get("type") if isinstance(raw, Mapping) else None
-            if isinstance(node_type, str) and node_type in definitions and node_type not in stack:
+            if (isinstance(node_type, str) and node_type in definitions and node_type not in stack
+                    and len(stack) < MAX_SUBGRAPH_DEPTH):
                 if node_type not in memo:
                     memo[node_type] = count(definitions[node_type].get("nodes"), stack + (node_type,))
                 total += memo[node_type]
@@ -623,6 +626,10 @@ class _Converter:
         if _is_inside(scope, node.type):
             self.problems.add("a subgraph contains an instance of itself", "subgraph_cycle",
                               node_id=scope.execution_id(node.id), class_type=node.type)
+            return
+        if len(scope.path) >= MAX_SUBGRAPH_DEPTH:
+            self.problems.add(f"subgraph instances are nested more than {MAX_SUBGRAPH_DEPTH} deep",
+                              "subgraph_too_deep", node_id=scope.execution_id(node.id), class_type=node.type)
             return
         self._emit_scope(self._child_scope(scope, node))
 
