@@ -32,7 +32,7 @@ def load_workflow(path: str | Path, catalog: Catalog, *, max_bytes: int = DEFAUL
     """Load ``path`` (UI or API format). The workflow's name is the file's stem."""
     path = Path(path)
     source = str(path)
-    data = _read_limited(path, max_bytes)
+    data = read_workflow_file(path, max_bytes)
     return parse_workflow_text(data, catalog, name=path.stem, source=source, max_nodes=max_nodes)
 
 
@@ -68,8 +68,9 @@ def workflow_format(doc: Any) -> Literal["ui", "api"]:
         "object of node id -> {class_type, inputs} (API format)", "unknown_format"))
 
 
-def _read_limited(path: Path, max_bytes: int) -> bytes:
-    """The file's bytes, refusing it from its size alone when it is over ``max_bytes``."""
+def read_workflow_file(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """The file's bytes, refusing it from its size alone when it is over ``max_bytes``; a file that cannot be
+    read is a :class:`WorkflowError` naming it."""
     source = str(path)
     try:
         size = path.stat().st_size
