@@ -31,6 +31,7 @@ from typing import Any
 
 import pytest
 
+from airflow_comfy.cli import main as cli_main
 from airflow_comfy.factory.compile import compile_workflow
 from airflow_comfy.factory.sidecar import Sidecar
 from airflow_comfy.workflow.catalog import Catalog
@@ -663,7 +664,7 @@ def test_subgraphs_nested_too_deeply_name_the_instance(tmp_path):
     assert "subgraph instances are nested more than 32 deep" in str(error)
 
 
-@pytest.mark.parametrize("command", ["convert", "slice"])
+@pytest.mark.parametrize("command", ["convert", "slice", "render-pods"])
 def test_cli_exits_2_without_a_traceback(tmp_path, command):
     doc = _ui_doc()
     _ui_node(doc, 5)["pos"][0] = "@value"
@@ -675,6 +676,14 @@ def test_cli_exits_2_without_a_traceback(tmp_path, command):
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith(f"error: {path}: node 5 (KSampler): 'pos' must be two finite numbers")
+
+
+@pytest.mark.parametrize("command", ["convert", "slice"])
+def test_cli_missing_file_exits_2(tmp_path, capsys, command):
+    missing = tmp_path / "missing.json"
+    assert cli_main([command, str(missing)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {missing}: cannot read the workflow file: No such file or directory\n"
 
 
 # --------------------------------------------------------------------------------------------------------
