@@ -1,8 +1,8 @@
 """Read a workflow file (ComfyUI UI or API format) into the canonical :class:`Workflow`, defensively.
 
-Checks, in order: the file's size (before reading it), UTF-8, JSON syntax, the top-level type, the format,
-the node count (subgraph inner nodes included), then converts. Every :class:`WorkflowError` raised here
-names the file.
+Checks, in order: the file's size (before reading it), UTF-8, JSON syntax (integers Python can read
+included), how deeply the JSON nests, the top-level type, the format, the node count (subgraph inner nodes
+included), then converts. Every :class:`WorkflowError` raised here names the file.
 """
 
 from __future__ import annotations
