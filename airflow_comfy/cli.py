@@ -114,9 +114,10 @@ def _convert(args) -> int:
 def _compile(args):
     from airflow_comfy.factory.compile import compile_workflow
     from airflow_comfy.factory.sidecar import load_sidecar, sidecar_path
+    from airflow_comfy.workflow.loader import read_workflow_file
 
     sidecar = load_sidecar(args.sidecar or sidecar_path(args.workflow))
-    content = args.workflow.read_bytes()
+    content = read_workflow_file(args.workflow)
     return compile_workflow(args.workflow, content, sidecar, _catalog(args), max_nodes=2_000), sidecar
 
 

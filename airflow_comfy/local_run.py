@@ -25,6 +25,7 @@ from airflow_comfy.operators.command import local_arguments, runner_arguments, r
 from airflow_comfy.workflow.catalog import load_catalog
 from airflow_comfy.workflow.errors import Problem, WorkflowError
 from airflow_comfy.workflow.groupspec import EXIT_BAD_INPUT, GroupSpec
+from airflow_comfy.workflow.loader import read_workflow_file
 
 
 @dataclass
@@ -54,7 +55,7 @@ def compile_for_run(workflow: Path, *, sidecar: Path | None = None, single_group
     loaded = load_sidecar(sidecar or sidecar_path(workflow))
     if single_group:
         loaded.slicing, loaded.groups = "single", {}
-    return compile_workflow(workflow, workflow.read_bytes(), loaded, load_catalog(object_info or []),
+    return compile_workflow(workflow, read_workflow_file(workflow), loaded, load_catalog(object_info or []),
                             max_nodes=2_000)
 
 

@@ -30,19 +30,24 @@ class Problem:
         if self.file:
             parts.append(self.file)
         if self.node_id is not None:
-            node = f"node {self.node_id}"
+            node = f"node {_clip(self.node_id)}"
             if self.class_type:
-                node += f" ({self.class_type})"
+                node += f" ({_clip(self.class_type)})"
             parts.append(node)
         elif self.class_type:
-            parts.append(self.class_type)
+            parts.append(_clip(self.class_type))
         if self.input_name:
-            parts.append(f"input '{self.input_name}'")
+            parts.append(f"input '{_clip(self.input_name)}'")
         return ": ".join(parts)
 
     def __str__(self) -> str:
         where = self.where()
         return f"{where}: {self.message}" if where else self.message
+
+
+def _clip(text: str, limit: int = 120) -> str:
+    """An id or name from a hostile file, cut short for a one-paragraph message."""
+    return text if len(text) <= limit else f"{text[:limit - 20]}...({len(text):,} characters)"
 
 
 _NODE_TYPE_KINDS = {

@@ -107,8 +107,18 @@ class Workflow:
 
 
 def node_id_key(node_id: str) -> tuple:
-    """Sort ids the way people read them: ``2`` before ``10``, ``5:3`` after ``5``."""
-    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in node_id.split(":"))
+    """Sort ids the way people read them: ``2`` before ``10``, ``5:3`` after ``5``. Any string is an id (the
+    API format allows it): ``"²"`` or a 5,000-digit number sort too."""
+    return tuple(_id_part_key(part) for part in node_id.split(":"))
+
+
+def _id_part_key(part: str) -> tuple[int, int, str, str]:
+    """Numbers (ASCII digits) first, in numeric order, compared as text: ``int()`` refuses ``"²"`` although
+    ``"²".isdigit()``, and numbers of more than 4,300 digits."""
+    if part.isascii() and part.isdigit():
+        digits = part.lstrip("0")
+        return (0, len(digits), digits, part)
+    return (1, 0, part, part)
 
 
 def sorted_node_ids(ids) -> list[str]:

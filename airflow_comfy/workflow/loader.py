@@ -1,13 +1,15 @@
 """Read a workflow file (ComfyUI UI or API format) into the canonical :class:`Workflow`, defensively.
 
-Checks, in order: the file's size (before reading it), UTF-8, JSON syntax, the top-level type, the format,
-the node count (subgraph inner nodes included), then converts. Every :class:`WorkflowError` raised here
-names the file.
+Checks, in order: the file's size (before reading it), UTF-8, JSON syntax (integers Python can read
+included), how deeply the JSON nests, the top-level type, the format, the node count (subgraph inner nodes
+included), then converts. Every :class:`WorkflowError` raised here names the file.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +22,9 @@ from airflow_comfy.workflow.ui_format import convert_ui, count_ui_nodes
 
 DEFAULT_MAX_BYTES = 5_000_000
 DEFAULT_MAX_NODES = 2_000
+MAX_DEPTH = 100
+"""How deeply a workflow's JSON may nest (a ComfyUI document needs about ten levels). Deeper values would
+make later passes (copying, encoding the group specs) overflow Python's recursion limit."""
 
 
 def load_workflow(path: str | Path, catalog: Catalog, *, max_bytes: int = DEFAULT_MAX_BYTES,
@@ -27,7 +32,7 @@ def load_workflow(path: str | Path, catalog: Catalog, *, max_bytes: int = DEFAUL
     """Load ``path`` (UI or API format). The workflow's name is the file's stem."""
     path = Path(path)
     source = str(path)
-    data = _read_limited(path, max_bytes)
+    data = read_workflow_file(path, max_bytes)
     return parse_workflow_text(data, catalog, name=path.stem, source=source, max_nodes=max_nodes)
 
 
@@ -36,6 +41,7 @@ def parse_workflow_text(text: str | bytes, catalog: Catalog, *, name: str, sourc
     """Parse a workflow document held in memory (``source`` names it in messages)."""
     try:
         doc = _parse_json(_decode(text))
+        _check_depth(doc)
         if not isinstance(doc, dict):
             raise WorkflowError(Problem(
                 f"the top level is a JSON {_json_type(doc)}; a ComfyUI workflow is a JSON object "
@@ -62,8 +68,9 @@ def workflow_format(doc: Any) -> Literal["ui", "api"]:
         "object of node id -> {class_type, inputs} (API format)", "unknown_format"))
 
 
-def _read_limited(path: Path, max_bytes: int) -> bytes:
-    """The file's bytes, refusing it from its size alone when it is over ``max_bytes``."""
+def read_workflow_file(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """The file's bytes, refusing it from its size alone when it is over ``max_bytes``; a file that cannot be
+    read is a :class:`WorkflowError` naming it."""
     source = str(path)
     try:
         size = path.stat().st_size
@@ -103,6 +110,56 @@ def _parse_json(text: str) -> Any:
             f"not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}", "invalid_json")) from None
     except RecursionError:
         raise WorkflowError(Problem("not valid JSON: nested too deeply", "invalid_json")) from None
+    except ValueError:  # Python refuses to read an integer of more digits than sys.get_int_max_str_digits()
+        raise WorkflowError(Problem(_long_number_message(text), "invalid_json")) from None
+
+
+_STRING_OR_NUMBER = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|-?([0-9]+)([.eE][-+.eE0-9]*)?')
+
+
+def _long_number_message(text: str) -> str:
+    """Where the integer too long for Python is: the first integer, outside strings, over the limit."""
+    limit = getattr(sys, "get_int_max_str_digits", lambda: 0)()  # Python >= 3.10.7
+    for match in _STRING_OR_NUMBER.finditer(text):
+        digits, fraction = match.group(1, 2)
+        if digits and not fraction and len(digits) > limit:
+            line = text.count("\n", 0, match.start()) + 1
+            column = match.start() - (text.rfind("\n", 0, match.start()) + 1) + 1
+            return (f"not valid JSON: the number at line {line}, column {column} has {len(digits):,} digits; "
+                    f"the most a workflow may use is {limit:,}")
+    return f"not valid JSON: a number has more than {limit:,} digits" if limit else "not valid JSON"
+
+
+def _check_depth(doc: Any) -> None:
+    if _depth_over(doc, MAX_DEPTH):
+        raise WorkflowError(Problem(f"the JSON is nested more than {MAX_DEPTH} levels deep, at "
+                                    f"{_deep_path(doc, MAX_DEPTH)}", "too_deep"))
+
+
+def _depth_over(doc: Any, limit: int) -> bool:
+    """Whether some value lies more than ``limit`` containers deep (walked without recursion)."""
+    stack = [(doc, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return True
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((item, depth + 1) for item in items if isinstance(item, dict | list))
+    return False
+
+
+def _deep_path(doc: Any, limit: int, shown: int = 8) -> str:
+    """Where the nesting goes too deep, as ``nodes[4].widgets_values[0][0]...`` (its first ``shown`` steps)."""
+    path: list[str] = []
+    value = doc
+    while len(path) < shown:
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        deeper = [(key, item) for key, item in items if _depth_over(item, limit - len(path) - 1)]
+        if not deeper:
+            break
+        key, value = deeper[0]
+        path.append(f"[{key}]" if isinstance(key, int) else f".{key}")
+    return "".join(path).lstrip(".") + ("..." if len(path) == shown else "")
 
 
 def _json_type(value: Any) -> str:

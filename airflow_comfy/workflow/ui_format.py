@@ -18,6 +18,7 @@ conversion proper never trips over bad input.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,8 @@ SUBGRAPH_INPUT_ID = "-10"
 SUBGRAPH_OUTPUT_ID = "-20"
 TITLE_HEIGHT = 30.0
 COLLAPSED_WIDTH = 80.0
+MAX_SUBGRAPH_DEPTH = 32
+"""How many subgraph instances may nest inside one another (the editor's own workflows use a few)."""
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -148,7 +151,8 @@ def count_ui_nodes(doc: Mapping[str, Any]) -> int:
         for raw in nodes if isinstance(nodes, list) else ():
             total += 1
             node_type = raw.get("type") if isinstance(raw, Mapping) else None
-            if isinstance(node_type, str) and node_type in definitions and node_type not in stack:
+            if (isinstance(node_type, str) and node_type in definitions and node_type not in stack
+                    and len(stack) < MAX_SUBGRAPH_DEPTH):
                 if node_type not in memo:
                     memo[node_type] = count(definitions[node_type].get("nodes"), stack + (node_type,))
                 total += memo[node_type]
@@ -234,8 +238,21 @@ def _link_id(value: Any) -> int | str | None:
     if isinstance(value, float) and value.is_integer():
         return int(value)
     if isinstance(value, str) and value:
-        return int(value) if value.lstrip("-").isdigit() else value
+        number = _integer_text(value)
+        return value if number is None else number
     return None
+
+
+def _integer_text(value: str) -> int | None:
+    """The integer a string like ``"12"`` or ``"-10"`` writes in ASCII digits; ``None`` for any other string
+    (``"²"``, ``"--3"``, one of more digits than Python converts)."""
+    digits = value[1:] if value.startswith("-") else value
+    if not (digits.isascii() and digits.isdigit()):
+        return None
+    try:
+        return int(value)
+    except ValueError:  # over sys.get_int_max_str_digits()
+        return None
 
 
 def _slot_index(value: Any) -> int | None:
@@ -248,13 +265,60 @@ def _slot_index(value: Any) -> int | None:
     return None
 
 
+def _finite(value: Any) -> float | None:
+    """``value`` as a float if it is a number a float holds: not inf or NaN, nor an integer of 400 digits."""
+    if not _is_number(value):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _numbers(value: Any, count: int) -> list[float] | None:
+    """The first ``count`` items of a list as finite floats (``None`` if any is missing or not one)."""
+    if not isinstance(value, list | tuple) or len(value) < count:
+        return None
+    numbers = [_finite(item) for item in value[:count]]
+    return [n for n in numbers if n is not None] if None not in numbers else None
+
+
+def _slot(item: Mapping[str, Any]) -> UISlot:
+    widget = item.get("widget")
+    widget_name = widget.get("name") if isinstance(widget, Mapping) else None
+    name = item.get("name")
+    link_ids = item.get("linkIds")
+    return UISlot(
+        name=str(name) if name is not None else str(widget_name or ""),
+        type=str(item.get("type") or ""),
+        link=_link_id(item.get("link")),
+        widget=str(widget_name) if widget_name is not None else None,
+        link_ids=tuple(_link_id(v) for v in link_ids) if isinstance(link_ids, list) else (),
+    )
+
+
 def _pair(value: Any) -> tuple[float, float] | None:
     """``[x, y]``, or the ``{"0": x, "1": y}`` that old LiteGraph saved for typed arrays."""
     if isinstance(value, Mapping):
         value = [value.get("0"), value.get("1")]
-    if isinstance(value, list | tuple) and len(value) >= 2 and _is_number(value[0]) and _is_number(value[1]):
-        return float(value[0]), float(value[1])
-    return None
+    numbers = _numbers(value, 2)
+    return (numbers[0], numbers[1]) if numbers else None
+
+
+def _ref(value: Any) -> str:
+    """A link id, node id or slot from the document, for messages (a 5,000-digit id is cut short)."""
+    text = str(value)
+    return text if len(text) <= 40 else f"{text[:20]}...({len(text):,} characters)"
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """A short ``repr`` for messages."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer too long for repr()
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class _Reader:
@@ -281,15 +345,24 @@ class _Reader:
             return []
         groups = []
         for index, item in enumerate(raw):
-            bounding = item.get("bounding") if isinstance(item, Mapping) else None
-            if not (isinstance(bounding, list | tuple) and len(bounding) == 4 and all(map(_is_number, bounding))):
-                self.problems.add(f"group #{index} has no valid 'bounding' [x, y, width, height]",
-                                  "invalid_group")
-                continue
-            title = item.get("title")
-            groups.append(UIGroup(index, title if isinstance(title, str) else "Group",
-                                  tuple(float(v) for v in bounding)))
+            group = self._group(index, item)
+            if group is not None:
+                groups.append(group)
         return groups
+
+    def _group(self, index: int, item: Any) -> UIGroup | None:
+        if not isinstance(item, Mapping):
+            self.problems.add(f"group #{index} is not an object", "invalid_group")
+            return None
+        title = item.get("title") if isinstance(item.get("title"), str) else "Group"
+        raw = item.get("bounding")
+        bounding = _numbers(raw, 4)
+        if bounding is None or len(raw) != 4:
+            self.problems.add(f"group #{index} ('{title}'): 'bounding' must be four finite numbers "
+                              f"[x, y, width, height], not {_shown(raw)}", "invalid_group")
+            return None
+        x, y, width, height = bounding
+        return UIGroup(index, title, (x, y, width, height))
 
     # nodes ------------------------------------------------------------------------------------------------
 
@@ -359,17 +432,12 @@ class _Reader:
                 self.problems.add(f"{self._in(label)}{key}[{index}] is not an object", "invalid_node", **where)
                 slots.append(UISlot("", ""))
                 continue
-            widget = item.get("widget")
-            widget_name = widget.get("name") if isinstance(widget, Mapping) else None
-            name = item.get("name")
-            link_ids = item.get("linkIds")
-            slots.append(UISlot(
-                name=str(name) if name is not None else str(widget_name or ""),
-                type=str(item.get("type") or ""),
-                link=_link_id(item.get("link")),
-                widget=str(widget_name) if widget_name is not None else None,
-                link_ids=tuple(_link_id(v) for v in link_ids) if isinstance(link_ids, list) else (),
-            ))
+            slot = _slot(item)
+            if node_id is not None and item.get("link") is not None and slot.link is None:
+                self.problems.add(f"{self._in(label)}{key}[{index}]: 'link' must be a link id (a whole number), "
+                                  f"not {_shown(item.get('link'))}", "invalid_link", input_name=slot.name or None,
+                                  **where)
+            slots.append(slot)
         return slots
 
     def _rect(self, raw: Mapping[str, Any], label: str,
@@ -379,9 +447,9 @@ class _Reader:
         pos = _pair(raw.get("pos"))
         size = _pair(raw.get("size")) if raw.get("size") is not None else (0.0, 0.0)
         if pos is None or size is None:
-            bad = "pos" if pos is None else "size"
-            self.problems.add(f"{self._in(label)}'{bad}' must be two numbers, not {raw.get(bad)!r}",
-                              "invalid_position", **where)
+            bad, form = ("pos", "[x, y]") if pos is None else ("size", "[width, height]")
+            self.problems.add(f"{self._in(label)}'{bad}' must be two finite numbers {form}, not "
+                              f"{_shown(raw.get(bad))}", "invalid_position", **where)
             return None
         flags = raw.get("flags")
         if isinstance(flags, Mapping) and flags.get("collapsed"):
@@ -559,6 +627,10 @@ class _Converter:
             self.problems.add("a subgraph contains an instance of itself", "subgraph_cycle",
                               node_id=scope.execution_id(node.id), class_type=node.type)
             return
+        if len(scope.path) >= MAX_SUBGRAPH_DEPTH:
+            self.problems.add(f"subgraph instances are nested more than {MAX_SUBGRAPH_DEPTH} deep",
+                              "subgraph_too_deep", node_id=scope.execution_id(node.id), class_type=node.type)
+            return
         self._emit_scope(self._child_scope(scope, node))
 
     def _unknown(self, scope: _Scope, node: UINode) -> None:
@@ -629,7 +701,7 @@ class _Converter:
             seen.add((scope.path, link_id))
             link = scope.graph.links.get(link_id)
             if link is None:
-                self._problem(consumer, f"{self._in(scope)}link {link_id} is not in the links list",
+                self._problem(consumer, f"{self._in(scope)}link {_ref(link_id)} is not in the links list",
                               "missing_link")
                 return UNRESOLVED
             step = self._step(scope, link, want_type, consumer)
@@ -644,8 +716,8 @@ class _Converter:
             return self._through_subgraph_input(scope, link, consumer)
         origin = scope.graph.nodes.get(link.origin)
         if origin is None:
-            self._problem(consumer, f"{self._in(scope)}link {link.id} comes from node {link.origin}, which "
-                                    "does not exist", "link_to_missing_node")
+            self._problem(consumer, f"{self._in(scope)}link {_ref(link.id)} comes from node "
+                                    f"{_ref(link.origin)}, which does not exist", "link_to_missing_node")
             return UNRESOLVED
         if origin.type == "PrimitiveNode":
             return _primitive_value(origin)
@@ -664,9 +736,10 @@ class _Converter:
     def _output_link(self, scope: _Scope, origin: UINode, link: UILink, consumer: _Consumer) -> _Resolution:
         spec = self.catalog.get(origin.type)
         if spec is not None and not 0 <= link.origin_slot < len(spec.outputs):
-            self._problem(consumer, f"{self._in(scope)}link {link.id} uses output slot {link.origin_slot} of "
-                                    f"node {scope.execution_id(origin.id)} ({origin.type}), which has "
-                                    f"{len(spec.outputs)} output(s)", "invalid_link_slot")
+            origin_id = scope.execution_id(origin.id)
+            self._problem(consumer, f"{self._in(scope)}link {_ref(link.id)} uses output slot "
+                                    f"{_ref(link.origin_slot)} of node {origin_id} ({origin.type}), which "
+                                    f"has {len(spec.outputs)} output(s)", "invalid_link_slot")
             return UNRESOLVED
         return Link(scope.execution_id(origin.id), link.origin_slot)
 
@@ -695,9 +768,11 @@ class _Converter:
             return UNRESOLVED  # a subgraph containing itself: reported once by _emit_instance
         definition = self.definitions[instance.type]
         if not 0 <= link.origin_slot < len(definition.outputs):
-            self._problem(consumer, f"{self._in(scope)}link {link.id} uses output slot {link.origin_slot} of "
-                                    f"subgraph node {scope.execution_id(instance.id)}, whose definition has "
-                                    f"{len(definition.outputs)} output(s)", "invalid_link_slot")
+            instance_id = scope.execution_id(instance.id)
+            outputs = len(definition.outputs)
+            self._problem(consumer, f"{self._in(scope)}link {_ref(link.id)} uses output slot "
+                                    f"{_ref(link.origin_slot)} of subgraph node {instance_id}, whose "
+                                    f"definition has {outputs} output(s)", "invalid_link_slot")
             return UNRESOLVED
         inner_link = _link_into_output(definition, link.origin_slot)
         if inner_link is None:
@@ -709,8 +784,9 @@ class _Converter:
         definition, instance = scope.graph, scope.instance
         assert instance is not None and scope.parent is not None
         if not 0 <= link.origin_slot < len(definition.inputs):
-            self._problem(consumer, f"{self._in(scope)}link {link.id} uses input slot {link.origin_slot} of the "
-                                    f"subgraph, which has {len(definition.inputs)} input(s)", "invalid_link_slot")
+            self._problem(consumer, f"{self._in(scope)}link {_ref(link.id)} uses input slot "
+                                    f"{_ref(link.origin_slot)} of the subgraph, which has "
+                                    f"{len(definition.inputs)} input(s)", "invalid_link_slot")
             return UNRESOLVED
         name = definition.inputs[link.origin_slot].name
         outer = _instance_input(instance, name, link.origin_slot, definition)
