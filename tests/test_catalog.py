@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from workflow_builders import object_info
 
 from airflow_comfy.workflow.catalog import (
     Catalog,
@@ -24,10 +24,6 @@ from airflow_comfy.workflow.core_nodes import (
     SUPPORTED_SCHEDULERS,
 )
 from airflow_comfy.workflow.errors import WorkflowError
-
-REFERENCE_PATH = (
-    Path(__file__).resolve().parents[2] / "shared" / "reference" / "object_info-comfyui-0.3.64.json"
-)
 
 BUILTIN_NAMES = frozenset({
     "CheckpointLoaderSimple", "VAELoader", "LoraLoader", "CLIPSetLastLayer", "CLIPTextEncode",
@@ -59,9 +55,8 @@ V3_COMBO_KEYS = {"options", "multiselect"}
 
 @pytest.fixture(scope="module")
 def reference() -> dict:
-    if not REFERENCE_PATH.is_file():
-        pytest.skip(f"reference object_info dump not found at {REFERENCE_PATH}")
-    return json.loads(REFERENCE_PATH.read_text(encoding="utf-8"))
+    """ComfyUI 0.3.64's own ``/object_info`` (tests/data): the declarations are checked against it."""
+    return object_info()
 
 
 @pytest.fixture(scope="module")
