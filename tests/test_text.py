@@ -8,18 +8,17 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import safetensors.torch as safetensors_torch
+import torch
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-safetensors_torch = pytest.importorskip("safetensors.torch")
-
-from airflow_comfy.runner.text import (  # noqa: E402
+from airflow_comfy.runner.text import (
     encode_prompt,
     encode_tokens,
     parse_weighted_prompt,
     tokenize_weighted,
 )
-from airflow_comfy.runner.values import Recipe, TextEncoder  # noqa: E402
+from airflow_comfy.runner.values import Recipe, TextEncoder
 
 WORDS = ["cat", "dog", "photo", "of", "red", "house"]
 
