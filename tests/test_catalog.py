@@ -79,7 +79,7 @@ def _ref_input(decl: list) -> tuple[str, dict, tuple | None]:
 
 def _widget_layout(spec: NodeSpec) -> list[str]:
     """The frontend's ``widgets_values`` layout for a node, from the catalog's widget rules
-    (reference section 2.7)."""
+    (the ComfyUI frontend's: one widget per widget-typed input, in input_order, plus its extras)."""
     layout = []
     for inp in spec.widget_inputs:
         layout.append(inp.name)
@@ -279,7 +279,7 @@ def test_extended_later_files_replace_unrunnable_nodes_but_never_builtins(builti
     assert second.get("KSampler") is builtin.get("KSampler")
 
 
-# --- widget rules (reference section 2.7) ----------------------------------------------------------
+# --- widget rules (the ComfyUI frontend's) ----------------------------------------------------------
 
 
 def test_is_widget(builtin, reference):
@@ -350,7 +350,7 @@ def test_upload_widget(builtin):
     ("ImageScale", ["upscale_method", "width", "height", "crop"]),
     ("LatentUpscale", ["upscale_method", "width", "height", "crop"]),
 ])
-def test_widgets_values_layout_matches_reference_examples(builtin, class_type, layout):
+def test_widgets_values_layout_of_common_nodes(builtin, class_type, layout):
     assert _widget_layout(builtin.get(class_type)) == layout
 
 

@@ -1,4 +1,6 @@
-"""UI / API format conversion into the canonical graph (reference §1, §2)."""
+"""UI / API format conversion into the canonical graph: ComfyUI's API ("prompt") format and the frontend's
+saved workflow (schema version 0.4, subgraphs, groups), converted the way the frontend's ``graphToPrompt``
+does."""
 
 from __future__ import annotations
 
@@ -112,7 +114,7 @@ def problems_of(exc: pytest.ExceptionInfo[WorkflowError]) -> list[tuple[str, str
 
 
 # ------------------------------------------------------------------------------------------------------
-# The default template == ComfyUI's basic API example (reference §1.1, §2.7)
+# The default template == ComfyUI's basic API example (its script_examples/basic_api_example.py)
 
 BASIC_API_EXAMPLE = {
     "3": {"class_type": "KSampler",
@@ -158,7 +160,8 @@ def test_widget_values_ignore_extras_and_fill_defaults(catalog):
 
 
 # ------------------------------------------------------------------------------------------------------
-# The worked examples of the §2.7 table, on the real templates
+# widgets_values layouts of common nodes (the frontend's widget order for ComfyUI 0.3.64's definitions),
+# checked on the real templates
 
 WORKED_EXAMPLES = {
     "KSampler": ["seed", None, "steps", "cfg", "sampler_name", "scheduler", "denoise"],
@@ -178,7 +181,7 @@ WORKED_EXAMPLES = {
 
 
 @pytest.mark.parametrize("class_type", sorted(WORKED_EXAMPLES))
-def test_widget_layout_matches_the_reference_table(catalog, class_type):
+def test_widget_layout_of_common_nodes(catalog, class_type):
     assert widget_layout(catalog.get(class_type)) == WORKED_EXAMPLES[class_type]
 
 

@@ -24,7 +24,8 @@ WORDS = ["cat", "dog", "photo", "of", "red", "house"]
 
 
 def _bytes_to_unicode() -> list[str]:
-    """CLIP's byte -> unicode table, printable characters first (reference §10: the order matters)."""
+    """CLIP's byte -> unicode table, printable characters first (the order matters: see
+    test_byte_table_is_in_clips_order_so_a_comma_is_token_267)."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     codes, extra = list(printable), 0
     for b in range(256):
@@ -383,7 +384,7 @@ def test_real_clip_ids():
 
 
 def test_byte_table_is_in_clips_order_so_a_comma_is_token_267():
-    """Reference §10: built in plain byte order, "," would become 300 instead of 267 and every conditioning that
+    """Built in plain byte order, "," would become 300 instead of 267 and every conditioning that
     contains a comma would be off. The demo vocabulary uses CLIP's layout (256 byte characters, then the same
     with ``</w>``), so the comma's end-of-word id must be 267 there too."""
     import json
