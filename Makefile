@@ -11,27 +11,41 @@ export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: install demo test lint bench clean
 
-install: $(VENV)/.installed
+# Two installs, each remembered by a stamp file: `make demo` needs the runner extra only; lint, test and bench
+# also need the dev extra (pytest, ruff, moto, the workflow templates, dag-factory).
+RUNNER_STAMP := $(VENV)/.installed-runner
+DEV_STAMP    := $(VENV)/.installed-dev
 
-# torch goes first and pinned: 2.13.0 is a CPU build on this machine's disk, while an unpinned torch pulled
-# in by any dependency would be a multi-GB CUDA build.
-$(VENV)/.installed: pyproject.toml
+# torch goes in first, on its own and pinned, so that the unpinned torch that the runner's dependencies ask for
+# is already satisfied and does not resolve to a multi-GB CUDA build. TORCH is that pip requirement. PyPI's
+# Linux torch wheel is itself a CUDA build: for a CPU-only machine take it from PyTorch's CPU index, e.g.
+#   make demo TORCH='torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu'
+# With a GPU, install your own CUDA build of torch into $(VENV) first and run make with TORCH= (empty) to keep it.
+TORCH ?= torch==2.13.0
+
+install: $(DEV_STAMP)
+
+$(RUNNER_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==2.13.0
+	$(if $(strip $(TORCH)),$(PIP) install -q $(TORCH))
+	$(PIP) install -q -e '.[runner]'
+	touch $@
+
+$(DEV_STAMP): $(RUNNER_STAMP) pyproject.toml
 	$(PIP) install -q -e '.[runner,dev]'
 	touch $@
 
-lint: install
+lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check airflow_comfy tests benchmarks dags
 
 test: lint
 	$(VENV)/bin/pytest -q
 
-demo: install
+demo: $(RUNNER_STAMP)
 	VENV=$(VENV) DEMO=$(DEMO) bash scripts/demo.sh
 
-bench: install
+bench: $(DEV_STAMP)
 	$(PY) benchmarks/parse.py
 	$(PY) benchmarks/runner.py --repeat 2
 

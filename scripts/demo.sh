@@ -15,7 +15,8 @@ export AIRFLOW__COMFY__ARTIFACT_STORE="file://$DEMO_DIR/artifacts"
 export AIRFLOW__COMFY__MODELS_PATH="$DEMO_DIR/models"
 export AIRFLOW__COMFY__INPUT_PATH="$DEMO_DIR/input"
 export AIRFLOW__COMFY__CACHE_DIR="$DEMO_DIR/cache"
-export AIRFLOW__COMFY__RUNNER_PYTHON="$ROOT/$VENV/bin/python"
+case "$VENV" in /*) ;; *) VENV="$ROOT/$VENV" ;; esac  # the runner subprocesses need an absolute path
+export AIRFLOW__COMFY__RUNNER_PYTHON="$VENV/bin/python"
 export HF_HUB_OFFLINE=1
 mkdir -p "$AIRFLOW_HOME" "$AIRFLOW__CORE__DAGS_FOLDER" "$DEMO_DIR/input"
 cp dags/comfy_workflows.py dags/comfy_workflow_errors.py "$AIRFLOW__CORE__DAGS_FOLDER/"

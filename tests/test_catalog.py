@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from workflow_builders import object_info
 
 from airflow_comfy.workflow.catalog import (
     Catalog,
@@ -24,10 +24,6 @@ from airflow_comfy.workflow.core_nodes import (
     SUPPORTED_SCHEDULERS,
 )
 from airflow_comfy.workflow.errors import WorkflowError
-
-REFERENCE_PATH = (
-    Path(__file__).resolve().parents[2] / "shared" / "reference" / "object_info-comfyui-0.3.64.json"
-)
 
 BUILTIN_NAMES = frozenset({
     "CheckpointLoaderSimple", "VAELoader", "LoraLoader", "CLIPSetLastLayer", "CLIPTextEncode",
@@ -59,9 +55,8 @@ V3_COMBO_KEYS = {"options", "multiselect"}
 
 @pytest.fixture(scope="module")
 def reference() -> dict:
-    if not REFERENCE_PATH.is_file():
-        pytest.skip(f"reference object_info dump not found at {REFERENCE_PATH}")
-    return json.loads(REFERENCE_PATH.read_text(encoding="utf-8"))
+    """ComfyUI 0.3.64's own ``/object_info`` (tests/data): the declarations are checked against it."""
+    return object_info()
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +79,7 @@ def _ref_input(decl: list) -> tuple[str, dict, tuple | None]:
 
 def _widget_layout(spec: NodeSpec) -> list[str]:
     """The frontend's ``widgets_values`` layout for a node, from the catalog's widget rules
-    (reference section 2.7)."""
+    (the ComfyUI frontend's: one widget per widget-typed input, in input_order, plus its extras)."""
     layout = []
     for inp in spec.widget_inputs:
         layout.append(inp.name)
@@ -284,7 +279,7 @@ def test_extended_later_files_replace_unrunnable_nodes_but_never_builtins(builti
     assert second.get("KSampler") is builtin.get("KSampler")
 
 
-# --- widget rules (reference section 2.7) ----------------------------------------------------------
+# --- widget rules (the ComfyUI frontend's) ----------------------------------------------------------
 
 
 def test_is_widget(builtin, reference):
@@ -355,7 +350,7 @@ def test_upload_widget(builtin):
     ("ImageScale", ["upscale_method", "width", "height", "crop"]),
     ("LatentUpscale", ["upscale_method", "width", "height", "crop"]),
 ])
-def test_widgets_values_layout_matches_reference_examples(builtin, class_type, layout):
+def test_widgets_values_layout_of_common_nodes(builtin, class_type, layout):
     assert _widget_layout(builtin.get(class_type)) == layout
 
 

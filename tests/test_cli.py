@@ -11,7 +11,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import yaml
-from workflow_builders import EXAMPLES, REFERENCE, TEMPLATES, txt2img, write
+from workflow_builders import EXAMPLES, OBJECT_INFO, TEMPLATES, data_file, txt2img, write
 
 from airflow_comfy.cli import main
 from airflow_comfy.local_run import compile_for_run
@@ -37,12 +37,10 @@ def test_convert_ui_template_gives_comfyuis_api_prompt(capsys):
 
 
 def test_convert_with_object_info_handles_nodes_the_runner_cannot_run(capsys):
-    reference = REFERENCE / "object_info-comfyui-0.3.64.json"
-    if not reference.exists():
-        pytest.skip("shared/reference not present")
+    object_info = data_file(OBJECT_INFO)
     code, _, err = run_cli(capsys, "convert", TEMPLATES / "flux_schnell.json")
     assert code == 2 and "unknown node type" in err and "flux_schnell.json" in err
-    code, out, _ = run_cli(capsys, "convert", TEMPLATES / "flux_schnell.json", "--object-info", reference)
+    code, out, _ = run_cli(capsys, "convert", TEMPLATES / "flux_schnell.json", "--object-info", object_info)
     assert code == 0
     assert any(node["class_type"] == "UNETLoader" or node["class_type"] == "CheckpointLoaderSimple"
                for node in json.loads(out).values())

@@ -1,15 +1,17 @@
-"""UI / API format conversion into the canonical graph (reference §1, §2)."""
+"""UI / API format conversion into the canonical graph: ComfyUI's API ("prompt") format and the frontend's
+saved workflow (schema version 0.4, subgraphs, groups), converted the way the frontend's ``graphToPrompt``
+does."""
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import pathlib
 from pathlib import Path
 from typing import Any
 
 import pytest
+from workflow_builders import TEMPLATES, object_info
 
 from airflow_comfy.workflow.api_format import convert_api
 from airflow_comfy.workflow.catalog import Catalog
@@ -18,36 +20,20 @@ from airflow_comfy.workflow.graph import Link, Workflow
 from airflow_comfy.workflow.loader import load_workflow, parse_workflow_text, workflow_format
 from airflow_comfy.workflow.ui_format import convert_ui, count_ui_nodes, widget_layout, widget_values
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "object_info-comfyui-0.3.64.json"
-
-
-def _templates_dir() -> Path | None:
-    spec = importlib.util.find_spec("comfyui_workflow_templates")
-    if spec is None or spec.origin is None:
-        return None
-    folder = Path(spec.origin).parent / "templates"
-    return folder if folder.is_dir() else None
-
-
-TEMPLATES = _templates_dir()
-TEMPLATE_FILES = sorted(p for p in TEMPLATES.glob("*.json") if not p.name.startswith("index")) if TEMPLATES else []
-needs_templates = pytest.mark.skipif(TEMPLATES is None, reason="comfyui-workflow-templates is not installed")
+TEMPLATE_FILES = sorted(p for p in TEMPLATES.glob("*.json") if not p.name.startswith("index"))
 
 
 @pytest.fixture(scope="module")
 def catalog() -> Catalog:
-    if not REFERENCE.is_file():
-        pytest.skip("the reference object_info dump is not available")
-    return Catalog({}).extended(json.loads(REFERENCE.read_text(encoding="utf-8")), source="object_info-0.3.64")
+    """Every node ComfyUI 0.3.64 declares, none of them runnable (the conversion only needs the interfaces)."""
+    return Catalog({}).extended(object_info(), source="object_info-0.3.64")
 
 
 def template(name: str) -> dict:
-    assert TEMPLATES is not None
     return json.loads((TEMPLATES / name).read_text(encoding="utf-8"))
 
 
 def load_template(name: str, catalog: Catalog) -> Workflow:
-    assert TEMPLATES is not None
     return load_workflow(TEMPLATES / name, catalog)
 
 
@@ -128,7 +114,7 @@ def problems_of(exc: pytest.ExceptionInfo[WorkflowError]) -> list[tuple[str, str
 
 
 # ------------------------------------------------------------------------------------------------------
-# The default template == ComfyUI's basic API example (reference §1.1, §2.7)
+# The default template == ComfyUI's basic API example (its script_examples/basic_api_example.py)
 
 BASIC_API_EXAMPLE = {
     "3": {"class_type": "KSampler",
@@ -146,7 +132,6 @@ BASIC_API_EXAMPLE = {
 }
 
 
-@needs_templates
 def test_default_template_is_the_basic_api_example(catalog):
     workflow = load_template("default.json", catalog)
     api = workflow.to_api()
@@ -175,7 +160,8 @@ def test_widget_values_ignore_extras_and_fill_defaults(catalog):
 
 
 # ------------------------------------------------------------------------------------------------------
-# The worked examples of the §2.7 table, on the real templates
+# widgets_values layouts of common nodes (the frontend's widget order for ComfyUI 0.3.64's definitions),
+# checked on the real templates
 
 WORKED_EXAMPLES = {
     "KSampler": ["seed", None, "steps", "cfg", "sampler_name", "scheduler", "denoise"],
@@ -195,11 +181,10 @@ WORKED_EXAMPLES = {
 
 
 @pytest.mark.parametrize("class_type", sorted(WORKED_EXAMPLES))
-def test_widget_layout_matches_the_reference_table(catalog, class_type):
+def test_widget_layout_of_common_nodes(catalog, class_type):
     assert widget_layout(catalog.get(class_type)) == WORKED_EXAMPLES[class_type]
 
 
-@needs_templates
 @pytest.mark.parametrize("class_type", sorted(set(WORKED_EXAMPLES) - {"LoadImageMask"}))
 def test_worked_examples_on_real_templates(catalog, class_type):
     """Every active top-level node of this class in the templates that convert: each widget value lands
@@ -228,7 +213,6 @@ def test_worked_examples_on_real_templates(catalog, class_type):
     assert checked or class_type == "PreviewImage"
 
 
-@needs_templates
 def test_ksampler_advanced_with_primitive_nodes(catalog):
     """sdxl_refiner_prompt_example: steps/end_at_step come from PrimitiveNodes 45 and 47."""
     api = load_template("sdxl_refiner_prompt_example.json", catalog).to_api()
@@ -241,7 +225,6 @@ def test_ksampler_advanced_with_primitive_nodes(catalog):
     assert "45" not in api and "47" not in api
 
 
-@needs_templates
 def test_load_image_upload_entry_and_lora_loader(catalog):
     api = load_template("image2image.json", catalog).to_api()
     load_images = [n for n in api.values() if n["class_type"] == "LoadImage"]
@@ -284,7 +267,6 @@ def test_widget_converted_to_input_the_link_wins(catalog):
     assert workflow.nodes["60"].inputs == {"value": 42}
 
 
-@needs_templates
 def test_linked_widget_inputs_on_a_real_template(catalog):
     api = load_template("video_wan2_2_14B_s2v.json", catalog).to_api()
     assert api["3"]["inputs"]["steps"] == ["103", 0] and api["3"]["inputs"]["cfg"] == ["105", 0]
@@ -327,7 +309,6 @@ def test_reroute_chains_are_followed(catalog):
     assert not {"40", "41"} & set(workflow.nodes)
 
 
-@needs_templates
 def test_reroute_on_a_real_template(catalog):
     api = load_template("hidream_e1_1.json", catalog).to_api()
     assert api["49"]["inputs"]["model"] == ["55", 0] and api["53"]["inputs"]["model"] == ["55", 0]
@@ -414,7 +395,6 @@ def test_bypass_type_rules(catalog):
 # Subgraphs
 
 
-@needs_templates
 def test_subgraphs_are_flattened_on_a_real_template(catalog):
     doc = template("flux1_dev_uso_reference_image_gen.json")
     workflow = load_template("flux1_dev_uso_reference_image_gen.json", catalog)
@@ -436,12 +416,11 @@ def test_subgraphs_are_flattened_on_a_real_template(catalog):
     assert workflow.nodes["57:35"].rect == (x, y - 30, instance["size"][0], instance["size"][1] + 30)
 
 
-@needs_templates
 def test_subgraph_promoted_widgets_by_name(catalog):
     """video_wan2_2_14B_animate: instance 232's widgets_values map to the definition's widget-typed inputs
     (width, height, fps, seed, steps, cfg, sampler_name, scheduler); width/height/seed are linked."""
     doc = template("video_wan2_2_14B_animate.json")
-    known = json.loads(REFERENCE.read_text(encoding="utf-8"))
+    known = object_info()
     stubs = {}
     definitions = {d["id"] for d in doc["definitions"]["subgraphs"]}
     for raw in doc["nodes"]:
@@ -532,7 +511,6 @@ def test_muted_or_bypassed_instance_emits_nothing_inside(catalog):
 # All the templates
 
 
-@needs_templates
 @pytest.mark.parametrize("path", TEMPLATE_FILES, ids=[p.name for p in TEMPLATE_FILES])
 def test_every_template_converts_or_names_its_unknown_nodes(catalog, path):
     try:
@@ -557,7 +535,6 @@ def test_every_template_converts_or_names_its_unknown_nodes(catalog, path):
     assert convert_api(api, name="round-trip").to_api() == api
 
 
-@needs_templates
 def test_how_many_templates_convert(catalog):
     converted = 0
     for path in TEMPLATE_FILES:
@@ -570,7 +547,6 @@ def test_how_many_templates_convert(catalog):
     assert converted == 171  # video_wan2_2_14B_animate needs custom node packs (DWPreprocessor, SAM2 ...)
 
 
-@needs_templates
 def test_groups_are_read(catalog):
     doc = template("sdxl_simple_example.json")
     workflow = load_template("sdxl_simple_example.json", catalog)
@@ -847,7 +823,6 @@ def test_workflow_format():
         workflow_format({})
 
 
-@needs_templates
 def test_ui_and_api_agree(catalog, tmp_path):
     ui = load_template("default.json", catalog)
     path = write(tmp_path, "default_api.json", json.dumps(ui.to_api()))

@@ -12,15 +12,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
-pytest.importorskip("transformers")
-pytest.importorskip("safetensors")
-
-from safetensors.torch import save_file  # noqa: E402
-
-from airflow_comfy.runner.models import (  # noqa: E402
+from airflow_comfy.runner.models import (
     ModelFileError,
     apply_lora,
     apply_lora_file,
@@ -46,8 +41,8 @@ from airflow_comfy.runner.models import (  # noqa: E402
     shipped_config,
     upscale_image,
 )
-from airflow_comfy.runner.models.checkpoint import _clip_config, _convert_clip_g, _convert_clip_l  # noqa: E402
-from airflow_comfy.runner.models.files import TensorReader, list_model_files  # noqa: E402
+from airflow_comfy.runner.models.checkpoint import _clip_config, _convert_clip_g, _convert_clip_l
+from airflow_comfy.runner.models.files import TensorReader, list_model_files
 
 CKPT = demo.DEMO_CHECKPOINT
 

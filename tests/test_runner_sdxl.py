@@ -15,21 +15,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
-pytest.importorskip("transformers")
-
-from PIL import Image  # noqa: E402
-
-from airflow_comfy.artifacts.store import file_uri_path  # noqa: E402
-from airflow_comfy.local_run import LocalRunResult, compile_for_run, run_workflow  # noqa: E402
-from airflow_comfy.runner.codecs import decode_value  # noqa: E402
-from airflow_comfy.runner.context import RunContext  # noqa: E402
-from airflow_comfy.runner.models import demo, load_checkpoint  # noqa: E402
-from airflow_comfy.runner.models.checkpoint import detect_family  # noqa: E402
-from airflow_comfy.runner.models.files import TensorReader  # noqa: E402
-from airflow_comfy.workflow.catalog import Catalog  # noqa: E402
+from airflow_comfy.artifacts.store import file_uri_path
+from airflow_comfy.local_run import LocalRunResult, compile_for_run, run_workflow
+from airflow_comfy.runner.codecs import decode_value
+from airflow_comfy.runner.context import RunContext
+from airflow_comfy.runner.models import demo, load_checkpoint
+from airflow_comfy.runner.models.checkpoint import detect_family
+from airflow_comfy.runner.models.files import TensorReader
+from airflow_comfy.workflow.catalog import Catalog
 
 cfg_module = importlib.import_module("airflow_comfy.runner.sampling.cfg")
 ksampler_module = importlib.import_module("airflow_comfy.runner.sampling.ksampler")

@@ -8,24 +8,24 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import safetensors.torch as safetensors_torch
+import torch
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-safetensors_torch = pytest.importorskip("safetensors.torch")
-
-from airflow_comfy.runner.text import (  # noqa: E402
+from airflow_comfy.runner.text import (
     encode_prompt,
     encode_tokens,
     parse_weighted_prompt,
     tokenize_weighted,
 )
-from airflow_comfy.runner.values import Recipe, TextEncoder  # noqa: E402
+from airflow_comfy.runner.values import Recipe, TextEncoder
 
 WORDS = ["cat", "dog", "photo", "of", "red", "house"]
 
 
 def _bytes_to_unicode() -> list[str]:
-    """CLIP's byte -> unicode table, printable characters first (reference §10: the order matters)."""
+    """CLIP's byte -> unicode table, printable characters first (the order matters: see
+    test_byte_table_is_in_clips_order_so_a_comma_is_token_267)."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     codes, extra = list(printable), 0
     for b in range(256):
@@ -384,7 +384,7 @@ def test_real_clip_ids():
 
 
 def test_byte_table_is_in_clips_order_so_a_comma_is_token_267():
-    """Reference §10: built in plain byte order, "," would become 300 instead of 267 and every conditioning that
+    """Built in plain byte order, "," would become 300 instead of 267 and every conditioning that
     contains a comma would be off. The demo vocabulary uses CLIP's layout (256 byte characters, then the same
     with ``</w>``), so the comma's end-of-word id must be 267 there too."""
     import json

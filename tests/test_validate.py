@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
-from workflow_builders import txt2img
+from workflow_builders import OBJECT_INFO, object_info, txt2img
 
 from airflow_comfy.workflow.api_format import convert_api
 from airflow_comfy.workflow.catalog import Catalog
@@ -160,9 +159,4 @@ def test_types_compatible_follows_comfyui():
 
 @pytest.fixture(scope="module")
 def reference_catalog():
-    from workflow_builders import REFERENCE
-
-    path = REFERENCE / "object_info-comfyui-0.3.64.json"
-    if not path.exists():
-        pytest.skip("shared/reference not present")
-    return CATALOG.extended(json.loads(path.read_text()), source=str(path))
+    return CATALOG.extended(object_info(), source=str(OBJECT_INFO))

@@ -6,12 +6,33 @@ import copy
 import json
 from pathlib import Path
 
-import comfyui_workflow_templates
+import pytest
+
+try:
+    import comfyui_workflow_templates
+except ImportError as exc:  # a dev dependency: the tests that need it must fail, not skip
+    raise ImportError(
+        "the tests need comfyui-workflow-templates (the `dev` extra: pip install -e '.[runner,dev]')"
+    ) from exc
 
 TEMPLATES = Path(comfyui_workflow_templates.__file__).parent / "templates"
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "example_workflows"
-REFERENCE = REPO.parent / "shared" / "reference"
+DATA = REPO / "tests" / "data"
+OBJECT_INFO = DATA / "object_info-comfyui-0.3.64.json"
+"""ComfyUI 0.3.64's ``/object_info`` for its 495 built-in nodes (provenance in tests/data/README.md)."""
+
+
+def data_file(path: Path) -> Path:
+    """``path``, a file the tests require: when it is missing the calling test fails, it is never skipped."""
+    if not path.is_file():
+        pytest.fail(f"required test data is missing: {path} (see tests/data/README.md)", pytrace=False)
+    return path
+
+
+def object_info() -> dict:
+    """A fresh copy of ComfyUI 0.3.64's ``/object_info`` dump (:data:`OBJECT_INFO`)."""
+    return json.loads(data_file(OBJECT_INFO).read_text(encoding="utf-8"))
 
 TXT2IMG: dict = {
     "4": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "sd15.safetensors"}},

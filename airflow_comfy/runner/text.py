@@ -1,7 +1,7 @@
 """ComfyUI's prompt semantics for SD 1.x and SDXL text encoders (CLIPTextEncode).
 
 Written from ComfyUI 0.3.64's described behaviour (``comfy/sd1_clip.py``, ``comfy/sdxl_clip.py``,
-``comfy/sd.py``; reference §4.1 and §10), not from its source text.
+``comfy/sd.py``), not from its source text.
 
 Prompt syntax (:func:`parse_weighted_prompt`)
     Only parentheses are special. ``(text)`` multiplies the weight by 1.1 per level (``((a))`` = 1.21);

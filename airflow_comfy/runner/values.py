@@ -1,4 +1,5 @@
-"""The values that flow between nodes inside the runner, in ComfyUI's own shapes (reference §4.1).
+"""The values that flow between nodes inside the runner, in ComfyUI's own shapes (as ComfyUI 0.3.64's
+``nodes.py`` passes them).
 
 Serializable (may cross a group boundary, see :mod:`airflow_comfy.runner.codecs`):
 

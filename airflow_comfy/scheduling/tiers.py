@@ -1,7 +1,9 @@
 """Priority tiers: names people use in sidecars, mapped to Airflow priority weights.
 
-Airflow orders queued task instances by priority_weight, highest first, and takes them as pool slots free up
-(see the reference's scheduling facts): a ``vip`` run's tasks jump ahead of every queued ``batch`` task.
+Airflow's scheduler orders queued task instances by priority_weight, highest first (then the run's logical
+date and map index: ``SchedulerJobRunner._executable_task_instances_to_queued``), and takes them as pool slots
+free up; a running task is never interrupted. So a ``vip`` run's tasks jump ahead of every queued ``batch``
+task.
 The weights are far apart so that a DAG's own upstream/downstream weight rule never lets a lower tier overtake.
 """
 

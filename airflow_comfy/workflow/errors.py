@@ -11,7 +11,8 @@ class Problem:
     """One thing wrong with a workflow.
 
     ``kind`` is a short machine-readable tag (``required_input_missing``, ``value_not_in_list``, ...);
-    where ComfyUI has a name for the same failure (see the reference's validation table) we use it.
+    where ComfyUI has a name for the same failure (the error types of its ``execution.py`` ``validate_prompt``
+    and ``validate_inputs``) we use it.
     """
 
     message: str

@@ -1,4 +1,5 @@
-"""Validation with ComfyUI's rules (reference §1.3, §1.4), pruning, and the runnable-node check.
+"""Validation with ComfyUI's rules (``execution.py`` ``validate_prompt``, ``validate_inputs``), pruning, and
+the runnable-node check.
 
 ``validate(workflow, catalog)`` returns the workflow pruned to what ComfyUI would execute (the ancestors of
 its output nodes) with constants coerced to their declared types, or raises one :class:`WorkflowError`
@@ -15,7 +16,8 @@ from airflow_comfy.workflow.catalog import Catalog, InputSpec, NodeSpec
 from airflow_comfy.workflow.errors import Problem, ProblemCollector, WorkflowError
 from airflow_comfy.workflow.graph import Link, Node, Workflow, sorted_node_ids
 
-# LoadImage accepts "name.png [input]" style annotations selecting the base folder (reference §4.1).
+# LoadImage accepts "name.png [input]" style annotations selecting the base folder
+# (ComfyUI's ``folder_paths.get_annotated_filepath``).
 _ANNOTATIONS = (" [input]", " [output]", " [temp]")
 
 

@@ -1,4 +1,5 @@
-"""The Canny node (reference §7): kornia's ``filters.canny`` with its defaults, reimplemented without kornia.
+"""The Canny node (ComfyUI's ``comfy_extras/nodes_canny.py``): kornia's ``filters.canny`` with its defaults,
+reimplemented without kornia.
 
 ComfyUI's node runs ``kornia.filters.canny(image, low, high)`` on the channels-first image and returns the
 edge map (kornia's second output) repeated to three channels. kornia's algorithm, step by step:

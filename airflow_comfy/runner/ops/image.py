@@ -1,4 +1,5 @@
-"""Image operations of the core nodes (reference §4, §4.1, §7), pure torch / PIL, no model.
+"""Image operations of the core nodes (ComfyUI 0.3.64 ``nodes.py``, ``comfy_extras/nodes_post_processing.py``
+for ImageScaleToTotalPixels, ``comfy/utils.py`` ``common_upscale``), pure torch / PIL, no model.
 
 Shapes follow ComfyUI: IMAGE ``[B, H, W, C]`` float 0..1 (channels last), MASK ``[B, H, W]`` (1 = area to
 change). :func:`common_upscale` works channels first (``[B, C, H, W]``), as ComfyUI's does, so that latents
@@ -320,7 +321,7 @@ def total_pixels_size(width: int, height: int, megapixels: float) -> tuple[int, 
 
 
 def image_scale_to_total_pixels(image: torch.Tensor, upscale_method: str, megapixels: float) -> torch.Tensor:
-    """ImageScaleToTotalPixels: keep the aspect ratio, aim at ``megapixels × 1024²`` pixels (§7)."""
+    """ImageScaleToTotalPixels: keep the aspect ratio, aim at ``megapixels × 1024²`` pixels."""
     samples = image.movedim(-1, 1)
     width, height = total_pixels_size(samples.shape[3], samples.shape[2], megapixels)
     return common_upscale(samples, width, height, upscale_method, "disabled").movedim(1, -1)

@@ -1,8 +1,11 @@
-"""Latent operations of the core nodes (reference §4, §4.1, §6), pure torch, no model.
+"""Latent operations of the core nodes (ComfyUI 0.3.64 ``nodes.py``: EmptyLatentImage, LatentUpscale,
+LatentUpscaleBy, LatentFromBatch, RepeatLatentBatch, SetLatentNoiseMask, VAEEncodeForInpaint), pure torch, no
+model.
 
 A :class:`~airflow_comfy.runner.values.Latent` carries ``samples [B, C, H/8, W/8]`` and optionally a
-``noise_mask`` and a ``batch_index`` (the indices of the items in the seed's noise sequence, §6). Like
-ComfyUI's ``samples.copy()``, an operation that only changes ``samples`` keeps the other two as they were.
+``noise_mask`` and a ``batch_index`` (the indices of the items in the seed's noise sequence, as ComfyUI's
+``comfy/sample.py`` ``prepare_noise`` draws it). Like ComfyUI's ``samples.copy()``, an operation that only
+changes ``samples`` keeps the other two as they were.
 
 Faithful to ComfyUI 0.3.64 including one quirk: :func:`repeat_latent_batch` repeats the *original*
 ``noise_mask`` ``amount`` times even when it has fewer items than the latent (ComfyUI computes a padded mask

@@ -1,4 +1,5 @@
-"""SaveImage / PreviewImage: file names and PNG bytes exactly as ComfyUI writes them (reference §5).
+"""SaveImage / PreviewImage: file names and PNG bytes exactly as ComfyUI writes them (ComfyUI 0.3.64
+``nodes.py`` ``SaveImage.save_images``, ``folder_paths.get_save_image_path``).
 
 The runner writes to an artifact store, not a folder, so the node is split into pure parts:
 

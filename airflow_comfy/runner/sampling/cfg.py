@@ -1,6 +1,6 @@
 """The guided denoiser ``D(x; σ)`` the samplers call: UNet + conditioning + classifier-free guidance.
 
-What one call does (ComfyUI semantics, reference comfyui-formats.md §10 and §4.1):
+What one call does (ComfyUI 0.3.64 semantics: ``comfy/samplers.py`` ``calc_cond_batch``, ``cfg_function``):
 
 1. every conditioning entry (positive = "cond", negative = "uncond"; the negative ones are skipped when
    ``cfg == 1``) takes its area of the latent (``CondEntry.area = (h, w, y, x)`` in latent units, clamped to the

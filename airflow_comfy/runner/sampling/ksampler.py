@@ -1,4 +1,5 @@
-"""KSampler / KSamplerAdvanced as pure functions (reference comfyui-formats.md §6).
+"""KSampler / KSamplerAdvanced as pure functions (ComfyUI 0.3.64: ``nodes.py`` ``common_ksampler``,
+``comfy/sample.py``, ``comfy/samplers.py``).
 
 The steps, in order:
 
@@ -32,10 +33,12 @@ from airflow_comfy.runner.sampling.schedule import SCHEDULERS, ModelSampling, ca
 from airflow_comfy.runner.values import Conditioning, DiffusionModel, Latent
 
 DISCARD_PENULTIMATE_SIGMA_SAMPLERS = frozenset({"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"})
-"""Samplers whose schedule is computed for steps + 1 with the penultimate σ removed (reference §4.2)."""
+"""Samplers whose schedule is computed for steps + 1 with the penultimate σ removed (ComfyUI's
+``comfy/samplers.py`` ``DISCARD_PENULTIMATE_SIGMA_SAMPLERS``)."""
 
 RANDOM_INPAINT_NOISE_SAMPLERS = frozenset({"ddim"})
-"""Samplers whose inpainting blend uses a separate noise drawn from seed + 1 (reference §4.2, §6.6)."""
+"""Samplers whose inpainting blend uses a separate noise drawn from seed + 1 (ComfyUI's
+``comfy/samplers.py``: ``ddim`` is ``euler`` with the ``random`` inpaint option)."""
 
 Progress = Callable[[int, int], None]
 """``progress(done_steps, total_steps)``, called after each sampler step."""
@@ -51,7 +54,7 @@ def _check_seed(seed: int) -> int:
 
 
 def prepare_noise(latent: Latent | torch.Tensor, seed: int, *, add_noise: bool = True) -> torch.Tensor:
-    """The initial noise, on the CPU, in the latent's dtype (reference §6.2)."""
+    """The initial noise, on the CPU, in the latent's dtype (ComfyUI's ``comfy.sample.prepare_noise``)."""
     samples = latent.samples if isinstance(latent, Latent) else latent
     batch_index = latent.batch_index if isinstance(latent, Latent) else None
     if not add_noise:
@@ -73,7 +76,7 @@ def prepare_noise(latent: Latent | torch.Tensor, seed: int, *, add_noise: bool =
 
 def sigmas_for(scheduler: str, steps: int, denoise: float | None = 1.0, *, sampler_name: str | None = None,
                model_sampling: ModelSampling | None = None) -> torch.Tensor:
-    """KSampler's σ schedule for ``steps`` and ``denoise`` (reference §6.3)."""
+    """KSampler's σ schedule for ``steps`` and ``denoise`` (ComfyUI's ``KSampler.set_steps``)."""
     ms = model_sampling or ModelSampling()
 
     def full(n: int) -> torch.Tensor:
@@ -136,7 +139,7 @@ def prepare_mask(noise_mask: torch.Tensor, shape: torch.Size | tuple[int, ...]) 
 
 def inpaint_denoiser(denoise_fn: DenoiseFn, latent_image: torch.Tensor, noise: torch.Tensor, mask: torch.Tensor,
                      model_sampling: ModelSampling) -> DenoiseFn:
-    """Keep the unmasked part on the path of the original latent (reference §6.6)."""
+    """Keep the unmasked part on the path of the original latent (ComfyUI's ``KSamplerX0Inpaint``)."""
     latent_mask = 1.0 - mask
 
     def fn(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

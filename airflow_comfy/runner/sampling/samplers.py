@@ -66,7 +66,7 @@ def _noise(noise_sampler: NoiseSampler | None, x: torch.Tensor, sigma, sigma_nex
 
 def default_noise_sampler(x: torch.Tensor, seed: int | None) -> NoiseSampler:
     """Per-step noise of the ancestral samplers: one ``torch.Generator`` on x's device, seeded once, one
-    ``randn(x.shape)`` per call (reference §6.7).
+    ``randn(x.shape)`` per call.
 
     On the CPU the generator is seeded with ``seed + 1``: ComfyUI does this (k_diffusion/sampling.py,
     ``default_noise_sampler``) so that the first ancestral noise is not the initial noise again, which the
@@ -426,10 +426,11 @@ def sample_dpmpp_sde(denoise_fn: DenoiseFn, x: torch.Tensor, sigmas: torch.Tenso
 def sample_dpmpp_2m_sde(denoise_fn: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, *,
                         noise_sampler: NoiseSampler | None = None, callback: Callback | None = None,
                         eta: float = 1.0) -> torch.Tensor:
-    """DPM-Solver++(2M) SDE, midpoint variant (Lu et al. 2022b, §4 / eq. for the SDE solver): with
-    h = λ_next − λ, the exact solution of the linear part is ``σ_next/σ·e^(−ηh)·x + (1 − e^(−(1+η)h))·D``,
-    plus a first-order correction ``½(1 − e^(−(1+η)h))·(D − D_prev)/r`` and noise of std
-    ``σ_next·√(1 − e^(−2ηh))``. The last step to σ = 0 returns the denoised value."""
+    """DPM-Solver++(2M) SDE, midpoint variant (Lu et al. 2022b, arXiv:2211.01095, section 4, the SDE
+    solver): with h = λ_next − λ, the exact solution of the linear part is
+    ``σ_next/σ·e^(−ηh)·x + (1 − e^(−(1+η)h))·D``, plus a first-order correction
+    ``½(1 − e^(−(1+η)h))·(D − D_prev)/r`` and noise of std ``σ_next·√(1 − e^(−2ηh))``. The last step to
+    σ = 0 returns the denoised value."""
     if len(sigmas) <= 1:
         return x
     s_in = x.new_ones([x.shape[0]])

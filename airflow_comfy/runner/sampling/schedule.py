@@ -3,16 +3,18 @@
 The model side (:class:`ModelSampling`): a DDPM trained on 1000 discrete steps with the "scaled linear" beta
 schedule (``β_i`` = squares of ``linspace(√0.00085, √0.012, 1000)``), seen as a variance-exploding process
 ``x_σ = x_0 + σ·ε`` with ``σ_i = √((1 − ᾱ_i)/ᾱ_i)`` (Karras et al. 2022, "EDM", table 1, "VP → VE").
-Following the reference (comfyui-formats.md §4.2, §10) the betas and σ are computed in float64 and stored as
-float32 σ and float32 log σ (the log taken in float64): σ_min = 0.029167, σ_max = 14.614641.
+As in ComfyUI 0.3.64 (``comfy/model_sampling.py`` ``ModelSamplingDiscrete``), the betas and σ are computed in
+float64 and stored as float32 σ and float32 log σ (the log taken in float64): σ_min = 0.029167,
+σ_max = 14.614641.
 
 * ``sigma_to_t`` maps σ to the integer index of the nearest log σ (returned as float): ComfyUI feeds the UNet
-  integer timesteps, not fractional ones (reference §10).
+  integer timesteps, not fractional ones (``ModelSamplingDiscrete.timestep``).
 * ``t_to_sigma`` interpolates log σ linearly between the two neighbouring indices.
 * ``calculate_input`` is EDM's ``c_in = 1/√(σ² + σ_data²)`` with σ_data = 1; ``calculate_denoised`` turns an
   ε (or v) prediction into the denoised estimate ``D(x; σ)``.
 
-The schedulers (reference §4.2 lists their 20-step values, which the tests check):
+The schedulers of ComfyUI's ``comfy/samplers.py`` (``SCHEDULER_HANDLERS``; the tests check their 20-step
+values against numbers measured on ComfyUI 0.3.64):
 
 ========== ==========================================================================================
 normal      σ(t) at ``linspace(999, 0, steps)`` (log-linear interpolation), then 0
@@ -123,7 +125,8 @@ class ModelSampling:
 
     def noise_scaling(self, sigma: torch.Tensor, noise: torch.Tensor, latent_image: torch.Tensor,
                       max_denoise: bool = False) -> torch.Tensor:
-        """Initial x: ``noise·√(1+σ²) + latent`` at full denoise, ``noise·σ + latent`` otherwise (reference §6.5)."""
+        """Initial x: ``noise·√(1+σ²) + latent`` at full denoise, ``noise·σ + latent`` otherwise (ComfyUI's
+        ``EPS.noise_scaling`` in ``comfy/model_sampling.py``)."""
         sigma = self._view(sigma, noise)
         noise = noise * torch.sqrt(1.0 + sigma ** 2.0) if max_denoise else noise * sigma
         return noise + latent_image
@@ -147,7 +150,7 @@ def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:
 
 
 def karras_sigmas(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0) -> torch.Tensor:
-    """Karras et al. 2022, eq. 5 (float32, as the reference's numbers were computed)."""
+    """Karras et al. 2022, eq. 5, in float32 like ComfyUI's ``k_diffusion.sampling.get_sigmas_karras``."""
     ramp = torch.linspace(0, 1, n)
     min_inv_rho = sigma_min ** (1 / rho)
     max_inv_rho = sigma_max ** (1 / rho)
@@ -165,7 +168,7 @@ def normal_schedule(ms: ModelSampling, steps: int, *, sgm: bool = False) -> torc
     end = ms.sigma_to_t(ms.sigma_min)
     timesteps = torch.linspace(float(start), float(end), steps + 1)[:-1] if sgm else \
         torch.linspace(float(start), float(end), steps)
-    # One 0-d evaluation per point (the reference numbers were made that way; vectorised exp may differ by 1 ulp).
+    # One 0-d evaluation per point, as ComfyUI's normal_scheduler does (a vectorised exp may differ by 1 ulp).
     sigs = [float(ms.t_to_sigma(timesteps[i])) for i in range(len(timesteps))]
     return torch.tensor(sigs + [0.0], dtype=torch.float32)
 
