@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import json
 import os
 import shutil
@@ -63,6 +64,7 @@ TARGET_RATIO = 0.5
 KPO_PATH = "airflow.providers.cncf.kubernetes.operators.pod.KubernetesPodOperator"
 PARAM_PATH = "airflow.sdk.Param"
 COPY_MARKER = "airflow_comfy_benchmark_copy"
+OPERATOR_MODULES = {"kubernetes": "airflow_comfy.operators.pod", "local": "airflow_comfy.operators.local"}
 
 
 # --------------------------------------------------------------------------------------------------- forks
@@ -106,12 +108,14 @@ def dag_shape(globals_dict: dict) -> dict[str, Any]:
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from airflow.sdk import DAG
 
+    # by dag id: a Python DAG file may hold one DAG in two globals (e.g. the loop variable ``dag``)
+    dags = {value.dag_id: value for value in globals_dict.values()
+            if isinstance(value, DAG) and value.dag_id != "airflow_comfy_workflow_errors"}
     shape: dict[str, dict[str, list[str]]] = {}
     kpo_tasks = 0
-    for value in globals_dict.values():
-        if isinstance(value, DAG) and value.dag_id != "airflow_comfy_workflow_errors":
-            shape[value.dag_id] = {t.task_id: sorted(t.upstream_task_ids) for t in value.tasks}
-            kpo_tasks += sum(isinstance(t, KubernetesPodOperator) for t in value.tasks)
+    for dag_id, dag in dags.items():
+        shape[dag_id] = {t.task_id: sorted(t.upstream_task_ids) for t in dag.tasks}
+        kpo_tasks += sum(isinstance(t, KubernetesPodOperator) for t in dag.tasks)
     return {
         "dags": len(shape),
         "tasks": sum(len(tasks) for tasks in shape.values()),
@@ -120,10 +124,10 @@ def dag_shape(globals_dict: dict) -> dict[str, Any]:
     }
 
 
-def comfy_settings(cache_dir: str):
+def comfy_settings(cache_dir: str, backend: str = "kubernetes"):
     from airflow_comfy.config import get_settings
 
-    return get_settings(cache_dir=cache_dir, backend="kubernetes")
+    return get_settings(cache_dir=cache_dir, backend=backend)
 
 
 # ------------------------------------------------------------------------------------------------- setup
@@ -233,13 +237,15 @@ def _timed(load: Callable[[dict], Any], import_s: float) -> dict[str, Any]:
     return {"import_s": import_s, "cpu_s": c1 - c0, "wall_s": w1 - w0, **dag_shape(globals_dict)}
 
 
-def measure_comfy(workflows: Path, cache_dir: str) -> dict[str, Any]:
+def measure_comfy(workflows: Path, cache_dir: str, backend: str = "kubernetes") -> dict[str, Any]:
     t0 = time.process_time()
     from airflow_comfy.factory import cache
     from airflow_comfy.factory.loader import load_workflows
 
+    # build_group_task imports the backend's operator module on the first task: a once-per-file cost too
+    importlib.import_module(OPERATOR_MODULES[backend])
     import_s = time.process_time() - t0
-    settings = comfy_settings(cache_dir)
+    settings = comfy_settings(cache_dir, backend)
     cache.clear_memory()
     return _timed(lambda g: load_workflows(workflows, g, settings=settings), import_s)
 
@@ -252,6 +258,22 @@ def measure_dagfactory(yaml_dir: Path) -> dict[str, Any]:
     folder = str(yaml_dir)
     return _timed(lambda g: dagfactory.load_yaml_dags(globals_dict=g, dags_folder=folder,
                                                       defaults_config_path=folder), import_s)
+
+
+def repeat_measures(measures: dict[str, Callable[[], dict[str, Any]]], repeat: int,
+                    verbose: bool) -> dict[str, list[dict[str, Any]]]:
+    """Each measure ``repeat`` times, each run in a fresh fork; the order rotates every repetition."""
+    names = list(measures)
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    width = max(map(len, names))
+    for rep in range(repeat):
+        for name in names[rep % len(names):] + names[: rep % len(names)]:
+            r = in_fork(measures[name])
+            results[name].append(r)
+            if verbose:
+                print(f"  run {rep + 1} {name:{width}s} cpu {r['cpu_s']:6.3f} s  wall {r['wall_s']:6.3f} s  "
+                      f"import {r['import_s']:.3f} s")
+    return results
 
 
 def profile_comfy(workflows: Path, top: int) -> str:
@@ -279,10 +301,171 @@ def profile_comfy(workflows: Path, top: int) -> str:
     return out.getvalue()
 
 
+# ------------------------------------------------------------------------------------------ lean scenario
+LEAN_SOURCE = Path(__file__).resolve().parents[1] / "example_workflows" / "txt2img_api.json"
+#: The node whose ``text`` differs between copies: the positive prompt (CLIPTextEncode). Node "6" of this
+#: file is the VAEDecode, which has no text.
+LEAN_PROMPT_NODE = "2"
+LEAN_IMAGE = "comfy-runner:1"
+LEAN_CMDS = ["python", "-m", "airflow_comfy.runner"]
+LEAN_TARGETS = {"cold": 0.8, "warm": 0.4}
+BACKENDS = ("local", "kubernetes")
+HAND_WRITTEN_FILE = "hand_written_dags.py"
+
+# What a person writes for the same DAGs: a loop over a list, two KPO tasks each, short arguments.
+# Its ``arguments`` must stay equal to lean_arguments() below (setup checks it).
+HAND_WRITTEN = '''"""DAGs of two KubernetesPodOperator tasks, written by hand: the floor of operator construction."""
+from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from airflow.sdk import DAG
+
+IMAGE = "comfy-runner:1"
+CMDS = ["python", "-m", "airflow_comfy.runner"]
+DAGS = __DAGS__  # (dag id, first task, second task)
+
+
+def arguments(dag_id, task_id):
+    return ["run", "--spec", f"/specs/{dag_id}/{task_id}.json", "--store", "s3://comfy/artifacts",
+            "--run-key", "{{ run_id }}", "--models", "/models", "--xcom-path", "/airflow/xcom/return.json"]
+
+
+for dag_id, first, second in DAGS:
+    with DAG(dag_id=dag_id, schedule=None, catchup=False, default_args={"owner": "airflow"}) as dag:
+        a = KubernetesPodOperator(task_id=first, image=IMAGE, cmds=CMDS, arguments=arguments(dag_id, first))
+        b = KubernetesPodOperator(task_id=second, image=IMAGE, cmds=CMDS, arguments=arguments(dag_id, second))
+        a >> b
+    globals()[dag_id] = dag
+'''
+
+
+def lean_arguments(dag_id: str, task_id: str) -> list[str]:
+    """About ten short strings, as a YAML author would write the runner's command line."""
+    return ["run", "--spec", f"/specs/{dag_id}/{task_id}.json", "--store", "s3://comfy/artifacts",
+            "--run-key", "{{ run_id }}", "--models", "/models", "--xcom-path", "/airflow/xcom/return.json"]
+
+
+def write_copies(folder: Path, n: int) -> None:
+    """N copies of ``txt2img_api.json`` that differ only in the prompt text (so no two share a cache key)."""
+    data = json.loads(LEAN_SOURCE.read_bytes())
+    prompt = data[LEAN_PROMPT_NODE]["inputs"]["text"]
+    folder.mkdir(parents=True)
+    for i in range(n):
+        data[LEAN_PROMPT_NODE]["inputs"]["text"] = f"{prompt}, variant {i}"
+        (folder / f"{LEAN_SOURCE.stem}_{i:04d}.json").write_text(json.dumps(data, indent=2), encoding="utf-8")
+
+
+def prepare_lean(lean: Path, n: int) -> dict[str, Any]:
+    """(In a fork.) The copies, their disk cache, and the two baselines that build the same DAGs:
+    dag-factory YAML files (one DAG each) and one hand-written Python DAG file."""
+    import yaml
+
+    from airflow_comfy.factory import cache
+    from airflow_comfy.factory.loader import load_workflows
+
+    write_copies(lean / "workflows", n)
+    built: dict[str, Any] = {}
+    # This cold load also fills the disk cache that the "warm" measurements read (its key ignores the backend).
+    load_workflows(lean / "workflows", built, settings=comfy_settings(str(lean / "cache")))
+    cache.clear_memory()
+    shape = dag_shape(built)
+    chains = []
+    for dag_id, tasks in json.loads(shape["shape"]).items():
+        first, second = sorted(tasks, key=lambda t: len(tasks[t]))
+        assert len(tasks) == 2 and tasks[first] == [] and tasks[second] == [first], (dag_id, tasks)
+        chains.append((dag_id, first, second))
+    assert len(chains) == n, f"{len(chains)} of {n} copies became DAGs"
+
+    (lean / "yaml").mkdir()
+    for dag_id, first, second in chains:
+        config = {"default_args": {"owner": "airflow"}, "catchup": False,
+                  "tasks": {first: _lean_task_yaml(dag_id, first, None),
+                            second: _lean_task_yaml(dag_id, second, first)}}
+        (lean / "yaml" / f"{dag_id}.yaml").write_text(yaml.safe_dump({dag_id: config}, sort_keys=False),
+                                                      encoding="utf-8")
+
+    (lean / "hand").mkdir()
+    hand = lean / "hand" / HAND_WRITTEN_FILE
+    hand.write_text(HAND_WRITTEN.replace("__DAGS__", json.dumps(chains, indent=0)), encoding="utf-8")
+    module = _exec_file(hand)  # also writes its .pyc, as the dag-processor's earlier parses would have
+    dag_id, first, _ = chains[0]
+    assert module[dag_id].get_task(first).arguments == lean_arguments(dag_id, first), "hand-written args differ"
+    return shape
+
+
+def _lean_task_yaml(dag_id: str, task_id: str, upstream: str | None) -> dict[str, Any]:
+    conf: dict[str, Any] = {"operator": KPO_PATH, "image": LEAN_IMAGE, "cmds": LEAN_CMDS,
+                            "arguments": lean_arguments(dag_id, task_id)}
+    if upstream:
+        conf["dependencies"] = [upstream]
+    return conf
+
+
+def _exec_file(path: Path) -> dict[str, Any]:
+    """Run a Python DAG file the way the DagBag imports one; returns its globals."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"unusual_prefix_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return vars(module)
+
+
+def measure_hand_written(path: Path) -> dict[str, Any]:
+    return _timed(lambda g: g.update(_exec_file(path)), 0.0)
+
+
+def run_lean(root: Path, args: argparse.Namespace) -> None:
+    n = args.n or 200
+    lean = root / "lean"
+    lean.mkdir()
+    info = in_fork(lambda: prepare_lean(lean, n))
+    workflows, cache_dir = lean / "workflows", str(lean / "cache")
+    print(f"\nlean: {n} copies of {LEAN_SOURCE.name} (prompts differ) -> {info['dags']} DAGs of "
+          f"{info['tasks'] // info['dags']} tasks. dag-factory YAML and a hand-written Python file build the "
+          "same dag ids, task ids and dependencies with plain KubernetesPodOperators and short arguments.")
+    measures: dict[str, Callable[[], dict[str, Any]]] = {}
+    for backend in BACKENDS:
+        measures[f"{backend} cold"] = lambda b=backend: measure_comfy(workflows, "", b)
+        measures[f"{backend} warm"] = lambda b=backend: measure_comfy(workflows, cache_dir, b)
+    measures["dag-factory lean"] = lambda: measure_dagfactory(lean / "yaml")
+    measures["hand-written"] = lambda: measure_hand_written(lean / "hand" / HAND_WRITTEN_FILE)
+    results = repeat_measures(measures, args.repeat, args.verbose)
+    for name, runs in results.items():
+        for r in runs:
+            assert r["shape"] == info["shape"], f"{name}: dag ids / task ids / dependencies differ"
+            expected_kpo = 0 if name.startswith("local") else info["tasks"]
+            assert r["kpo_tasks"] == expected_kpo, (name, r["kpo_tasks"], expected_kpo)
+
+    ms = {name: statistics.median(r["cpu_s"] for r in runs) * 1000 / info["dags"]
+          for name, runs in results.items()}
+    df, hand = ms["dag-factory lean"], ms["hand-written"]
+    print(f"lean parse, ms/DAG (median CPU time of {args.repeat} runs, each in a fresh fork; imports not counted):")
+    for backend in BACKENDS:
+        print(f"  {'airflow-comfy, backend ' + backend:35s}cold {ms[f'{backend} cold']:5.2f}   "
+              f"warm {ms[f'{backend} warm']:5.2f}")
+    print(f"  {'dag-factory 1.1.0, lean YAML':35s}     {df:5.2f}   (2 plain KPO, short args, a >> b)")
+    print(f"  {'hand-written Python DAG file':35s}     {hand:5.2f}   (the floor: DAG + 2 KPO + a >> b)")
+    targets = ", ".join(f"{kind} <= {target}x" for kind, target in LEAN_TARGETS.items())
+    print(f"lean ratios: ours / dag-factory lean (target {targets}); ours / hand-written:")
+    for backend in BACKENDS:
+        cells = []
+        for kind, target in LEAN_TARGETS.items():
+            ratio = ms[f"{backend} {kind}"] / df
+            cells.append(f"{kind} {ratio:.2f}x{'' if ratio <= target else ' (over)'}")
+        hand_cells = ", ".join(f"{kind} {ms[f'{backend} {kind}'] / hand:.2f}x" for kind in LEAN_TARGETS)
+        print(f"  {backend:10s}  vs dag-factory: {', '.join(cells):37s} vs hand-written: {hand_cells}")
+    imports = {name: statistics.median(r["import_s"] for r in runs) * 1000 for name, runs in results.items()}
+    print(f"library import, once per file parse: airflow-comfy local {imports['local cold']:.0f} ms, "
+          f"kubernetes {imports['kubernetes cold']:.0f} ms, dag-factory {imports['dag-factory lean']:.0f} ms")
+
+
 # -------------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=100, help="number of workflow files / DAGs (default 100)")
+    parser.add_argument("--n", type=int, default=None,
+                        help="number of workflow files / DAGs (default: 100 for heavy, 200 for lean)")
+    parser.add_argument("--scenario", choices=("all", "heavy", "lean"), default="all",
+                        help="heavy: the templates vs dag-factory YAML made from our DAGs; lean: txt2img copies vs "
+                             "short dag-factory YAML and a hand-written DAG file (default: both)")
     parser.add_argument("--repeat", type=int, default=3,
                         help="repetitions of each measurement (default 3: keeps `make bench` near 1 minute)")
     parser.add_argument("--profile", action="store_true", help="also print a cProfile of our cold parse")
@@ -317,7 +500,15 @@ def run(root: Path, args: argparse.Namespace) -> int:
     # The dag-processor's manager freezes its heap before forking parsers (gc.freeze() in
     # DagFileProcessorManager.before_run): the children's garbage collections then skip Airflow's objects.
     gc.freeze()
-    info = in_fork(lambda: prepare(root, args.n))
+    if args.scenario in ("all", "heavy"):
+        run_heavy(root, args)
+    if args.scenario in ("all", "lean"):
+        run_lean(root, args)
+    return 0
+
+
+def run_heavy(root: Path, args: argparse.Namespace) -> None:
+    info = in_fork(lambda: prepare(root, args.n or 100))
     workflows, cache_dir = root / "workflows", str(root / "cache")
     print(f"setup: {info['templates']} templates become DAGs -> {info['dags']} workflow files, "
           f"{info['dags']} dag-factory YAML files (x2: inline spec / spec file reference)")
@@ -329,14 +520,7 @@ def run(root: Path, args: argparse.Namespace) -> int:
         "df-lean-args": lambda: measure_dagfactory(root / "yaml-lean"),
     }
     names = list(measures)
-    results: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
-    for rep in range(args.repeat):
-        for name in names[rep % len(names):] + names[: rep % len(names)]:  # rotate the order each repetition
-            r = in_fork(measures[name])
-            results[name].append(r)
-            if args.verbose:
-                print(f"  run {rep + 1} {name:13s} cpu {r['cpu_s']:6.3f} s  wall {r['wall_s']:6.3f} s  "
-                      f"import {r['import_s']:.3f} s")
+    results = repeat_measures(measures, args.repeat, args.verbose)
 
     # The shape check: both sides built the same DAGs, tasks and dependencies, all KPO tasks.
     for name in names:
@@ -366,7 +550,6 @@ def run(root: Path, args: argparse.Namespace) -> int:
         print(in_fork(lambda: profile_comfy(workflows, 25)))
     elif cold / lean > TARGET_RATIO:
         print("over target against lean dag-factory: run with --profile to see where our time goes")
-    return 0
 
 
 if __name__ == "__main__":
