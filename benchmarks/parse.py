@@ -456,6 +456,294 @@ def run_lean(root: Path, args: argparse.Namespace) -> None:
     imports = {name: statistics.median(r["import_s"] for r in runs) * 1000 for name, runs in results.items()}
     print(f"library import, once per file parse: airflow-comfy local {imports['local cold']:.0f} ms, "
           f"kubernetes {imports['kubernetes cold']:.0f} ms, dag-factory {imports['dag-factory lean']:.0f} ms")
+    if args.split:
+        run_split(lean, args, ms)
+
+
+# ------------------------------------------------------------------------------------------ cost split
+#: (key, label) of the phases cost_split() times, in the order of the table.
+SPLIT_PHASES = (
+    ("read", "read (stat, bytes, sidecar, dag id)"),
+    ("cache key", "cache key (sha256)"),
+    ("parse", "parse/convert (parse_workflow_text)"),
+    ("validate", "validate"),
+    ("slice", "slice (slice_workflow)"),
+    ("params", "params (discover_params)"),
+    ("spec", "spec (specs, to_dict, to_data_uri)"),
+    ("docs", "docs (workflow_doc_md)"),
+    ("cache put", "cache put (memory only: cold)"),
+    ("cache read", "cache read (file)"),
+    ("decode", "JSON decode + from_dict"),
+    ("DAG", "DAG construction (build_dag, no tasks)"),
+    ("task inputs", "GroupSpec.from_dict + task_config_for"),
+    ("operators", "operator construction (build_group_task)"),
+    ("dependencies", "dependencies (a >> b)"),
+)
+
+
+def cost_split(workflows: Path, cache_dir: str, backend: str) -> dict[str, float]:
+    """(In a fork.) ``load_workflows``' work, file by file, with a CPU timer around each phase. Returns the
+    seconds of each phase summed over the files, plus ``once`` (catalog, file list) and ``files``.
+
+    It calls the package's own functions in the order ``factory/loader.py`` (``_load_one``, ``build_dag``)
+    and ``factory/compile.py`` (``compile_workflow``) do, without patching them: when those change shape,
+    this function is the one to adapt. Error handling is left out (every benchmark file is good)."""
+    import dataclasses
+    import hashlib
+
+    from airflow_comfy.factory import cache as cache_module
+    from airflow_comfy.factory.compile import CompiledWorkflow, cache_key, dag_id_for
+    from airflow_comfy.factory.docs import workflow_doc_md
+    from airflow_comfy.factory.loader import _workflow_files, build_dag, task_config_for
+    from airflow_comfy.factory.sidecar import load_sidecar, sidecar_path
+    from airflow_comfy.operators.build import build_group_task
+    from airflow_comfy.workflow.catalog import load_catalog
+    from airflow_comfy.workflow.groupspec import GroupSpec
+    from airflow_comfy.workflow.loader import parse_workflow_text
+    from airflow_comfy.workflow.params import bindings, discover_params
+    from airflow_comfy.workflow.slicing import slice_workflow
+    from airflow_comfy.workflow.validate import validate
+
+    importlib.import_module(OPERATOR_MODULES[backend])  # a once-per-file import, not a phase
+    settings = comfy_settings(cache_dir, backend)
+    cache_module.clear_memory()
+    clock = time.process_time
+    spent: dict[str, float] = {}
+    last = clock()
+
+    def lap(phase: str) -> None:
+        nonlocal last
+        now = clock()
+        spent[phase] = spent.get(phase, 0.0) + now - last
+        last = now
+
+    catalog = load_catalog(settings.object_info_files)
+    catalog.fingerprint()  # memoized: the first cache_key() would pay it
+    store = cache_module.CompileCache(settings.cache_dir or None)
+    files = _workflow_files(workflows, [])
+    lap("once")
+    for path in files:
+        sidecar = load_sidecar(sidecar_path(path))
+        dag_id_for(path, sidecar)
+        path.stat()
+        content = path.read_bytes()
+        lap("read")
+        key = cache_key(content, sidecar, catalog, str(path))
+        lap("cache key")
+        cached = None
+        if store.directory is not None:  # CompileCache.get, in two steps
+            text = (store.directory / f"{key}.json").read_text(encoding="utf-8")
+            lap("cache read")
+            cached = json.loads(text)
+        if cached is not None:
+            compiled = CompiledWorkflow.from_dict(cached)
+            lap("decode")
+        else:  # compile_workflow, phase by phase
+            source, name = str(path), path.name[: -len(".json")]
+            workflow = parse_workflow_text(content, catalog, name=name, source=source,
+                                           max_nodes=settings.max_workflow_nodes)
+            lap("parse")
+            workflow = validate(workflow, catalog)
+            lap("validate")
+            graph = slice_workflow(workflow, catalog, mode=sidecar.slicing, assignment=sidecar.groups or None)
+            lap("slice")
+            params = discover_params(workflow, catalog, auto=sidecar.auto_params, declared=sidecar.params)
+            lap("params")
+            sha = hashlib.sha256(content).hexdigest()
+            metadata = {"prompt": workflow.to_api(), "workflow": workflow.ui_workflow}
+            specs = graph.specs(workflow_sha256=sha, params=bindings(params), metadata=metadata)
+            groups = [{"task_id": s.group, "title": g.title, "upstream": list(s.upstream), "spec": s.to_dict(),
+                       "spec_uri": s.to_data_uri()} for s, g in zip(specs, graph.groups, strict=True)]
+            lap("spec")
+            doc_md = workflow_doc_md(graph, params, sidecar)
+            lap("docs")
+            compiled = CompiledWorkflow(
+                dag_id=dag_id_for(path, sidecar), name=name, source=source, sha256=sha, mode=graph.mode,
+                groups=groups, doc_md=doc_md,
+                params=[{"name": p.name, "title": p.title, "description": p.description, "schema": p.schema,
+                         "default": p.default} for p in params])
+            store.put(key, compiled.to_dict())
+            lap("cache put")
+        dag = build_dag(dataclasses.replace(compiled, groups=[]), sidecar, settings)
+        lap("DAG")
+        tasks = {}
+        for group in compiled.groups:  # build_dag's task loop
+            spec = GroupSpec.from_dict(group["spec"])
+            task_config = task_config_for(sidecar, group["task_id"], settings)
+            lap("task inputs")
+            tasks[group["task_id"]] = build_group_task(spec, task_config=task_config, settings=settings,
+                                                       upstream_task_ids=group["upstream"], dag=dag,
+                                                       spec_uri=group["spec_uri"])
+            lap("operators")
+        for group in compiled.groups:
+            for upstream in group["upstream"]:
+                tasks[upstream] >> tasks[group["task_id"]]
+        lap("dependencies")
+    spent["files"] = len(files)
+    return spent
+
+
+#: (key, label) of operator_detail()'s rows. "ref" rows build other objects on the same workflows, for comparison.
+DETAIL_ROWS = (
+    ("dag", "build_dag without tasks (our DAG: params, doc_md)"),
+    ("dag no params", "ref: the same DAG without its params"),
+    ("dag bare", "ref: DAG(dag_id, schedule=None)"),
+    ("task_kwargs", "task_kwargs (BaseOperator kwargs, with doc_md)"),
+    ("doc_md", "  of which spec_doc_md (timed again, alone)"),
+    ("arguments", "runner_arguments"),
+    ("pod_kwargs", "group_pod_kwargs (kubernetes only)"),
+    ("init", "our operator's __init__, on our DAG"),
+    ("init bare", "our operator's __init__, on a bare DAG"),
+    ("ref kpo", "ref: plain KPO, lean args, on our DAG"),
+    ("ref kpo bare", "ref: plain KPO, lean args, on a bare DAG"),
+    ("ref base", "ref: BaseOperator(task_id), on our DAG"),
+    ("ref base bare", "ref: BaseOperator(task_id), on a bare DAG"),
+)
+
+
+def operator_detail(workflows: Path, cache_dir: str, backend: str) -> dict[str, float]:
+    """(In a fork.) What one DAG and one task of ``build_dag`` / ``build_group_task`` cost, step by step
+    (mirroring ``operators/build.py``'s ``_pod_task`` / ``_local_task``), and what simpler DAGs and operators
+    cost on the same workflows. "Our DAG" is ``build_dag`` of the workflow without its tasks (it has the
+    workflow's params, whose copies every task pays); a bare DAG has none. The compiled workflows come from
+    the disk cache (untimed). Returns seconds: ``dag*`` rows summed over the DAGs (``dags``), the other rows
+    over the tasks (``tasks``)."""
+    import dataclasses
+    import functools
+
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from airflow.sdk import DAG, BaseOperator
+
+    from airflow_comfy.factory.cache import CompileCache
+    from airflow_comfy.factory.compile import CompiledWorkflow, cache_key
+    from airflow_comfy.factory.loader import _workflow_files, build_dag, task_config_for
+    from airflow_comfy.factory.sidecar import load_sidecar, sidecar_path
+    from airflow_comfy.operators.build import spec_doc_md, task_kwargs
+    from airflow_comfy.operators.command import runner_arguments
+    from airflow_comfy.operators.local import ComfyGroupLocalOperator
+    from airflow_comfy.operators.pod import ComfyGroupPodOperator, group_pod_kwargs, pod_models_path
+    from airflow_comfy.workflow.catalog import load_catalog
+    from airflow_comfy.workflow.groupspec import GroupSpec
+
+    settings = comfy_settings(cache_dir, backend)
+    catalog, store = load_catalog(settings.object_info_files), CompileCache(cache_dir)
+    clock = time.process_time
+    spent: dict[str, float] = {key: 0.0 for key, _ in DETAIL_ROWS}
+    spent["dags"] = spent["tasks"] = 0
+    for path in _workflow_files(workflows, []):
+        sidecar = load_sidecar(sidecar_path(path))
+        compiled = CompiledWorkflow.from_dict(store.get(cache_key(path.read_bytes(), sidecar, catalog, str(path))))
+
+        def ours(suffix: str, compiled: Any = compiled, sidecar: Any = sidecar, **changes: Any) -> Any:
+            return build_dag(dataclasses.replace(compiled, dag_id=compiled.dag_id + suffix, groups=[], **changes),
+                             sidecar, settings)
+
+        t0 = clock()
+        dag = ours("")
+        t1 = clock()
+        ours("_no_params", params=[])
+        t2 = clock()
+        DAG(dag_id=compiled.dag_id + "_bare", schedule=None)
+        t3 = clock()
+        spent["dag"] += t1 - t0
+        spent["dag no params"] += t2 - t1
+        spent["dag bare"] += t3 - t2
+        spent["dags"] += 1
+        # untimed: the DAGs the other operators go to (one per kind: task ids repeat)
+        ref_dags = {kind: ours(f"_{kind}") for kind in ("kpo", "base")}
+        bare_dags = {kind: DAG(dag_id=f"{compiled.dag_id}_{kind}_bare", schedule=None)
+                     for kind in ("ours", "kpo", "base")}
+        for group in compiled.groups:
+            spec = GroupSpec.from_dict(group["spec"])
+            task_config = task_config_for(sidecar, group["task_id"], settings)
+            args = lean_arguments(compiled.dag_id, spec.group)
+            t0 = clock()
+            common = task_kwargs(spec, task_config=task_config, settings=settings, task_id=None, dag=dag)
+            t1 = clock()
+            spec_doc_md(spec)
+            t2 = clock()
+            if backend == "kubernetes":
+                arguments = runner_arguments(spec, store=settings.artifact_store, models_path=pod_models_path(settings),
+                                             input_path=settings.pod_input_path, upstream_task_ids=group["upstream"],
+                                             spec_uri=group["spec_uri"])
+                t3 = clock()
+                pod_kwargs = group_pod_kwargs(spec, task_config=task_config, settings=settings,
+                                              dag_id=compiled.dag_id)
+                t4 = clock()
+                make = functools.partial(ComfyGroupPodOperator, arguments=arguments, **pod_kwargs, **common)
+            else:
+                arguments = runner_arguments(spec, store=settings.artifact_store, models_path=settings.models_path,
+                                             input_path=settings.input_path, upstream_task_ids=group["upstream"],
+                                             spec_uri=group["spec_uri"])
+                t3 = t4 = clock()
+                make = functools.partial(ComfyGroupLocalOperator, arguments=arguments, env=dict(task_config.env),
+                                         runner_python=settings.runner_python or None,
+                                         aws_conn_id=settings.aws_conn_id or None, **common)
+            t5 = clock()
+            make(dag=dag)
+            t6 = clock()
+            make(dag=bare_dags["ours"])
+            t7 = clock()
+            KubernetesPodOperator(task_id=spec.group, image=LEAN_IMAGE, cmds=LEAN_CMDS, arguments=args,
+                                  dag=ref_dags["kpo"])
+            t8 = clock()
+            KubernetesPodOperator(task_id=spec.group, image=LEAN_IMAGE, cmds=LEAN_CMDS, arguments=args,
+                                  dag=bare_dags["kpo"])
+            t9 = clock()
+            BaseOperator(task_id=spec.group, dag=ref_dags["base"])
+            t10 = clock()
+            BaseOperator(task_id=spec.group, dag=bare_dags["base"])
+            t11 = clock()
+            for key, seconds in (("task_kwargs", t1 - t0), ("doc_md", t2 - t1), ("arguments", t3 - t2),
+                                 ("pod_kwargs", t4 - t3), ("init", t6 - t5), ("init bare", t7 - t6),
+                                 ("ref kpo", t8 - t7), ("ref kpo bare", t9 - t8), ("ref base", t10 - t9),
+                                 ("ref base bare", t11 - t10)):
+                spent[key] += seconds
+            spent["tasks"] += 1
+    return spent
+
+
+def run_split(lean: Path, args: argparse.Namespace, whole_ms: dict[str, float]) -> None:
+    """Print cost_split()'s table (us/DAG) for both backends, cold and warm, and operator_detail()'s (us/task).
+    ``whole_ms``: the lean measurements' ms/DAG, to compare with the sum of the phases."""
+    workflows, cache_dir = lean / "workflows", str(lean / "cache")
+    columns = {f"{backend} {kind}": (backend, "" if kind == "cold" else cache_dir)
+               for backend in BACKENDS for kind in ("cold", "warm")}
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in columns}
+    detail: dict[str, list[dict[str, float]]] = {backend: [] for backend in BACKENDS}
+    for _ in range(args.repeat):
+        for name, (backend, cache) in columns.items():
+            runs[name].append(in_fork(lambda b=backend, c=cache: cost_split(workflows, c, b)))
+        for backend in BACKENDS:
+            detail[backend].append(in_fork(lambda b=backend: operator_detail(workflows, cache_dir, b)))
+
+    def us(samples: list[dict[str, float]], key: str, per: str) -> float | None:
+        values = [s[key] / s[per] * 1e6 for s in samples if key in s]
+        return statistics.median(values) if values else None
+
+    def cell(value: float | None) -> str:
+        return f"{value:10.0f}" if value is not None else f"{'-':>10s}"
+
+    print(f"\ncost split of our lean parse, us/DAG (CPU, median of {args.repeat} runs, each in a fresh fork; "
+          "one timer per phase around the package's own functions):")
+    print(f"  {'phase':42s}" + "".join(f"{name:>17s}" for name in columns))
+    for key, label in SPLIT_PHASES:
+        print(f"  {label:42s}" + "".join(f"{cell(us(runs[name], key, 'files')):>17s}" for name in columns))
+    sums = {name: statistics.median(sum(v for k, v in s.items() if k not in ("once", "files")) / s["files"] * 1e6
+                                    for s in runs[name]) for name in columns}
+    print(f"  {'sum of the phases':42s}" + "".join(f"{sums[name]:17.0f}" for name in columns))
+    print(f"  {'whole load_workflows call (lean runs above)':42s}"
+          + "".join(f"{whole_ms[name] * 1000:17.0f}" for name in columns))
+    once = {name: statistics.median(s["once"] for s in runs[name]) * 1000 for name in columns}
+    print("  once per parse (catalog and its fingerprint, file list), ms: "
+          + ", ".join(f"{name} {value:.1f}" for name, value in once.items()))
+
+    print("DAG and operator construction, us per DAG (dag rows) or per task (the others), CPU, median; "
+          "the steps mirror factory/loader.py and operators/build.py:")
+    print(f"  {'step':52s}" + "".join(f"{backend:>12s}" for backend in BACKENDS))
+    for key, label in DETAIL_ROWS:
+        per = "dags" if key.startswith("dag") else "tasks"
+        print(f"  {label:52s}" + "".join(f"{cell(us(detail[b], key, per)):>12s}" for b in BACKENDS))
 
 
 # -------------------------------------------------------------------------------------------------- main
@@ -468,6 +756,8 @@ def main(argv: list[str] | None = None) -> int:
                              "short dag-factory YAML and a hand-written DAG file (default: both)")
     parser.add_argument("--repeat", type=int, default=3,
                         help="repetitions of each measurement (default 3: keeps `make bench` near 1 minute)")
+    parser.add_argument("--no-split", dest="split", action="store_false",
+                        help="leave out the lean scenario's per-phase cost split")
     parser.add_argument("--profile", action="store_true", help="also print a cProfile of our cold parse")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (printed)")
     parser.add_argument("--verbose", action="store_true", help="print every run's timings")
