@@ -458,6 +458,10 @@ def run_lean(root: Path, args: argparse.Namespace) -> None:
           f"kubernetes {imports['kubernetes cold']:.0f} ms, dag-factory {imports['dag-factory lean']:.0f} ms")
     if args.split:
         run_split(lean, args, ms)
+    if args.profile:
+        for kind, cache in (("cold", ""), ("warm", cache_dir)):
+            print(f"\ncProfile of one lean {kind} parse, backend {args.profile_backend}:")
+            print(in_fork(lambda c=cache: profile_lean(workflows, c, args.profile_backend, 25)))
 
 
 # ------------------------------------------------------------------------------------------ cost split
@@ -481,9 +485,11 @@ SPLIT_PHASES = (
 )
 
 
-def cost_split(workflows: Path, cache_dir: str, backend: str) -> dict[str, float]:
-    """(In a fork.) ``load_workflows``' work, file by file, with a CPU timer around each phase. Returns the
-    seconds of each phase summed over the files, plus ``once`` (catalog, file list) and ``files``.
+def cost_split(workflows: Path, cache_dir: str, backend: str) -> dict[str, dict[str, float]]:
+    """(In a fork.) ``load_workflows``' work, file by file, with a CPU timer around each phase. Returns
+    ``{"rest": {phase: seconds summed over files 2..N, "files": N - 1}, "first": {phase: seconds of the first
+    file}, "once": {"once": catalog and file list}}``. The first file is apart because it pays the lazy imports
+    and first-use initialisation (Airflow imports its timetables on the first DAG, for one).
 
     It calls the package's own functions in the order ``factory/loader.py`` (``_load_one``, ``build_dag``)
     and ``factory/compile.py`` (``compile_workflow``) do, without patching them: when those change shape,
@@ -508,13 +514,14 @@ def cost_split(workflows: Path, cache_dir: str, backend: str) -> dict[str, float
     settings = comfy_settings(cache_dir, backend)
     cache_module.clear_memory()
     clock = time.process_time
-    spent: dict[str, float] = {}
+    spent: dict[str, dict[str, float]] = {"once": {}, "first": {}, "rest": {}}
+    bucket = spent["once"]
     last = clock()
 
     def lap(phase: str) -> None:
         nonlocal last
         now = clock()
-        spent[phase] = spent.get(phase, 0.0) + now - last
+        bucket[phase] = bucket.get(phase, 0.0) + now - last
         last = now
 
     catalog = load_catalog(settings.object_info_files)
@@ -522,7 +529,8 @@ def cost_split(workflows: Path, cache_dir: str, backend: str) -> dict[str, float
     store = cache_module.CompileCache(settings.cache_dir or None)
     files = _workflow_files(workflows, [])
     lap("once")
-    for path in files:
+    for index, path in enumerate(files):
+        bucket = spent["first" if index == 0 else "rest"]
         sidecar = load_sidecar(sidecar_path(path))
         dag_id_for(path, sidecar)
         path.stat()
@@ -579,7 +587,7 @@ def cost_split(workflows: Path, cache_dir: str, backend: str) -> dict[str, float
             for upstream in group["upstream"]:
                 tasks[upstream] >> tasks[group["task_id"]]
         lap("dependencies")
-    spent["files"] = len(files)
+    spent["rest"]["files"] = len(files) - 1
     return spent
 
 
@@ -607,7 +615,7 @@ def operator_detail(workflows: Path, cache_dir: str, backend: str) -> dict[str, 
     cost on the same workflows. "Our DAG" is ``build_dag`` of the workflow without its tasks (it has the
     workflow's params, whose copies every task pays); a bare DAG has none. The compiled workflows come from
     the disk cache (untimed). Returns seconds: ``dag*`` rows summed over the DAGs (``dags``), the other rows
-    over the tasks (``tasks``)."""
+    over the tasks (``tasks``), of files 2..N (the first pays lazy imports, see cost_split)."""
     import dataclasses
     import functools
 
@@ -628,9 +636,10 @@ def operator_detail(workflows: Path, cache_dir: str, backend: str) -> dict[str, 
     settings = comfy_settings(cache_dir, backend)
     catalog, store = load_catalog(settings.object_info_files), CompileCache(cache_dir)
     clock = time.process_time
-    spent: dict[str, float] = {key: 0.0 for key, _ in DETAIL_ROWS}
-    spent["dags"] = spent["tasks"] = 0
-    for path in _workflow_files(workflows, []):
+    spent: dict[str, float] = {}
+    for index, path in enumerate(_workflow_files(workflows, [])):
+        if index <= 1:  # start (again) after the first file
+            spent = {key: 0.0 for key, _ in DETAIL_ROWS} | {"dags": 0, "tasks": 0}
         sidecar = load_sidecar(sidecar_path(path))
         compiled = CompiledWorkflow.from_dict(store.get(cache_key(path.read_bytes(), sidecar, catalog, str(path))))
 
@@ -703,6 +712,91 @@ def operator_detail(workflows: Path, cache_dir: str, backend: str) -> dict[str, 
     return spent
 
 
+def _focus_functions(backend: str) -> list[tuple[str, Any]]:
+    """(label, function) of the functions whose cumulative time the lean profile lists per DAG."""
+    import copy
+
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from airflow.sdk import DAG, BaseOperator, Param
+    from airflow.sdk.bases import operator as base_operator
+    from airflow.sdk.definitions.param import ParamsDict
+    from kubernetes.client import models as k8s
+
+    from airflow_comfy.factory import compile as compile_module
+    from airflow_comfy.factory import loader
+    from airflow_comfy.operators import build
+    from airflow_comfy.workflow.groupspec import GroupSpec
+
+    ours = importlib.import_module(OPERATOR_MODULES[backend])
+    our_class = ours.ComfyGroupPodOperator if backend == "kubernetes" else ours.ComfyGroupLocalOperator
+    return [
+        ("load_workflows", loader.load_workflows),
+        ("  compile_workflow (cold only)", compile_module.compile_workflow),
+        ("  CompileCache.get (warm: read + JSON decode)", loader.CompileCache.get),
+        ("  build_dag", loader.build_dag),
+        ("    DAG.__init__ (attrs)", DAG.__init__),
+        ("    Param.__init__ (DAG params)", Param.__init__),
+        ("    build_group_task", build.build_group_task),
+        ("      spec_doc_md", build.spec_doc_md),
+        ("      GroupSpec.from_dict", GroupSpec.from_dict),
+        ("      apply_defaults wrapper (outermost call)", KubernetesPodOperator.__init__),
+        (f"        {our_class.__name__}.__init__ (with super())", our_class.__init__.__wrapped__),
+        ("        KubernetesPodOperator.__init__ (with super())", KubernetesPodOperator.__init__.__wrapped__),
+        ("        BaseOperator.__init__", BaseOperator.__init__.__wrapped__),
+        ("        get_merged_defaults (each level)", base_operator.get_merged_defaults),
+        ("          ParamsDict.__deepcopy__ (DAG params)", ParamsDict.__deepcopy__),
+        ("        BaseOperator.__setattr__", BaseOperator.__setattr__),
+        ("        _set_xcomargs_dependencies", BaseOperator._set_xcomargs_dependencies),
+        ("        V1EnvVar.__init__", k8s.V1EnvVar.__init__),
+        ("copy.deepcopy (all callers)", copy.deepcopy),
+    ]
+
+
+def profile_lean(workflows: Path, cache_dir: str, backend: str, top: int) -> str:
+    """(In a fork.) cProfile of one lean parse: top ``top`` functions by cumulative and by own time, then the
+    cumulative time per DAG of the functions of _focus_functions() (profiler overhead included)."""
+    import cProfile
+    import inspect
+    import io
+    import pstats
+
+    from airflow_comfy.factory import cache
+    from airflow_comfy.factory.loader import load_workflows
+
+    importlib.import_module(OPERATOR_MODULES[backend])
+    settings = comfy_settings(cache_dir, backend)
+    cache.clear_memory()
+    built: dict[str, Any] = {}
+    profiler = cProfile.Profile()
+    profiler.enable()
+    load_workflows(workflows, built, settings=settings)
+    profiler.disable()
+    dags = len([k for k in built if k.startswith("comfy_dag__")])
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out)
+    for key in ("cumulative", "tottime"):
+        out.write(f"=== top {top} by {key} time ===\n")
+        stats.sort_stats(key).print_stats(top)
+    raw = stats.stats  # {(file, line, name): (primitive calls, calls, own time, cumulative time, callers)}
+    total = max(ct for _, _, _, ct, _ in raw.values())
+    out.write(f"=== selected functions: cumulative ms per DAG ({dags} DAGs; cProfile's overhead inflates "
+              "functions that make many small calls, e.g. deepcopy) ===\n")
+    out.write(f"  {'function':58s}{'ms/DAG':>8s}{'calls/DAG':>11s}{'share':>8s}\n")
+    for label, function in _focus_functions(backend):
+        code = getattr(inspect.unwrap(function) if function is not None and "wrapper" not in label else function,
+                       "__code__", None)
+        row = raw.get((code.co_filename, code.co_firstlineno, code.co_name)) if code else None
+        if row is None:
+            out.write(f"  {label:58s}{'-':>8s}\n")
+            continue
+        _, calls, _, cumulative, _ = row
+        out.write(f"  {label:58s}{cumulative / dags * 1000:8.3f}{calls / dags:11.2f}{cumulative / total:8.0%}\n")
+    text = out.getvalue()
+    for prefix in (str(Path(sys.prefix) / "lib"), str(Path(sys.base_prefix) / "lib"), str(Path.cwd()) + "/"):
+        text = text.replace(prefix, "")
+    return text
+
+
 def run_split(lean: Path, args: argparse.Namespace, whole_ms: dict[str, float]) -> None:
     """Print cost_split()'s table (us/DAG) for both backends, cold and warm, and operator_detail()'s (us/task).
     ``whole_ms``: the lean measurements' ms/DAG, to compare with the sum of the phases."""
@@ -724,22 +818,32 @@ def run_split(lean: Path, args: argparse.Namespace, whole_ms: dict[str, float]) 
     def cell(value: float | None) -> str:
         return f"{value:10.0f}" if value is not None else f"{'-':>10s}"
 
-    print(f"\ncost split of our lean parse, us/DAG (CPU, median of {args.repeat} runs, each in a fresh fork; "
-          "one timer per phase around the package's own functions):")
+    rest = {name: [r["rest"] for r in samples] for name, samples in runs.items()}
+    print(f"\ncost split of our lean parse, us/DAG over files 2..N (CPU, median of {args.repeat} runs, each in a "
+          "fresh fork; one timer per phase around the package's own functions):")
     print(f"  {'phase':42s}" + "".join(f"{name:>17s}" for name in columns))
     for key, label in SPLIT_PHASES:
-        print(f"  {label:42s}" + "".join(f"{cell(us(runs[name], key, 'files')):>17s}" for name in columns))
-    sums = {name: statistics.median(sum(v for k, v in s.items() if k not in ("once", "files")) / s["files"] * 1e6
-                                    for s in runs[name]) for name in columns}
-    print(f"  {'sum of the phases':42s}" + "".join(f"{sums[name]:17.0f}" for name in columns))
+        print(f"  {label:42s}" + "".join(f"{cell(us(rest[name], key, 'files')):>17s}" for name in columns))
+
+    def total(phases: dict[str, float]) -> float:
+        return sum(v for k, v in phases.items() if k != "files")
+
+    sums = {name: statistics.median(total(s) / s["files"] * 1e6 for s in rest[name]) for name in columns}
+    first = {name: statistics.median(total(r["first"]) for r in samples) for name, samples in runs.items()}
+    once = {name: statistics.median(total(r["once"]) for r in samples) for name, samples in runs.items()}
+    n = statistics.median(s["files"] for s in rest["local cold"]) + 1
+    print(f"  {'sum of the phases, files 2..N':42s}" + "".join(f"{sums[name]:17.0f}" for name in columns))
+    print(f"  {'first file (lazy imports, first use), /N':42s}"
+          + "".join(f"{first[name] / n * 1e6:17.0f}" for name in columns))
+    print(f"  {'once: catalog, file list, /N':42s}" + "".join(f"{once[name] / n * 1e6:17.0f}" for name in columns))
     print(f"  {'whole load_workflows call (lean runs above)':42s}"
           + "".join(f"{whole_ms[name] * 1000:17.0f}" for name in columns))
-    once = {name: statistics.median(s["once"] for s in runs[name]) * 1000 for name in columns}
-    print("  once per parse (catalog and its fingerprint, file list), ms: "
-          + ", ".join(f"{name} {value:.1f}" for name, value in once.items()))
+    print("  the first file alone, ms: " + ", ".join(f"{name} {value * 1000:.1f}" for name, value in first.items())
+          + "; the largest of its phases: " + ", ".join(
+              f"{name} {max(runs[name][0]['first'].items(), key=lambda kv: kv[1])[0]}" for name in columns))
 
-    print("DAG and operator construction, us per DAG (dag rows) or per task (the others), CPU, median; "
-          "the steps mirror factory/loader.py and operators/build.py:")
+    print("DAG and operator construction, us per DAG (dag rows) or per task (the others), files 2..N, CPU, "
+          "median; the steps mirror factory/loader.py and operators/build.py:")
     print(f"  {'step':52s}" + "".join(f"{backend:>12s}" for backend in BACKENDS))
     for key, label in DETAIL_ROWS:
         per = "dags" if key.startswith("dag") else "tasks"
@@ -758,7 +862,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="repetitions of each measurement (default 3: keeps `make bench` near 1 minute)")
     parser.add_argument("--no-split", dest="split", action="store_false",
                         help="leave out the lean scenario's per-phase cost split")
-    parser.add_argument("--profile", action="store_true", help="also print a cProfile of our cold parse")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print cProfiles: of our heavy cold parse, and of our lean cold and warm parses")
+    parser.add_argument("--profile-backend", choices=BACKENDS, default="kubernetes",
+                        help="the backend of the lean scenario's profiles (default kubernetes)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (printed)")
     parser.add_argument("--verbose", action="store_true", help="print every run's timings")
     args = parser.parse_args(argv)
