@@ -228,16 +228,29 @@ def _task_yaml(task, dag_id: str, lean: bool) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- measures
-def _timed(load: Callable[[dict], Any], import_s: float) -> dict[str, Any]:
-    """Run ``load(globals_dict)``; CPU time of this (child) process is the figure, wall time is kept too."""
+def _timed(load: Callable[[dict], Any], import_s: float, serialize: bool = False) -> dict[str, Any]:
+    """Run ``load(globals_dict)``; CPU time of this (child) process is the figure, wall time is kept too.
+    ``serialize``: then also time the dag-processor's next step, ``DagSerialization.to_dict`` of every DAG
+    (``serialize_cpu_s``, ``serialize_wall_s``)."""
     globals_dict: dict[str, Any] = {}
     c0, w0 = time.process_time(), time.perf_counter()
     load(globals_dict)
     c1, w1 = time.process_time(), time.perf_counter()
-    return {"import_s": import_s, "cpu_s": c1 - c0, "wall_s": w1 - w0, **dag_shape(globals_dict)}
+    result = {"import_s": import_s, "cpu_s": c1 - c0, "wall_s": w1 - w0, **dag_shape(globals_dict)}
+    if serialize:
+        from airflow.sdk import DAG
+        from airflow.serialization.serialized_objects import DagSerialization
+
+        dags = {v.dag_id: v for v in globals_dict.values() if isinstance(v, DAG)}
+        c0, w0 = time.process_time(), time.perf_counter()
+        for dag in dags.values():
+            DagSerialization.to_dict(dag)
+        result["serialize_cpu_s"], result["serialize_wall_s"] = time.process_time() - c0, time.perf_counter() - w0
+    return result
 
 
-def measure_comfy(workflows: Path, cache_dir: str, backend: str = "kubernetes") -> dict[str, Any]:
+def measure_comfy(workflows: Path, cache_dir: str, backend: str = "kubernetes", serialize: bool = False,
+                  ) -> dict[str, Any]:
     t0 = time.process_time()
     from airflow_comfy.factory import cache
     from airflow_comfy.factory.loader import load_workflows
@@ -247,17 +260,17 @@ def measure_comfy(workflows: Path, cache_dir: str, backend: str = "kubernetes") 
     import_s = time.process_time() - t0
     settings = comfy_settings(cache_dir, backend)
     cache.clear_memory()
-    return _timed(lambda g: load_workflows(workflows, g, settings=settings), import_s)
+    return _timed(lambda g: load_workflows(workflows, g, settings=settings), import_s, serialize)
 
 
-def measure_dagfactory(yaml_dir: Path) -> dict[str, Any]:
+def measure_dagfactory(yaml_dir: Path, serialize: bool = False) -> dict[str, Any]:
     t0 = time.process_time()
     import dagfactory
 
     import_s = time.process_time() - t0
     folder = str(yaml_dir)
     return _timed(lambda g: dagfactory.load_yaml_dags(globals_dict=g, dags_folder=folder,
-                                                      defaults_config_path=folder), import_s)
+                                                      defaults_config_path=folder), import_s, serialize)
 
 
 def repeat_measures(measures: dict[str, Callable[[], dict[str, Any]]], repeat: int,
@@ -409,8 +422,8 @@ def _exec_file(path: Path) -> dict[str, Any]:
     return vars(module)
 
 
-def measure_hand_written(path: Path) -> dict[str, Any]:
-    return _timed(lambda g: g.update(_exec_file(path)), 0.0)
+def measure_hand_written(path: Path, serialize: bool = False) -> dict[str, Any]:
+    return _timed(lambda g: g.update(_exec_file(path)), 0.0, serialize)
 
 
 def run_lean(root: Path, args: argparse.Namespace) -> None:
@@ -422,12 +435,14 @@ def run_lean(root: Path, args: argparse.Namespace) -> None:
     print(f"\nlean: {n} copies of {LEAN_SOURCE.name} (prompts differ) -> {info['dags']} DAGs of "
           f"{info['tasks'] // info['dags']} tasks. dag-factory YAML and a hand-written Python file build the "
           "same dag ids, task ids and dependencies with plain KubernetesPodOperators and short arguments.")
-    measures: dict[str, Callable[[], dict[str, Any]]] = {}
+    measures: dict[str, Callable[..., dict[str, Any]]] = {}
     for backend in BACKENDS:
-        measures[f"{backend} cold"] = lambda b=backend: measure_comfy(workflows, "", b)
-        measures[f"{backend} warm"] = lambda b=backend: measure_comfy(workflows, cache_dir, b)
-    measures["dag-factory lean"] = lambda: measure_dagfactory(lean / "yaml")
-    measures["hand-written"] = lambda: measure_hand_written(lean / "hand" / HAND_WRITTEN_FILE)
+        measures[f"{backend} cold"] = lambda serialize=False, b=backend: measure_comfy(workflows, "", b, serialize)
+        measures[f"{backend} warm"] = lambda serialize=False, b=backend: measure_comfy(workflows, cache_dir, b,
+                                                                                       serialize)
+    measures["dag-factory lean"] = lambda serialize=False: measure_dagfactory(lean / "yaml", serialize)
+    measures["hand-written"] = lambda serialize=False: measure_hand_written(lean / "hand" / HAND_WRITTEN_FILE,
+                                                                             serialize)
     results = repeat_measures(measures, args.repeat, args.verbose)
     for name, runs in results.items():
         for r in runs:
@@ -456,6 +471,13 @@ def run_lean(root: Path, args: argparse.Namespace) -> None:
     imports = {name: statistics.median(r["import_s"] for r in runs) * 1000 for name, runs in results.items()}
     print(f"library import, once per file parse: airflow-comfy local {imports['local cold']:.0f} ms, "
           f"kubernetes {imports['kubernetes cold']:.0f} ms, dag-factory {imports['dag-factory lean']:.0f} ms")
+    if args.serialize:
+        serialized = {name: in_fork(lambda name=name: measures[name](serialize=True))
+                      for name in ("local warm", "kubernetes warm", "dag-factory lean", "hand-written")}
+        print("then the dag-processor serializes every DAG (DagSerialization.to_dict, inside the same "
+              "dag_file_processor_timeout; CPU ms/DAG, one run each, not in the ratios above):\n  "
+              + ", ".join(f"{name.replace(' warm', '')} {r['serialize_cpu_s'] * 1000 / r['dags']:.2f}"
+                          for name, r in serialized.items()))
     if args.split:
         run_split(lean, args, ms)
     if args.profile:
@@ -850,6 +872,38 @@ def run_split(lean: Path, args: argparse.Namespace, whole_ms: dict[str, float]) 
         print(f"  {label:52s}" + "".join(f"{cell(us(detail[b], key, per)):>12s}" for b in BACKENDS))
 
 
+# ------------------------------------------------------------------------------------------ largest folder
+def run_large(root: Path, n: int, backend: str = "kubernetes") -> None:
+    """Cold, cache-writing and warm parse of one folder of ``n`` txt2img copies, once each, against
+    ``dag_file_processor_timeout`` (wall time of the whole file parse)."""
+    from airflow.configuration import conf
+
+    timeout = conf.getfloat("dag_processor", "dag_file_processor_timeout", fallback=50.0)
+    large = root / "large"
+    workflows, cache_dir = large / "workflows", str(large / "cache")
+    t0 = time.perf_counter()
+    in_fork(lambda: write_copies(workflows, n))
+    print(f"\nlargest folder: {n} copies of {LEAN_SOURCE.name} in one folder (written in "
+          f"{time.perf_counter() - t0:.1f} s), backend {backend}, one run each, against "
+          f"[dag_processor] dag_file_processor_timeout = {timeout:.0f} s (wall time of the whole file parse):")
+    runs = {}
+    for label, cache in (("cold (no disk cache)", ""), ("first parse, writing the disk cache", cache_dir),
+                         ("warm (disk cache hit)", cache_dir)):
+        last = label.startswith("warm")
+        runs[label] = r = in_fork(lambda c=cache, last=last: measure_comfy(workflows, c, backend, last))
+        assert r["dags"] == n, (label, r["dags"])
+    serialized = runs["warm (disk cache hit)"]  # the same DAGs whichever way they were loaded: serialized once
+    print(f"  then DagSerialization.to_dict of the {n} DAGs (the dag-processor's next step, same timeout; measured "
+          f"once, after the warm load): {serialized['serialize_cpu_s']:.2f} s CPU / "
+          f"{serialized['serialize_wall_s']:.2f} s wall")
+    for label, r in runs.items():
+        cpu = r["import_s"] + r["cpu_s"] + serialized["serialize_cpu_s"]
+        wall = r["import_s"] + r["wall_s"] + serialized["serialize_wall_s"]  # the import is timed in CPU only
+        print(f"  {label:36s} load {r['cpu_s']:5.2f} s CPU / {r['wall_s']:5.2f} s wall "
+              f"({r['cpu_s'] / n * 1000:.2f} ms/DAG CPU); with import and serialization {cpu:5.1f} s CPU "
+              f"({cpu / timeout:4.0%} of the timeout) / {wall:5.1f} s wall ({wall / timeout:4.0%})")
+
+
 # -------------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -866,6 +920,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="also print cProfiles: of our heavy cold parse, and of our lean cold and warm parses")
     parser.add_argument("--profile-backend", choices=BACKENDS, default="kubernetes",
                         help="the backend of the lean scenario's profiles (default kubernetes)")
+    parser.add_argument("--large", type=int, default=1000, metavar="N",
+                        help="time one cold, cache-writing and warm parse of a folder of N txt2img copies (wall and "
+                             "CPU) against dag_file_processor_timeout (default 1000, about 25 s CPU; 0: off)")
+    parser.add_argument("--no-serialize", dest="serialize", action="store_false",
+                        help="leave out the lean scenario's serialization line (DagSerialization.to_dict)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (printed)")
     parser.add_argument("--verbose", action="store_true", help="print every run's timings")
     args = parser.parse_args(argv)
@@ -901,6 +960,8 @@ def run(root: Path, args: argparse.Namespace) -> int:
         run_heavy(root, args)
     if args.scenario in ("all", "lean"):
         run_lean(root, args)
+    if args.large:
+        run_large(root, args.large)
     return 0
 
 
