@@ -1,9 +1,24 @@
 """Parse-time benchmark: airflow-comfy's factory vs astronomer dag-factory building the same DAGs.
 
-Run with ``make bench`` (``.venv/bin/python benchmarks/parse.py [--n 100] [--repeat 3] [--verbose]
-[--profile] [--keep]``). See ``benchmarks/README.md`` for how to read the output.
+Run with ``make bench`` (``.venv/bin/python benchmarks/parse.py [--n N] [--repeat 3] [--scenario all|heavy|lean]
+[--large 1000] [--verbose] [--profile] [--keep]``). See ``benchmarks/README.md`` for how to read the output.
 
-What is compared
+Two scenarios and one figure (each measurement in a fresh fork, see "How it measures"):
+    * heavy (below): the comfyui-workflow-templates against dag-factory YAML generated from our DAGs.
+    * lean: N (default 200) copies of ``example_workflows/txt2img_api.json`` that differ in their prompt (2
+      groups, so 2 tasks each), loaded with backend ``local`` and ``kubernetes``, cold and warm, against
+      (a) dag-factory 1.1.0 on N YAML files of one DAG of 2 plain KubernetesPodOperators with short arguments
+      and one dependency, and (b) a hand-written Python DAG file building the same N DAGs in a loop (the
+      floor of operator construction). All build the same dag ids, task ids and dependencies. Targets: ours
+      / dag-factory <= 0.8x cold, <= 0.4x warm. Then, unless ``--no-split``, a per-phase cost split of our
+      parse (cost_split: the package's own functions called in the loader's order, a timer around each) and a
+      DAG/operator construction breakdown with reference operators (operator_detail); unless
+      ``--no-serialize``, the cost of the dag-processor's next step, ``DagSerialization.to_dict``; with
+      ``--profile``, cProfiles of a cold and a warm parse (``--profile-backend``).
+    * ``--large N`` (default 1000; 0: off): one cold, cache-writing and warm parse of a folder of N copies,
+      wall and CPU, plus serialization, against ``dag_file_processor_timeout``.
+
+What is compared (heavy)
     * airflow-comfy: ``load_workflows(folder, globals_dict, settings=...)`` on N ComfyUI workflow files (the
       templates of ``comfyui-workflow-templates`` that become DAGs, copied round-robin), backend
       ``kubernetes`` so every task is a ``ComfyGroupPodOperator`` (a KubernetesPodOperator).
