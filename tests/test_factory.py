@@ -203,6 +203,16 @@ def test_trigger_params_have_types_bounds_and_the_workflows_defaults(templates_b
             image.resolve(escape)
 
 
+def test_params_live_on_the_dag_not_copied_into_every_task(templates_bag: DagBag):
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    dag = templates_bag.dags["default"]
+    assert {"prompt", "seed", "steps"} <= set(dag.params)
+    assert all(not task.params for task in dag.tasks)  # merged in when a task runs (process_params)
+    restored = DagSerialization.from_dict(DagSerialization.to_dict(dag))
+    assert restored.params.get_param("seed").value == dag.params.get_param("seed").value
+
+
 def test_repeated_inputs_get_node_suffixed_params(templates_bag: DagBag):
     params = templates_bag.dags["sdxl_refiner_prompt_example"].params
     assert {"seed_10", "seed_11", "prompt_6", "prompt_15"} <= set(params)
