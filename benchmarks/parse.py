@@ -10,13 +10,16 @@ Two scenarios and one figure (each measurement in a fresh fork, see "How it meas
       (a) dag-factory 1.1.0 on N YAML files of one DAG of 2 plain KubernetesPodOperators with short arguments
       and one dependency, and (b) a hand-written Python DAG file building the same N DAGs in a loop (the
       floor of operator construction). All build the same dag ids, task ids and dependencies. Targets: ours
-      / dag-factory <= 0.8x cold, <= 0.4x warm. Then, unless ``--no-split``, a per-phase cost split of our
-      parse (cost_split: the package's own functions called in the loader's order, a timer around each) and a
-      DAG/operator construction breakdown with reference operators (operator_detail); unless
-      ``--no-serialize``, the cost of the dag-processor's next step, ``DagSerialization.to_dict``; with
-      ``--profile``, cProfiles of a cold and a warm parse (``--profile-backend``).
+      / dag-factory <= 0.8x cold, <= 0.4x warm. Beside this building stub (``load_workflows``), the error
+      stub (``find_workflow_errors``, the second file the dag-processor parses every loop) on the same folder,
+      cold and warm, and the sum of both stubs per parse loop. Then, unless ``--no-split``, a per-phase cost
+      split of both stubs (cost_split: the package's own functions called in the loader's order, a timer
+      around each) and a DAG/operator construction breakdown with reference operators (operator_detail);
+      unless ``--no-serialize``, the cost of the dag-processor's next step, ``DagSerialization.to_dict``;
+      with ``--profile``, cProfiles of a cold and a warm parse (``--profile-backend``).
     * ``--large N`` (default 1000; 0: off): one cold, cache-writing and warm parse of a folder of N copies,
-      wall and CPU, plus serialization, against ``dag_file_processor_timeout``.
+      wall and CPU, plus serialization, against ``dag_file_processor_timeout``; and the error stub's cold and
+      warm parse of it.
 
 What is compared (heavy)
     * airflow-comfy: ``load_workflows(folder, globals_dict, settings=...)`` on N ComfyUI workflow files (the
@@ -26,12 +29,13 @@ What is compared (heavy)
       N YAML files, one DAG per file, generated from the DAGs our factory built: same dag ids, task ids and
       dependencies, one plain ``KubernetesPodOperator`` per task with the same image, cmds, arguments, pod
       name, labels, annotations, env, pool, priority and retries, and the same DAG params as typed
-      ``airflow.sdk.Param`` objects (dag-factory's ``__type__`` syntax), so both sides pay Airflow's per-task
-      params copy alike. Two variants:
-        - "same args": the arguments are our tasks' very strings, including ``--spec`` with the base64 group
-          spec (several KB per task). dag-factory then spends most of its time in PyYAML on those blobs.
-        - "lean": ``--spec`` is a short file path instead, as a YAML author would write it; everything else
-          is the same. This is the stricter comparison.
+      ``airflow.sdk.Param`` objects (dag-factory's ``__type__`` syntax). dag-factory sets them on the DAG
+      before its tasks exist, so Airflow copies them into every task; ``build_dag`` sets them after the tasks,
+      so ours do not pay that copy. Two variants:
+        - "same args": the arguments are our tasks' very strings: ``--spec`` is the spec's short URI in the
+          artifact store, with ``--spec-sha256``.
+        - "lean": ``--spec`` is a file path instead, as a YAML author would write it; everything else is the
+          same. Since the spec left the command line, the two are about the same size.
       Our per-task ``doc_md`` (the group spec) is not copied into the YAML: it is a feature of ours, and its
       cost stays on our side. dag-factory adds its own ``doc_md`` (the DAG's YAML) as it always does.
 
@@ -124,8 +128,7 @@ def dag_shape(globals_dict: dict) -> dict[str, Any]:
     from airflow.sdk import DAG
 
     # by dag id: a Python DAG file may hold one DAG in two globals (e.g. the loop variable ``dag``)
-    dags = {value.dag_id: value for value in globals_dict.values()
-            if isinstance(value, DAG) and value.dag_id != "airflow_comfy_workflow_errors"}
+    dags = {value.dag_id: value for value in globals_dict.values() if isinstance(value, DAG)}
     shape: dict[str, dict[str, list[str]]] = {}
     kpo_tasks = 0
     for dag_id, dag in dags.items():
@@ -213,7 +216,7 @@ def _param_yaml(param) -> dict[str, Any]:
 
 def _task_yaml(task, dag_id: str, lean: bool) -> dict[str, Any]:
     arguments = list(task.arguments)
-    if lean:  # what a YAML author would write: the spec as a file reference, not an inline base64 blob
+    if lean:  # what a YAML author would write: the spec as a file path, not a URI in the artifact store
         i = arguments.index("--spec") + 1
         arguments[i] = f"/opt/airflow-comfy/specs/{dag_id}/{task.task_id}.json"
     conf: dict[str, Any] = {
@@ -276,6 +279,25 @@ def measure_comfy(workflows: Path, cache_dir: str, backend: str = "kubernetes", 
     settings = comfy_settings(cache_dir, backend)
     cache.clear_memory()
     return _timed(lambda g: load_workflows(workflows, g, settings=settings), import_s, serialize)
+
+
+def measure_errors(workflows: Path, cache_dir: str, backend: str) -> dict[str, Any]:
+    """The error stub (``comfy_workflow_errors.py``): ``find_workflow_errors`` on the folder, which builds no DAG
+    for the dag-processor but builds, and throws away, every file the cache has no verdict for."""
+    t0 = time.process_time()
+    from airflow_comfy.factory import cache
+    from airflow_comfy.factory.loader import find_workflow_errors
+
+    if not cache_dir:  # without verdicts it builds every task: the operator module is imported on the first one
+        importlib.import_module(OPERATOR_MODULES[backend])
+    import_s = time.process_time() - t0
+    settings = comfy_settings(cache_dir, backend)
+    cache.clear_memory()
+    c0, w0 = time.process_time(), time.perf_counter()
+    scan = find_workflow_errors(workflows, settings=settings)
+    c1, w1 = time.process_time(), time.perf_counter()
+    return {"import_s": import_s, "cpu_s": c1 - c0, "wall_s": w1 - w0, "good": len(scan.good),
+            "errors": [e.summary() for e in scan.errors], "dags": len(scan.dags)}
 
 
 def measure_dagfactory(yaml_dir: Path, serialize: bool = False) -> dict[str, Any]:
@@ -390,11 +412,17 @@ def prepare_lean(lean: Path, n: int) -> dict[str, Any]:
     from airflow_comfy.factory.loader import load_workflows
 
     write_copies(lean / "workflows", n)
-    built: dict[str, Any] = {}
-    # This cold load also fills the disk cache that the "warm" measurements read (its key ignores the backend).
-    load_workflows(lean / "workflows", built, settings=comfy_settings(str(lean / "cache")))
-    cache.clear_memory()
-    shape = dag_shape(built)
+    # These cold loads also fill the disk caches that the "warm" measurements read: one per backend, since the
+    # key covers the settings and each building stub prunes the entries of other keys from its folder's cache.
+    # They write the verdicts too, which the error stub's warm runs read.
+    shapes = {}
+    for backend in BACKENDS:
+        built: dict[str, Any] = {}
+        load_workflows(lean / "workflows", built, settings=comfy_settings(lean_cache(lean, backend), backend))
+        cache.clear_memory()
+        shapes[backend] = dag_shape(built)
+    assert shapes["local"]["shape"] == shapes["kubernetes"]["shape"], "the backends built different DAGs"
+    shape = shapes["kubernetes"]
     chains = []
     for dag_id, tasks in json.loads(shape["shape"]).items():
         first, second = sorted(tasks, key=lambda t: len(tasks[t]))
@@ -417,6 +445,11 @@ def prepare_lean(lean: Path, n: int) -> dict[str, Any]:
     dag_id, first, _ = chains[0]
     assert module[dag_id].get_task(first).arguments == lean_arguments(dag_id, first), "hand-written args differ"
     return shape
+
+
+def lean_cache(lean: Path, backend: str) -> str:
+    """The disk cache of one backend's warm runs."""
+    return str(lean / f"cache-{backend}")
 
 
 def _lean_task_yaml(dag_id: str, task_id: str, upstream: str | None) -> dict[str, Any]:
@@ -446,21 +479,27 @@ def run_lean(root: Path, args: argparse.Namespace) -> None:
     lean = root / "lean"
     lean.mkdir()
     info = in_fork(lambda: prepare_lean(lean, n))
-    workflows, cache_dir = lean / "workflows", str(lean / "cache")
+    workflows = lean / "workflows"
     print(f"\nlean: {n} copies of {LEAN_SOURCE.name} (prompts differ) -> {info['dags']} DAGs of "
           f"{info['tasks'] // info['dags']} tasks. dag-factory YAML and a hand-written Python file build the "
           "same dag ids, task ids and dependencies with plain KubernetesPodOperators and short arguments.")
     measures: dict[str, Callable[..., dict[str, Any]]] = {}
     for backend in BACKENDS:
+        warm_cache = lean_cache(lean, backend)
         measures[f"{backend} cold"] = lambda serialize=False, b=backend: measure_comfy(workflows, "", b, serialize)
-        measures[f"{backend} warm"] = lambda serialize=False, b=backend: measure_comfy(workflows, cache_dir, b,
-                                                                                       serialize)
+        measures[f"{backend} warm"] = lambda serialize=False, b=backend, c=warm_cache: measure_comfy(
+            workflows, c, b, serialize)
+        measures[f"errors {backend} cold"] = lambda b=backend: measure_errors(workflows, "", b)
+        measures[f"errors {backend} warm"] = lambda b=backend, c=warm_cache: measure_errors(workflows, c, b)
     measures["dag-factory lean"] = lambda serialize=False: measure_dagfactory(lean / "yaml", serialize)
     measures["hand-written"] = lambda serialize=False: measure_hand_written(lean / "hand" / HAND_WRITTEN_FILE,
                                                                              serialize)
     results = repeat_measures(measures, args.repeat, args.verbose)
     for name, runs in results.items():
         for r in runs:
+            if name.startswith("errors"):  # every file is good: no error, no DAG handed to Airflow
+                assert (r["good"], r["errors"], r["dags"]) == (info["dags"], [], 0), (name, r["good"], r["errors"])
+                continue
             assert r["shape"] == info["shape"], f"{name}: dag ids / task ids / dependencies differ"
             expected_kpo = 0 if name.startswith("local") else info["tasks"]
             assert r["kpo_tasks"] == expected_kpo, (name, r["kpo_tasks"], expected_kpo)
@@ -468,76 +507,117 @@ def run_lean(root: Path, args: argparse.Namespace) -> None:
     ms = {name: statistics.median(r["cpu_s"] for r in runs) * 1000 / info["dags"]
           for name, runs in results.items()}
     df, hand = ms["dag-factory lean"], ms["hand-written"]
+
+    def ratio(value: float, kind: str) -> str:
+        return f"{value / df:.2f}x{'' if value / df <= LEAN_TARGETS[kind] else ' (over)'}"
+
     print(f"lean parse, ms/DAG (median CPU time of {args.repeat} runs, each in a fresh fork; imports not counted):")
     for backend in BACKENDS:
-        print(f"  {'airflow-comfy, backend ' + backend:35s}cold {ms[f'{backend} cold']:5.2f}   "
-              f"warm {ms[f'{backend} warm']:5.2f}")
+        print(f"  {'building stub, backend ' + backend:35s}cold {ms[f'{backend} cold']:5.2f}   "
+              f"warm {ms[f'{backend} warm']:5.2f}   (load_workflows)")
     print(f"  {'dag-factory 1.1.0, lean YAML':35s}     {df:5.2f}   (2 plain KPO, short args, a >> b)")
     print(f"  {'hand-written Python DAG file':35s}     {hand:5.2f}   (the floor: DAG + 2 KPO + a >> b)")
     targets = ", ".join(f"{kind} <= {target}x" for kind, target in LEAN_TARGETS.items())
-    print(f"lean ratios: ours / dag-factory lean (target {targets}); ours / hand-written:")
+    print(f"lean ratios: building stub / dag-factory lean (target {targets}); / hand-written:")
+    for backend in BACKENDS:
+        cells = ", ".join(f"{kind} {ratio(ms[f'{backend} {kind}'], kind)}" for kind in LEAN_TARGETS)
+        hand_cells = ", ".join(f"{kind} {ms[f'{backend} {kind}'] / hand:.2f}x" for kind in LEAN_TARGETS)
+        print(f"  {backend:10s}  vs dag-factory: {cells:37s} vs hand-written: {hand_cells}")
+    print("error stub (find_workflow_errors on the same folder: defines no DAG, but builds and drops every file "
+          "it has no verdict for), ms/DAG:")
+    for backend in BACKENDS:
+        print(f"  {'error stub, backend ' + backend:35s}cold {ms[f'errors {backend} cold']:5.2f}   "
+              f"warm {ms[f'errors {backend} warm']:5.2f}   (cold: no cache, builds every file; warm: verdicts "
+              "on disk)")
+    print("per parse loop, both stubs (the dag-processor parses both files every loop), ms/DAG, and / dag-factory "
+          "lean (same targets):")
     for backend in BACKENDS:
         cells = []
-        for kind, target in LEAN_TARGETS.items():
-            ratio = ms[f"{backend} {kind}"] / df
-            cells.append(f"{kind} {ratio:.2f}x{'' if ratio <= target else ' (over)'}")
-        hand_cells = ", ".join(f"{kind} {ms[f'{backend} {kind}'] / hand:.2f}x" for kind in LEAN_TARGETS)
-        print(f"  {backend:10s}  vs dag-factory: {', '.join(cells):37s} vs hand-written: {hand_cells}")
+        for kind in LEAN_TARGETS:
+            both = ms[f"{backend} {kind}"] + ms[f"errors {backend} {kind}"]
+            cells.append(f"{kind} {ms[f'{backend} {kind}']:.2f} + {ms[f'errors {backend} {kind}']:.2f} = "
+                         f"{both:5.2f}: {ratio(both, kind):12s}")
+        print(f"  {backend:10s}  " + "   ".join(cells))
     imports = {name: statistics.median(r["import_s"] for r in runs) * 1000 for name, runs in results.items()}
-    print(f"library import, once per file parse: airflow-comfy local {imports['local cold']:.0f} ms, "
-          f"kubernetes {imports['kubernetes cold']:.0f} ms, dag-factory {imports['dag-factory lean']:.0f} ms")
+    print(f"library import, once per file parse (each stub file pays its own): building stub local "
+          f"{imports['local cold']:.0f} ms, kubernetes {imports['kubernetes cold']:.0f} ms; error stub "
+          f"{imports['errors kubernetes warm']:.0f} ms (cold, with the operator module: "
+          f"{imports['errors kubernetes cold']:.0f} ms); dag-factory {imports['dag-factory lean']:.0f} ms")
     if args.serialize:
         serialized = {name: in_fork(lambda name=name: measures[name](serialize=True))
                       for name in ("local warm", "kubernetes warm", "dag-factory lean", "hand-written")}
-        print("then the dag-processor serializes every DAG (DagSerialization.to_dict, inside the same "
-              "dag_file_processor_timeout; CPU ms/DAG, one run each, not in the ratios above):\n  "
+        print("then the dag-processor serializes every DAG the building stub made (DagSerialization.to_dict, inside "
+              "the same dag_file_processor_timeout; CPU ms/DAG, one run each, not in the ratios above):\n  "
               + ", ".join(f"{name.replace(' warm', '')} {r['serialize_cpu_s'] * 1000 / r['dags']:.2f}"
                           for name, r in serialized.items()))
     if args.split:
         run_split(lean, args, ms)
     if args.profile:
-        for kind, cache in (("cold", ""), ("warm", cache_dir)):
+        for kind, cache in (("cold", ""), ("warm", lean_cache(lean, args.profile_backend))):
             print(f"\ncProfile of one lean {kind} parse, backend {args.profile_backend}:")
             print(in_fork(lambda c=cache: profile_lean(workflows, c, args.profile_backend, 25)))
 
 
 # ------------------------------------------------------------------------------------------ cost split
-#: (key, label) of the phases cost_split() times, in the order of the table.
+#: (key, label) of the phases cost_split() times per file, in the order of the table.
 SPLIT_PHASES = (
-    ("read", "read (stat, bytes, sidecar, dag id)"),
-    ("cache key", "cache key (sha256)"),
+    ("read", "read (sidecar, dag id, _read_workflow)"),
+    ("cache key", "cache key (cache_key: sha256)"),
+    ("verdict read", "verdict read (+ dag id collision check)"),
     ("parse", "parse/convert (parse_workflow_text)"),
     ("validate", "validate"),
     ("slice", "slice (slice_workflow)"),
     ("params", "params (discover_params)"),
-    ("spec", "spec (specs, to_dict, to_data_uri)"),
+    ("spec", "spec (GroupGraph.specs, to_dict, sha256)"),
     ("docs", "docs (workflow_doc_md)"),
-    ("cache put", "cache put (memory only: cold)"),
-    ("cache read", "cache read (file)"),
-    ("decode", "JSON decode + from_dict"),
+    ("cache put", "cache put (compiled + verdict)"),
+    ("cache read", "compiled read (file bytes)"),
+    ("decode", "JSON decode + CompiledWorkflow.from_dict"),
     ("DAG", "DAG construction (build_dag, no tasks)"),
     ("task inputs", "GroupSpec.from_dict + task_config_for"),
     ("operators", "operator construction (build_group_task)"),
     ("dependencies", "dependencies (a >> b)"),
+    ("params assignment", "params assignment (dag.params, last)"),
 )
+#: The split's columns: (building stub?, backend, warm?) by column name; the name of the lean measurement
+#: of the same call is SPLIT_WHOLE[column].
+SPLIT_COLUMNS = {
+    "local cold": (True, "local", False), "local warm": (True, "local", True),
+    "k8s cold": (True, "kubernetes", False), "k8s warm": (True, "kubernetes", True),
+    "errors cold": (False, "kubernetes", False), "errors warm": (False, "kubernetes", True),
+}
+SPLIT_WHOLE = {"local cold": "local cold", "local warm": "local warm", "k8s cold": "kubernetes cold",
+               "k8s warm": "kubernetes warm", "errors cold": "errors kubernetes cold",
+               "errors warm": "errors kubernetes warm"}
 
 
-def cost_split(workflows: Path, cache_dir: str, backend: str) -> dict[str, dict[str, float]]:
-    """(In a fork.) ``load_workflows``' work, file by file, with a CPU timer around each phase. Returns
-    ``{"rest": {phase: seconds summed over files 2..N, "files": N - 1}, "first": {phase: seconds of the first
-    file}, "once": {"once": catalog and file list}}``. The first file is apart because it pays the lazy imports
-    and first-use initialisation (Airflow imports its timetables on the first DAG, for one).
+def cost_split(workflows: Path, cache_dir: str, backend: str, build: bool = True) -> dict[str, dict[str, float]]:
+    """(In a fork.) One stub's work on the folder, file by file, with a CPU timer around each phase:
+    ``load_workflows`` when ``build``, else ``find_workflow_errors`` (the error stub: a file with a verdict stops
+    after the verdict read; one without is built like the building stub builds it, and the DAG dropped).
+    Returns ``{"rest": {phase: seconds summed over files 2..N, "files": N - 1}, "first": {phase: seconds of
+    the first file}, "once": {"once": catalog, context and file list}, "prune": {"prune": the building stub's
+    cache prune, once per folder}}``. The first file is apart because it pays the lazy imports and first-use
+    initialisation (Airflow imports its timetables on the first DAG, for one).
 
-    It calls the package's own functions in the order ``factory/loader.py`` (``_load_one``, ``build_dag``)
-    and ``factory/compile.py`` (``compile_workflow``) do, without patching them: when those change shape,
-    this function is the one to adapt. Error handling is left out (every benchmark file is good)."""
+    It calls the package's own functions in the order ``factory/loader.py`` (``scan_workflows``,
+    ``_scan_one``, ``_build_one``, ``build_dag``), ``factory/cache.py`` (``ParseCache.compiled``) and
+    ``factory/compile.py`` (``compile_workflow``) do, without patching them: when those change shape, this
+    function is the one to adapt. Error handling is left out (every benchmark file is good)."""
     import dataclasses
     import hashlib
 
     from airflow_comfy.factory import cache as cache_module
     from airflow_comfy.factory.compile import CompiledWorkflow, cache_key, dag_id_for
     from airflow_comfy.factory.docs import workflow_doc_md
-    from airflow_comfy.factory.loader import _workflow_files, build_dag, task_config_for
+    from airflow_comfy.factory.loader import (
+        _build_context,
+        _param,
+        _read_workflow,
+        _workflow_files,
+        build_dag,
+        task_config_for,
+    )
     from airflow_comfy.factory.sidecar import load_sidecar, sidecar_path
     from airflow_comfy.operators.build import build_group_task
     from airflow_comfy.workflow.catalog import load_catalog
@@ -551,7 +631,7 @@ def cost_split(workflows: Path, cache_dir: str, backend: str) -> dict[str, dict[
     settings = comfy_settings(cache_dir, backend)
     cache_module.clear_memory()
     clock = time.process_time
-    spent: dict[str, dict[str, float]] = {"once": {}, "first": {}, "rest": {}}
+    spent: dict[str, dict[str, float]] = {"once": {}, "first": {}, "rest": {}, "prune": {}}
     bucket = spent["once"]
     last = clock()
 
@@ -561,25 +641,39 @@ def cost_split(workflows: Path, cache_dir: str, backend: str) -> dict[str, dict[
         bucket[phase] = bucket.get(phase, 0.0) + now - last
         last = now
 
+    # scan_workflows, before its loop
     catalog = load_catalog(settings.object_info_files)
     catalog.fingerprint()  # memoized: the first cache_key() would pay it
-    store = cache_module.CompileCache(settings.cache_dir or None)
+    store = cache_module.ParseCache(settings.cache_dir or None, workflows)
+    context = _build_context(settings)
+    used_keys: set[str] = set()
+    claimed: set[str] = set()
     files = _workflow_files(workflows, [])
     lap("once")
     for index, path in enumerate(files):
         bucket = spent["first" if index == 0 else "rest"]
+        # _scan_one
         sidecar = load_sidecar(sidecar_path(path))
-        dag_id_for(path, sidecar)
-        path.stat()
-        content = path.read_bytes()
+        dag_id = dag_id_for(path, sidecar)
+        content = _read_workflow(path, settings.max_workflow_bytes)
         lap("read")
-        key = cache_key(content, sidecar, catalog, str(path))
+        key = cache_key(content, sidecar, catalog, str(path), context)
+        used_keys.add(key)
         lap("cache key")
+        verdict = store.verdict(key)
+        assert verdict is None or verdict is True, verdict
+        assert dag_id not in claimed, dag_id
+        claimed.add(dag_id)
+        lap("verdict read")
+        if verdict is True and not build:
+            continue
+        # _build_one: ParseCache.compiled in two steps (the memory layer is empty in a fresh fork)
         cached = None
-        if store.directory is not None:  # CompileCache.get, in two steps
-            text = (store.directory / f"{key}.json").read_text(encoding="utf-8")
+        if store.root is not None:
+            raw = (store.root / (key + cache_module.COMPILED_SUFFIX)).read_bytes()
             lap("cache read")
-            cached = json.loads(text)
+            cached = json.loads(raw)
+            cache_module._remember(key, cached)
         if cached is not None:
             compiled = CompiledWorkflow.from_dict(cached)
             lap("decode")
@@ -598,7 +692,7 @@ def cost_split(workflows: Path, cache_dir: str, backend: str) -> dict[str, dict[
             metadata = {"prompt": workflow.to_api(), "workflow": workflow.ui_workflow}
             specs = graph.specs(workflow_sha256=sha, params=bindings(params), metadata=metadata)
             groups = [{"task_id": s.group, "title": g.title, "upstream": list(s.upstream), "spec": s.to_dict(),
-                       "spec_uri": s.to_data_uri()} for s, g in zip(specs, graph.groups, strict=True)]
+                       "spec_sha256": s.sha256()} for s, g in zip(specs, graph.groups, strict=True)]
             lap("spec")
             doc_md = workflow_doc_md(graph, params, sidecar)
             lap("docs")
@@ -607,61 +701,78 @@ def cost_split(workflows: Path, cache_dir: str, backend: str) -> dict[str, dict[
                 groups=groups, doc_md=doc_md,
                 params=[{"name": p.name, "title": p.title, "description": p.description, "schema": p.schema,
                          "default": p.default} for p in params])
-            store.put(key, compiled.to_dict())
+            store.put_compiled(key, compiled.to_dict())
             lap("cache put")
-        dag = build_dag(dataclasses.replace(compiled, groups=[]), sidecar, settings)
+        # build_dag: the DAG, its tasks, their dependencies, then its params
+        dag = build_dag(dataclasses.replace(compiled, groups=[], params=[]), sidecar, settings)
         lap("DAG")
         tasks = {}
-        for group in compiled.groups:  # build_dag's task loop
+        for group in compiled.groups:
             spec = GroupSpec.from_dict(group["spec"])
             task_config = task_config_for(sidecar, group["task_id"], settings)
             lap("task inputs")
             tasks[group["task_id"]] = build_group_task(spec, task_config=task_config, settings=settings,
                                                        upstream_task_ids=group["upstream"], dag=dag,
-                                                       spec_uri=group["spec_uri"])
+                                                       spec_sha256=group["spec_sha256"])
             lap("operators")
         for group in compiled.groups:
             for upstream in group["upstream"]:
                 tasks[upstream] >> tasks[group["task_id"]]
         lap("dependencies")
+        dag.params = {p["name"]: _param(p) for p in compiled.params}
+        lap("params assignment")
+        if verdict is None:  # back in _scan_one
+            store.put_verdict(key, True)
+        lap("cache put")
+    bucket = spent["prune"]
+    if build:
+        store.prune(used_keys)
+    lap("prune")
     spent["rest"]["files"] = len(files) - 1
     return spent
 
 
 #: (key, label) of operator_detail()'s rows. "ref" rows build other objects on the same workflows, for comparison.
 DETAIL_ROWS = (
-    ("dag", "build_dag without tasks (our DAG: params, doc_md)"),
-    ("dag no params", "ref: the same DAG without its params"),
+    ("dag", "build_dag without tasks or params (the DAG tasks join)"),
+    ("dag params", "params assignment (dag.params = ..., after the tasks)"),
     ("dag bare", "ref: DAG(dag_id, schedule=None)"),
     ("task_kwargs", "task_kwargs (BaseOperator kwargs, with doc_md)"),
     ("doc_md", "  of which spec_doc_md (timed again, alone)"),
-    ("arguments", "runner_arguments"),
+    ("arguments", "runner_arguments (spec URI from the sha256)"),
     ("pod_kwargs", "group_pod_kwargs (kubernetes only)"),
-    ("init", "our operator's __init__, on our DAG"),
-    ("init bare", "our operator's __init__, on a bare DAG"),
+    ("init", "our operator's __init__, on our DAG (no params yet)"),
+    ("init params", "ref: the same __init__ on a DAG with its params"),
     ("ref kpo", "ref: plain KPO, lean args, on our DAG"),
-    ("ref kpo bare", "ref: plain KPO, lean args, on a bare DAG"),
     ("ref base", "ref: BaseOperator(task_id), on our DAG"),
-    ("ref base bare", "ref: BaseOperator(task_id), on a bare DAG"),
 )
 
 
 def operator_detail(workflows: Path, cache_dir: str, backend: str) -> dict[str, float]:
     """(In a fork.) What one DAG and one task of ``build_dag`` / ``build_group_task`` cost, step by step
     (mirroring ``operators/build.py``'s ``_pod_task`` / ``_local_task``), and what simpler DAGs and operators
-    cost on the same workflows. "Our DAG" is ``build_dag`` of the workflow without its tasks (it has the
-    workflow's params, whose copies every task pays); a bare DAG has none. The compiled workflows come from
-    the disk cache (untimed). Returns seconds: ``dag*`` rows summed over the DAGs (``dags``), the other rows
-    over the tasks (``tasks``), of files 2..N (the first pays lazy imports, see cost_split)."""
+    cost on the same workflows. "Our DAG" is ``build_dag`` of the workflow without its tasks and params: what
+    the tasks join, since ``build_dag`` sets the params after building them (a DAG that has params when a task
+    joins it is deep-copied into the task at every class level: the "with its params" row). The compiled
+    workflows come from ``cache_dir``, the disk cache of ``backend`` (untimed). Returns seconds: ``dag*`` rows
+    summed over the DAGs (``dags``), the other rows over the tasks (``tasks``), of files 2..N (the first pays
+    lazy imports, see cost_split)."""
     import dataclasses
     import functools
 
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from airflow.sdk import DAG, BaseOperator
 
-    from airflow_comfy.factory.cache import CompileCache
+    from airflow_comfy.factory.cache import ParseCache
     from airflow_comfy.factory.compile import CompiledWorkflow, cache_key
-    from airflow_comfy.factory.loader import _workflow_files, build_dag, task_config_for
+    from airflow_comfy.factory.loader import (
+        _build_context,
+        _param,
+        _read_workflow,
+        _workflow_files,
+        build_dag,
+        task_config_for,
+    )
     from airflow_comfy.factory.sidecar import load_sidecar, sidecar_path
     from airflow_comfy.operators.build import spec_doc_md, task_kwargs
     from airflow_comfy.operators.command import runner_arguments
@@ -671,38 +782,46 @@ def operator_detail(workflows: Path, cache_dir: str, backend: str) -> dict[str, 
     from airflow_comfy.workflow.groupspec import GroupSpec
 
     settings = comfy_settings(cache_dir, backend)
-    catalog, store = load_catalog(settings.object_info_files), CompileCache(cache_dir)
+    catalog, store = load_catalog(settings.object_info_files), ParseCache(cache_dir, workflows)
+    context = _build_context(settings)
     clock = time.process_time
     spent: dict[str, float] = {}
     for index, path in enumerate(_workflow_files(workflows, [])):
         if index <= 1:  # start (again) after the first file
             spent = {key: 0.0 for key, _ in DETAIL_ROWS} | {"dags": 0, "tasks": 0}
         sidecar = load_sidecar(sidecar_path(path))
-        compiled = CompiledWorkflow.from_dict(store.get(cache_key(path.read_bytes(), sidecar, catalog, str(path))))
+        content = _read_workflow(path, settings.max_workflow_bytes)
+        cached = store.compiled(cache_key(content, sidecar, catalog, str(path), context))
+        assert cached is not None, f"{path.name}: not in the disk cache {cache_dir}"
+        compiled = CompiledWorkflow.from_dict(cached)
 
-        def ours(suffix: str, compiled: Any = compiled, sidecar: Any = sidecar, **changes: Any) -> Any:
-            return build_dag(dataclasses.replace(compiled, dag_id=compiled.dag_id + suffix, groups=[], **changes),
+        def ours(suffix: str, compiled: Any = compiled, sidecar: Any = sidecar) -> Any:
+            return build_dag(dataclasses.replace(compiled, dag_id=compiled.dag_id + suffix, groups=[], params=[]),
                              sidecar, settings)
+
+        def trigger_params(compiled: Any = compiled) -> dict[str, Any]:
+            return {p["name"]: _param(p) for p in compiled.params}
 
         t0 = clock()
         dag = ours("")
         t1 = clock()
-        ours("_no_params", params=[])
+        with_params = ours("_params")  # untimed
         t2 = clock()
-        DAG(dag_id=compiled.dag_id + "_bare", schedule=None)
+        with_params.params = trigger_params()
         t3 = clock()
+        DAG(dag_id=compiled.dag_id + "_bare", schedule=None)
+        t4 = clock()
         spent["dag"] += t1 - t0
-        spent["dag no params"] += t2 - t1
-        spent["dag bare"] += t3 - t2
+        spent["dag params"] += t3 - t2
+        spent["dag bare"] += t4 - t3
         spent["dags"] += 1
         # untimed: the DAGs the other operators go to (one per kind: task ids repeat)
         ref_dags = {kind: ours(f"_{kind}") for kind in ("kpo", "base")}
-        bare_dags = {kind: DAG(dag_id=f"{compiled.dag_id}_{kind}_bare", schedule=None)
-                     for kind in ("ours", "kpo", "base")}
         for group in compiled.groups:
             spec = GroupSpec.from_dict(group["spec"])
             task_config = task_config_for(sidecar, group["task_id"], settings)
             args = lean_arguments(compiled.dag_id, spec.group)
+            sha = group["spec_sha256"]
             t0 = clock()
             common = task_kwargs(spec, task_config=task_config, settings=settings, task_id=None, dag=dag)
             t1 = clock()
@@ -711,39 +830,36 @@ def operator_detail(workflows: Path, cache_dir: str, backend: str) -> dict[str, 
             if backend == "kubernetes":
                 arguments = runner_arguments(spec, store=settings.artifact_store, models_path=pod_models_path(settings),
                                              input_path=settings.pod_input_path, upstream_task_ids=group["upstream"],
-                                             spec_uri=group["spec_uri"])
+                                             spec_sha256=sha)
                 t3 = clock()
                 pod_kwargs = group_pod_kwargs(spec, task_config=task_config, settings=settings,
                                               dag_id=compiled.dag_id)
                 t4 = clock()
-                make = functools.partial(ComfyGroupPodOperator, arguments=arguments, **pod_kwargs, **common)
+                make = functools.partial(ComfyGroupPodOperator, arguments=arguments, group_spec=spec,
+                                         spec_sha256=sha, store=settings.artifact_store,
+                                         aws_conn_id=settings.aws_conn_id or None, **pod_kwargs, **common)
             else:
                 arguments = runner_arguments(spec, store=settings.artifact_store, models_path=settings.models_path,
                                              input_path=settings.input_path, upstream_task_ids=group["upstream"],
-                                             spec_uri=group["spec_uri"])
+                                             spec_sha256=sha)
                 t3 = t4 = clock()
                 make = functools.partial(ComfyGroupLocalOperator, arguments=arguments, env=dict(task_config.env),
-                                         runner_python=settings.runner_python or None,
+                                         runner_python=settings.runner_python or None, group_spec=spec,
+                                         spec_sha256=sha, store=settings.artifact_store,
                                          aws_conn_id=settings.aws_conn_id or None, **common)
             t5 = clock()
             make(dag=dag)
             t6 = clock()
-            make(dag=bare_dags["ours"])
+            make(dag=with_params)
             t7 = clock()
             KubernetesPodOperator(task_id=spec.group, image=LEAN_IMAGE, cmds=LEAN_CMDS, arguments=args,
                                   dag=ref_dags["kpo"])
             t8 = clock()
-            KubernetesPodOperator(task_id=spec.group, image=LEAN_IMAGE, cmds=LEAN_CMDS, arguments=args,
-                                  dag=bare_dags["kpo"])
-            t9 = clock()
             BaseOperator(task_id=spec.group, dag=ref_dags["base"])
-            t10 = clock()
-            BaseOperator(task_id=spec.group, dag=bare_dags["base"])
-            t11 = clock()
+            t9 = clock()
             for key, seconds in (("task_kwargs", t1 - t0), ("doc_md", t2 - t1), ("arguments", t3 - t2),
-                                 ("pod_kwargs", t4 - t3), ("init", t6 - t5), ("init bare", t7 - t6),
-                                 ("ref kpo", t8 - t7), ("ref kpo bare", t9 - t8), ("ref base", t10 - t9),
-                                 ("ref base bare", t11 - t10)):
+                                 ("pod_kwargs", t4 - t3), ("init", t6 - t5), ("init params", t7 - t6),
+                                 ("ref kpo", t8 - t7), ("ref base", t9 - t8)):
                 spent[key] += seconds
             spent["tasks"] += 1
     return spent
@@ -761,30 +877,40 @@ def _focus_functions(backend: str) -> list[tuple[str, Any]]:
 
     from airflow_comfy.factory import compile as compile_module
     from airflow_comfy.factory import loader
-    from airflow_comfy.operators import build
+    from airflow_comfy.factory.cache import ParseCache
+    from airflow_comfy.operators import build, command
     from airflow_comfy.workflow.groupspec import GroupSpec
 
     ours = importlib.import_module(OPERATOR_MODULES[backend])
     our_class = ours.ComfyGroupPodOperator if backend == "kubernetes" else ours.ComfyGroupLocalOperator
     return [
         ("load_workflows", loader.load_workflows),
-        ("  compile_workflow (cold only)", compile_module.compile_workflow),
-        ("  CompileCache.get (warm: read + JSON decode)", loader.CompileCache.get),
-        ("  build_dag", loader.build_dag),
-        ("    DAG.__init__ (attrs)", DAG.__init__),
-        ("    Param.__init__ (DAG params)", Param.__init__),
-        ("    build_group_task", build.build_group_task),
-        ("      spec_doc_md", build.spec_doc_md),
-        ("      GroupSpec.from_dict", GroupSpec.from_dict),
-        ("      apply_defaults wrapper (outermost call)", KubernetesPodOperator.__init__),
-        (f"        {our_class.__name__}.__init__ (with super())", our_class.__init__.__wrapped__),
-        ("        KubernetesPodOperator.__init__ (with super())", KubernetesPodOperator.__init__.__wrapped__),
-        ("        BaseOperator.__init__", BaseOperator.__init__.__wrapped__),
-        ("        get_merged_defaults (each level)", base_operator.get_merged_defaults),
-        ("          ParamsDict.__deepcopy__ (DAG params)", ParamsDict.__deepcopy__),
-        ("        BaseOperator.__setattr__", BaseOperator.__setattr__),
-        ("        _set_xcomargs_dependencies", BaseOperator._set_xcomargs_dependencies),
-        ("        V1EnvVar.__init__", k8s.V1EnvVar.__init__),
+        ("  _scan_one", loader._scan_one),
+        ("    _read_workflow", loader._read_workflow),
+        ("    cache_key", compile_module.cache_key),
+        ("    ParseCache.verdict (file read + JSON decode)", ParseCache.verdict),
+        ("    ParseCache.compiled (warm: file read + JSON decode)", ParseCache.compiled),
+        ("    compile_workflow (cold only)", compile_module.compile_workflow),
+        ("      GroupSpec.sha256 (cold only)", GroupSpec.sha256),
+        ("    ParseCache.put_compiled (cold)", ParseCache.put_compiled),
+        ("    ParseCache.put_verdict (first parse)", ParseCache.put_verdict),
+        ("    build_dag", loader.build_dag),
+        ("      DAG.__init__ (attrs)", DAG.__init__),
+        ("      Param.__init__ (DAG params)", Param.__init__),
+        ("      build_group_task", build.build_group_task),
+        ("        spec_doc_md", build.spec_doc_md),
+        ("        GroupSpec.from_dict", GroupSpec.from_dict),
+        ("        runner_arguments", command.runner_arguments),
+        ("        apply_defaults wrapper (outermost call)", KubernetesPodOperator.__init__),
+        (f"          {our_class.__name__}.__init__ (with super())", our_class.__init__.__wrapped__),
+        ("          KubernetesPodOperator.__init__ (with super())", KubernetesPodOperator.__init__.__wrapped__),
+        ("          BaseOperator.__init__", BaseOperator.__init__.__wrapped__),
+        ("          get_merged_defaults (each level)", base_operator.get_merged_defaults),
+        ("            ParamsDict.__deepcopy__ (DAG params)", ParamsDict.__deepcopy__),
+        ("          BaseOperator.__setattr__", BaseOperator.__setattr__),
+        ("          _set_xcomargs_dependencies", BaseOperator._set_xcomargs_dependencies),
+        ("          V1EnvVar.__init__", k8s.V1EnvVar.__init__),
+        ("  ParseCache.prune", ParseCache.prune),
         ("copy.deepcopy (all callers)", copy.deepcopy),
     ]
 
@@ -835,62 +961,68 @@ def profile_lean(workflows: Path, cache_dir: str, backend: str, top: int) -> str
 
 
 def run_split(lean: Path, args: argparse.Namespace, whole_ms: dict[str, float]) -> None:
-    """Print cost_split()'s table (us/DAG) for both backends, cold and warm, and operator_detail()'s (us/task).
+    """Print cost_split()'s table (us/DAG) for both stubs, cold and warm, and operator_detail()'s (us/task).
     ``whole_ms``: the lean measurements' ms/DAG, to compare with the sum of the phases."""
-    workflows, cache_dir = lean / "workflows", str(lean / "cache")
-    columns = {f"{backend} {kind}": (backend, "" if kind == "cold" else cache_dir)
-               for backend in BACKENDS for kind in ("cold", "warm")}
-    runs: dict[str, list[dict[str, float]]] = {name: [] for name in columns}
+    workflows = lean / "workflows"
+    runs: dict[str, list[dict[str, dict[str, float]]]] = {name: [] for name in SPLIT_COLUMNS}
     detail: dict[str, list[dict[str, float]]] = {backend: [] for backend in BACKENDS}
     for _ in range(args.repeat):
-        for name, (backend, cache) in columns.items():
-            runs[name].append(in_fork(lambda b=backend, c=cache: cost_split(workflows, c, b)))
+        for name, (build, backend, warm) in SPLIT_COLUMNS.items():
+            cache = lean_cache(lean, backend) if warm else ""
+            runs[name].append(in_fork(lambda b=backend, c=cache, build=build: cost_split(workflows, c, b, build)))
         for backend in BACKENDS:
-            detail[backend].append(in_fork(lambda b=backend: operator_detail(workflows, cache_dir, b)))
+            detail[backend].append(in_fork(lambda b=backend: operator_detail(workflows, lean_cache(lean, b), b)))
 
     def us(samples: list[dict[str, float]], key: str, per: str) -> float | None:
         values = [s[key] / s[per] * 1e6 for s in samples if key in s]
         return statistics.median(values) if values else None
 
-    def cell(value: float | None) -> str:
-        return f"{value:10.0f}" if value is not None else f"{'-':>10s}"
-
-    rest = {name: [r["rest"] for r in samples] for name, samples in runs.items()}
-    print(f"\ncost split of our lean parse, us/DAG over files 2..N (CPU, median of {args.repeat} runs, each in a "
-          "fresh fork; one timer per phase around the package's own functions):")
-    print(f"  {'phase':42s}" + "".join(f"{name:>17s}" for name in columns))
-    for key, label in SPLIT_PHASES:
-        print(f"  {label:42s}" + "".join(f"{cell(us(rest[name], key, 'files')):>17s}" for name in columns))
+    def cell(value: float | None, width: int = 14) -> str:
+        return f"{value:{width}.0f}" if value is not None else f"{'-':>{width}s}"
 
     def total(phases: dict[str, float]) -> float:
         return sum(v for k, v in phases.items() if k != "files")
 
-    sums = {name: statistics.median(total(s) / s["files"] * 1e6 for s in rest[name]) for name in columns}
-    first = {name: statistics.median(total(r["first"]) for r in samples) for name, samples in runs.items()}
-    once = {name: statistics.median(total(r["once"]) for r in samples) for name, samples in runs.items()}
+    rest = {name: [r["rest"] for r in samples] for name, samples in runs.items()}
     n = statistics.median(s["files"] for s in rest["local cold"]) + 1
-    print(f"  {'sum of the phases, files 2..N':42s}" + "".join(f"{sums[name]:17.0f}" for name in columns))
+    once = {name: {key: statistics.median(r[key][key] for r in samples) / n
+                   for key in ("once", "prune")} for name, samples in runs.items()}
+    first = {name: statistics.median(total(r["first"]) for r in samples) for name, samples in runs.items()}
+    sums = {name: statistics.median(total(s) / s["files"] * 1e6 for s in rest[name]) + (once[name]["prune"] * 1e6)
+            for name in SPLIT_COLUMNS}
+    print(f"\ncost split of our lean parse, us/DAG over files 2..N (CPU, median of {args.repeat} runs, each in a "
+          "fresh fork; one timer per phase around the package's own functions). k8s = backend kubernetes; errors = "
+          "the error stub (find_workflow_errors), backend kubernetes; cold: no cache; warm: the disk cache of the "
+          "lean runs:")
+    print(f"  {'phase':42s}" + "".join(f"{name:>14s}" for name in SPLIT_COLUMNS))
+    for key, label in SPLIT_PHASES:
+        print(f"  {label:42s}" + "".join(cell(us(rest[name], key, "files")) for name in SPLIT_COLUMNS))
+    print(f"  {'prune (once per folder, building stub), /N':42s}"
+          + "".join(cell(once[name]["prune"] * 1e6) for name in SPLIT_COLUMNS))
+    print(f"  {'sum of the phases, files 2..N (+ prune)':42s}" + "".join(cell(sums[name]) for name in SPLIT_COLUMNS))
     print(f"  {'first file (lazy imports, first use), /N':42s}"
-          + "".join(f"{first[name] / n * 1e6:17.0f}" for name in columns))
-    print(f"  {'once: catalog, file list, /N':42s}" + "".join(f"{once[name] / n * 1e6:17.0f}" for name in columns))
-    print(f"  {'whole load_workflows call (lean runs above)':42s}"
-          + "".join(f"{whole_ms[name] * 1000:17.0f}" for name in columns))
+          + "".join(cell(first[name] / n * 1e6) for name in SPLIT_COLUMNS))
+    print(f"  {'once: catalog, context, file list, /N':42s}"
+          + "".join(cell(once[name]["once"] * 1e6) for name in SPLIT_COLUMNS))
+    print(f"  {'whole stub call (lean runs above)':42s}"
+          + "".join(cell(whole_ms[SPLIT_WHOLE[name]] * 1000) for name in SPLIT_COLUMNS))
     print("  the first file alone, ms: " + ", ".join(f"{name} {value * 1000:.1f}" for name, value in first.items())
           + "; the largest of its phases: " + ", ".join(
-              f"{name} {max(runs[name][0]['first'].items(), key=lambda kv: kv[1])[0]}" for name in columns))
+              f"{name} {max(runs[name][0]['first'].items(), key=lambda kv: kv[1])[0]}" for name in SPLIT_COLUMNS))
 
     print("DAG and operator construction, us per DAG (dag rows) or per task (the others), files 2..N, CPU, "
           "median; the steps mirror factory/loader.py and operators/build.py:")
-    print(f"  {'step':52s}" + "".join(f"{backend:>12s}" for backend in BACKENDS))
+    print(f"  {'step':55s}" + "".join(f"{backend:>12s}" for backend in BACKENDS))
     for key, label in DETAIL_ROWS:
         per = "dags" if key.startswith("dag") else "tasks"
-        print(f"  {label:52s}" + "".join(f"{cell(us(detail[b], key, per)):>12s}" for b in BACKENDS))
+        print(f"  {label:55s}" + "".join(cell(us(detail[b], key, per), 12) for b in BACKENDS))
 
 
 # ------------------------------------------------------------------------------------------ largest folder
 def run_large(root: Path, n: int, backend: str = "kubernetes") -> None:
     """Cold, cache-writing and warm parse of one folder of ``n`` txt2img copies, once each, against
-    ``dag_file_processor_timeout`` (wall time of the whole file parse)."""
+    ``dag_file_processor_timeout`` (wall time of the whole file parse); then the error stub's cold and warm
+    parse of the same folder (its own file, so its own timeout)."""
     from airflow.configuration import conf
 
     timeout = conf.getfloat("dag_processor", "dag_file_processor_timeout", fallback=50.0)
@@ -917,6 +1049,14 @@ def run_large(root: Path, n: int, backend: str = "kubernetes") -> None:
         print(f"  {label:36s} load {r['cpu_s']:5.2f} s CPU / {r['wall_s']:5.2f} s wall "
               f"({r['cpu_s'] / n * 1000:.2f} ms/DAG CPU); with import and serialization {cpu:5.1f} s CPU "
               f"({cpu / timeout:4.0%} of the timeout) / {wall:5.1f} s wall ({wall / timeout:4.0%})")
+    print("  the error stub, a file of its own (its own timeout; it serializes nothing):")
+    for label, cache in (("error stub, cold (no cache)", ""), ("error stub, warm (verdicts on disk)", cache_dir)):
+        r = in_fork(lambda c=cache: measure_errors(workflows, c, backend))
+        assert (r["good"], r["errors"]) == (n, []), (label, r["good"], r["errors"])
+        cpu, wall = r["import_s"] + r["cpu_s"], r["import_s"] + r["wall_s"]
+        print(f"  {label:36s} scan {r['cpu_s']:5.2f} s CPU / {r['wall_s']:5.2f} s wall "
+              f"({r['cpu_s'] / n * 1000:.2f} ms/DAG CPU); with import {cpu:5.1f} s CPU ({cpu / timeout:4.0%} of the "
+              f"timeout) / {wall:5.1f} s wall ({wall / timeout:4.0%})")
 
 
 # -------------------------------------------------------------------------------------------------- main
@@ -984,7 +1124,7 @@ def run_heavy(root: Path, args: argparse.Namespace) -> None:
     info = in_fork(lambda: prepare(root, args.n or 100))
     workflows, cache_dir = root / "workflows", str(root / "cache")
     print(f"setup: {info['templates']} templates become DAGs -> {info['dags']} workflow files, "
-          f"{info['dags']} dag-factory YAML files (x2: inline spec / spec file reference)")
+          f"{info['dags']} dag-factory YAML files (x2: our exact arguments / --spec as a file path)")
 
     measures: dict[str, Callable[[], dict[str, Any]]] = {
         "comfy-cold": lambda: measure_comfy(workflows, ""),
