@@ -1,4 +1,4 @@
-"""``airflow-comfy``: the command line for people (convert, slice, check, render-pods).
+"""``airflow-comfy``: the command line for people (convert, slice, check, render-pods, pools sync).
 
 Each command imports only what it needs: ``convert`` and ``slice`` touch neither Airflow nor torch.
 Exit codes: 0 success, 2 the workflow (or sidecar) is invalid — the error names file, node, class and input.
@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from airflow_comfy.version import __version__
@@ -57,8 +60,20 @@ def _parser() -> argparse.ArgumentParser:
                                                 "tasks would submit")
     render.add_argument("workflow", type=Path)
     _sidecar_arg(render)
+    render.add_argument("--pool", default=None, metavar="NAME",
+                        help="put every group in this pool (its resources, node selector, ...), whatever the "
+                             "sidecar or the pool roles say")
+    _pools_file_arg(render)
     _object_info_arg(render)
     render.set_defaults(func=_render_pods)
+
+    pools = sub.add_parser("pools", help="the GPU pools of the pools file ([comfy] pools_file)")
+    pools_sub = pools.add_subparsers(metavar="ACTION")
+    sync = pools_sub.add_parser("sync", help="create or update the Airflow pools declared in the pools file "
+                                             "(idempotent; pools not in the file are left alone)")
+    _pools_file_arg(sync)
+    sync.add_argument("--dry-run", action="store_true", help="print what would change, change nothing")
+    sync.set_defaults(func=_pools_sync)
 
     run = sub.add_parser("run", help="run a workflow without Airflow, through the same runner subprocesses")
     run.add_argument("workflow", type=Path)
@@ -89,6 +104,11 @@ def _parser() -> argparse.ArgumentParser:
 def _object_info_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--object-info", action="append", default=[], metavar="F", type=Path,
                         help="a ComfyUI /object_info JSON that defines custom nodes (repeatable)")
+
+
+def _pools_file_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pools-file", type=Path, default=None, metavar="F",
+                        help="pools YAML (default: [comfy] pools_file)")
 
 
 def _sidecar_arg(parser: argparse.ArgumentParser) -> None:
@@ -145,20 +165,85 @@ def _slice(args) -> int:
 
 
 def _render_pods(args) -> int:
-    from airflow_comfy.config import get_settings
-    from airflow_comfy.factory.loader import build_dag
-    from airflow_comfy.operators.render import render_pod_manifests, to_yaml
+    # Airflow logs to stdout (its root handler holds the stream it found when it configured logging, and
+    # KPO logs a line per pod it builds): while anything of Airflow runs, stdout is stderr, down to the file
+    # descriptor, so that stdout carries the YAML and nothing else.
+    with _stdout_to_stderr():
+        from airflow_comfy.config import get_settings
+        from airflow_comfy.factory.loader import build_dag
+        from airflow_comfy.operators.render import render_pod_manifests, to_yaml
+        from airflow_comfy.scheduling.pools import check_pool_name, load_pools
 
-    compiled, sidecar = _compile(args)
-    for settings_key in ("task_defaults",):
-        getattr(sidecar, settings_key)["backend"] = "kubernetes"
-    for overrides in sidecar.tasks.values():
-        overrides["backend"] = "kubernetes"
-    # Airflow's and KPO's loggers print to stdout; keep stdout for the YAML alone.
-    with contextlib.redirect_stdout(sys.stderr):
-        dag = build_dag(compiled, sidecar, get_settings(cache_dir=""))
-        manifests = render_pod_manifests(list(dag.tasks))
-    sys.stdout.write(to_yaml(manifests))
+        settings = get_settings(cache_dir="")
+        pools = load_pools(args.pools_file if args.pools_file is not None else settings.pools_file)
+        if args.pool:
+            problem = check_pool_name(args.pool, pools, settings.default_pool)
+            if problem:
+                print(f"error: --pool: {problem}", file=sys.stderr)
+                return EXIT_INVALID
+        compiled, sidecar = _compile(args)
+        for overrides in (sidecar.task_defaults, *sidecar.tasks.values()):
+            overrides["backend"] = "kubernetes"
+            if args.pool:
+                overrides["pool"] = args.pool
+        dag = build_dag(compiled, sidecar, settings, pools=pools)
+        text = to_yaml(render_pod_manifests(list(dag.tasks)))
+    sys.stdout.write(text)
+    return 0
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Send what is written to stdout inside the block to stderr: ``sys.stdout``, file descriptor 1 (whatever
+    writes there directly, such as a logging handler holding the process's stdout stream), and, from now on,
+    the logging handlers that hold that stream (so that nothing logged later follows the data either)."""
+    _flush_stdout()
+    _log_to_stderr()
+    saved_fd = None
+    with contextlib.suppress(OSError, ValueError):
+        saved_fd = os.dup(1)
+        os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        _log_to_stderr()  # the handlers configured inside the block
+        _flush_stdout()
+        if saved_fd is not None:
+            os.dup2(saved_fd, 1)
+            os.close(saved_fd)
+
+
+def _flush_stdout() -> None:
+    for stream in (sys.stdout, sys.__stdout__):
+        with contextlib.suppress(Exception):
+            stream.flush()
+
+
+def _log_to_stderr() -> None:
+    stdout = {id(sys.stdout), id(sys.__stdout__)}
+    loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values()
+                                      if isinstance(v, logging.Logger))]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if type(handler) is logging.StreamHandler and id(handler.stream) in stdout:
+                handler.setStream(sys.stderr)
+
+
+def _pools_sync(args) -> int:
+    """Create or update the Airflow pools of the pools file, through Airflow's own pool API (the metadata
+    database of the Airflow this process is configured for, as ``airflow pools set``)."""
+    with _stdout_to_stderr():
+        from airflow_comfy.config import get_settings
+        from airflow_comfy.scheduling.pools import load_pools, sync_pools
+
+        path = args.pools_file if args.pools_file is not None else get_settings().pools_file
+        if not path:
+            print("error: no pools file: set [comfy] pools_file or pass --pools-file", file=sys.stderr)
+            return EXIT_INVALID
+        lines = sync_pools(load_pools(path), dry_run=args.dry_run)
+    for line in lines:
+        print(line)
     return 0
 
 

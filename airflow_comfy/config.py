@@ -34,6 +34,7 @@ class ComfySettings:
     pod_models_path: str
     pod_input_path: str
     default_pool: str
+    pools_file: str
     cache_dir: str
     max_workflow_bytes: int
     max_workflow_nodes: int

@@ -80,7 +80,19 @@ CONFIG_OPTIONS: dict[str, tuple[str, str, str, str | None]] = {
         "string", "/inputs",
         "Where LoadImage inputs are found inside group pods (provided by the image or a pod template).", None,
     ),
-    "default_pool": ("string", "default_pool", "Airflow pool of group tasks unless the sidecar names one.", None),
+    "default_pool": (
+        "string", "default_pool",
+        "Airflow pool of group tasks that neither the sidecar nor a pool role (pools_file) places elsewhere.", None,
+    ),
+    "pools_file": (
+        "string", "",
+        "YAML file declaring the GPU pools: per pool its Airflow slots, GPUs per pod (and GPU resource name), "
+        "memory, cpu, node selector, tolerations, runtime class, runner image and role (sampling | light: the "
+        "groups that default to it). Sampling groups go to the 'sampling' pool, the others to the 'light' one; "
+        "group pods request what their pool declares. 'airflow-comfy pools sync' creates the Airflow pools. "
+        "Empty: no pools file (every group in default_pool; sampling pods request one nvidia.com/gpu).",
+        "/opt/airflow/comfy/pools.yaml",
+    ),
     "cache_dir": (
         "string", "{AIRFLOW_HOME}/comfy/cache",
         "Parse cache: sliced workflows keyed by file content, so unchanged files are not re-sliced on every "

@@ -50,6 +50,15 @@ from airflow_comfy.factory.compile import CompiledWorkflow, cache_key, compile_w
 from airflow_comfy.factory.sidecar import Sidecar, load_sidecar, sidecar_path
 from airflow_comfy.operators.build import build_group_task
 from airflow_comfy.operators.task_config import GroupTaskConfig
+from airflow_comfy.scheduling.pools import (
+    PoolsConfig,
+    assign_pool,
+    check_pool_name,
+    load_pools,
+    mentions_gpu,
+    merge_resources,
+    merge_tolerations,
+)
 from airflow_comfy.scheduling.tiers import priority_weight
 from airflow_comfy.workflow.catalog import Catalog, load_catalog
 from airflow_comfy.workflow.errors import Problem, WorkflowError
@@ -59,6 +68,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_START_DATE = datetime(2024, 1, 1, tzinfo=timezone.utc)
 SKIPPED_SUFFIXES = (".object_info.json",)
+#: What a sampling group's pod asks for when no declared pool gives it a GPU and its sidecar names none.
+DEFAULT_SAMPLING_GPU = {"limits": {"nvidia.com/gpu": "1"}}
 
 
 class ComfyWorkflowWarning(UserWarning):
@@ -124,15 +135,16 @@ def scan_workflows(folder: Path, settings: ComfySettings, *, object_info_files: 
     scan = FolderScan(folder)
     try:
         catalog = load_catalog([*settings.object_info_files, *(object_info_files or [])])
+        pools = load_pools(settings.pools_file)
     except WorkflowError as exc:
         scan.errors.append(exc)
         return scan
     cache = ParseCache(settings.cache_dir or None, folder)
-    context = _build_context(settings)
+    context = _build_context(settings, pools)
     used_keys: set[str] = set()
     for path in _workflow_files(folder, scan.errors):
         try:
-            dag_id, dag = _scan_one(path, catalog, cache, settings, context, scan.good, used_keys, build)
+            dag_id, dag = _scan_one(path, catalog, cache, settings, pools, context, scan.good, used_keys, build)
         except WorkflowError as exc:
             scan.errors.append(exc.located(str(path)) if not exc.file else exc)
         except Exception as exc:  # a bug of ours must not hide the other workflows either
@@ -147,8 +159,8 @@ def scan_workflows(folder: Path, settings: ComfySettings, *, object_info_files: 
     return scan
 
 
-def _scan_one(path: Path, catalog: Catalog, cache: ParseCache, settings: ComfySettings, context: str,
-              claimed: dict[str, Path], used_keys: set[str], build: bool) -> tuple[str, DAG | None]:
+def _scan_one(path: Path, catalog: Catalog, cache: ParseCache, settings: ComfySettings, pools: PoolsConfig,
+              context: str, claimed: dict[str, Path], used_keys: set[str], build: bool) -> tuple[str, DAG | None]:
     sidecar = load_sidecar(sidecar_path(path))
     dag_id = dag_id_for(path, sidecar)
     content = _read_workflow(path, settings.max_workflow_bytes)
@@ -164,7 +176,7 @@ def _scan_one(path: Path, catalog: Catalog, cache: ParseCache, settings: ComfySe
     if verdict is True and not build:
         return dag_id, None
     try:
-        dag = _build_one(path, content, key, sidecar, catalog, cache, settings)
+        dag = _build_one(path, content, key, sidecar, catalog, cache, settings, pools)
     except WorkflowError as exc:
         cache.put_verdict(key, exc.located(str(path)) if not exc.file else exc)
         raise
@@ -174,21 +186,22 @@ def _scan_one(path: Path, catalog: Catalog, cache: ParseCache, settings: ComfySe
 
 
 def _build_one(path: Path, content: bytes, key: str, sidecar: Sidecar, catalog: Catalog, cache: ParseCache,
-               settings: ComfySettings) -> DAG:
+               settings: ComfySettings, pools: PoolsConfig) -> DAG:
     cached = cache.compiled(key)
     if cached is not None:
         compiled = CompiledWorkflow.from_dict(cached)
     else:
         compiled = compile_workflow(path, content, sidecar, catalog, max_nodes=settings.max_workflow_nodes)
         cache.put_compiled(key, compiled.to_dict())
-    return build_dag(compiled, sidecar, settings)
+    return build_dag(compiled, sidecar, settings, pools=pools)
 
 
-def _build_context(settings: ComfySettings) -> str:
-    """What besides the file decides whether and how it builds: the settings and Airflow's version."""
+def _build_context(settings: ComfySettings, pools: PoolsConfig) -> str:
+    """What besides the file decides whether and how it builds: the settings, the pools file's content and
+    Airflow's version."""
     from airflow import __version__ as airflow_version
 
-    return hashlib.sha256(repr((dataclasses.astuple(settings), airflow_version)).encode()).hexdigest()
+    return hashlib.sha256(repr((dataclasses.astuple(settings), pools.digest, airflow_version)).encode()).hexdigest()
 
 
 def _resolve_folder(folder: str | Path | None, globals_dict: dict | None, settings: ComfySettings) -> Path:
@@ -257,7 +270,12 @@ def _internal_error(path: Path, exc: Exception) -> WorkflowError:
         f"{traceback.format_exc(limit=-3)}", "internal_error", file=str(path)))
 
 
-def build_dag(compiled: CompiledWorkflow, sidecar: Sidecar, settings: ComfySettings) -> DAG:
+def build_dag(compiled: CompiledWorkflow, sidecar: Sidecar, settings: ComfySettings, *,
+              pools: PoolsConfig | None = None) -> DAG:
+    """The DAG of a compiled workflow. ``pools``: the declared pools (default: read from ``[comfy]
+    pools_file``)."""
+    if pools is None:
+        pools = load_pools(settings.pools_file)
     task_ids = [g["task_id"] for g in compiled.groups]
     unknown = sorted(set(sidecar.tasks) - set(task_ids))
     if unknown:
@@ -277,9 +295,10 @@ def build_dag(compiled: CompiledWorkflow, sidecar: Sidecar, settings: ComfySetti
     )
     tasks = {}
     for group in compiled.groups:
+        spec = GroupSpec.from_dict(group["spec"])
         tasks[group["task_id"]] = build_group_task(
-            GroupSpec.from_dict(group["spec"]),
-            task_config=task_config_for(sidecar, group["task_id"], settings),
+            spec,
+            task_config=task_config_for(sidecar, group["task_id"], settings, spec=spec, pools=pools),
             settings=settings,
             upstream_task_ids=group["upstream"],
             dag=dag,
@@ -296,21 +315,39 @@ def build_dag(compiled: CompiledWorkflow, sidecar: Sidecar, settings: ComfySetti
     return dag
 
 
-def task_config_for(sidecar: Sidecar, task_id: str, settings: ComfySettings) -> GroupTaskConfig:
+def task_config_for(sidecar: Sidecar, task_id: str, settings: ComfySettings, *, spec: GroupSpec | None = None,
+                    pools: PoolsConfig | None = None) -> GroupTaskConfig:
+    """The task settings of group ``task_id``: its sidecar's, on top of its pool's (``spec``'s nodes decide the
+    pool by role when the sidecar names none; see :mod:`airflow_comfy.scheduling.pools`)."""
     s = sidecar.task_settings(task_id)
+    pools = pools or PoolsConfig()
+    backend = s.get("backend", settings.backend)
+    if s.get("pool"):
+        problem = check_pool_name(s["pool"], pools, settings.default_pool)
+        if problem:
+            where = f"tasks.{task_id}: " if "pool" in sidecar.tasks.get(task_id, {}) else ""
+            raise WorkflowError(Problem(f"sidecar: {where}{problem}", "bad_sidecar", file=sidecar.path))
+    placed = assign_pool(spec.nodes if spec is not None else {}, explicit=s.get("pool"), pools=pools,
+                         default_pool=settings.default_pool)
+    pool = placed.spec
+    resources = merge_resources(pool.resources() if pool else None, s.get("resources"))
+    if backend == "kubernetes" and placed.role == "sampling" and pool is None and not mentions_gpu(s.get("resources")):
+        resources = merge_resources(DEFAULT_SAMPLING_GPU, resources)
     return GroupTaskConfig(
-        backend=s.get("backend", settings.backend),
-        image=s.get("image"),
-        pool=s.get("pool"),
+        backend=backend,
+        image=s.get("image") or (pool.image if pool else None),
+        pool=placed.pool,
         pool_slots=s.get("pool_slots", 1),
         priority_weight=priority_weight(s.get("priority"), s.get("priority_weight")),
         retries=s.get("retries", 0),
         retry_delay_seconds=s.get("retry_delay", 60.0),
         retry_exponential_backoff=bool(s.get("retry_exponential_backoff", False)),
         execution_timeout_seconds=s.get("execution_timeout"),
-        resources=s.get("resources"),
-        node_selector={str(k): str(v) for k, v in (s.get("node_selector") or {}).items()},
-        tolerations=tuple(dict(t) for t in s.get("tolerations") or ()),
+        resources=resources,
+        node_selector={**(pool.node_selector if pool else {}),
+                       **{str(k): str(v) for k, v in (s.get("node_selector") or {}).items()}},
+        tolerations=merge_tolerations(pool.tolerations if pool else (), s.get("tolerations") or ()),
+        runtime_class_name=pool.runtime_class if pool else None,
         affinity=s.get("affinity"),
         priority_class_name=s.get("priority_class_name"),
         env={str(k): str(v) for k, v in (s.get("env") or {}).items()},

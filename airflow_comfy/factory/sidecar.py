@@ -13,7 +13,8 @@ Example::
       decode: ["8", "9"]
     backend: kubernetes            # local | kubernetes (default: [comfy] backend)
     image: registry.example.com/comfy-runner:0.1.0
-    pool: gpu_small
+    pool: gpu_small                # default: the pool of the group's role ([comfy] pools_file), else
+                                   # [comfy] default_pool; with a pools file it must be declared there
     priority: vip                  # vip | high | normal | batch
     retries: 2
     retry_delay: 30                # seconds

@@ -27,6 +27,25 @@ GROUP_LABEL = "airflow-comfy/group"
 WORKFLOW_SHA_ANNOTATION = "airflow-comfy/workflow-sha256"
 #: KPO appends "-" and 8 random characters to the name; a pod name must stay within 63.
 POD_NAME_MAX = 63 - 9
+#: Every container of a group pod (the runner and KPO's xcom sidecar) runs as this non-root user and group;
+#: volumes are group-owned by it (fsGroup). The runner image needs no user of that id, only readable files.
+POD_USER_ID = 1000
+#: The root filesystem is read-only: the runner's only writable place is an emptyDir mounted here, and every
+#: home/cache directory a library might write points into it.
+SCRATCH_VOLUME = "comfy-scratch"
+SCRATCH_PATH = "/tmp"
+SCRATCH_ENV = {
+    "HOME": SCRATCH_PATH,
+    "TMPDIR": SCRATCH_PATH,
+    "XDG_CACHE_HOME": f"{SCRATCH_PATH}/.cache",
+    "XDG_CONFIG_HOME": f"{SCRATCH_PATH}/.config",
+    "HF_HOME": f"{SCRATCH_PATH}/.cache/huggingface",
+    "TORCH_HOME": f"{SCRATCH_PATH}/.cache/torch",
+    "TRITON_CACHE_DIR": f"{SCRATCH_PATH}/.cache/triton",
+    "CUDA_CACHE_PATH": f"{SCRATCH_PATH}/.cache/nv",
+    "MPLCONFIGDIR": f"{SCRATCH_PATH}/.config/matplotlib",
+    "PYTHONDONTWRITEBYTECODE": "1",
+}
 
 _Model = TypeVar("_Model")
 # Each kubernetes model built without a configuration creates a new Configuration, which is slow (it
@@ -41,6 +60,13 @@ class ComfyGroupPodOperator(KubernetesPodOperator):
     the runner writes its manifest there and KPO's xcom sidecar pushes it as XCom ``return_value``.
     ``HF_HUB_OFFLINE=1`` is always in the container's environment. Use :func:`group_pod_kwargs` (or
     ``build_group_task``) for the pod settings that come from ``[comfy]`` and the workflow's sidecar.
+
+    The pod is restricted (Kubernetes' "restricted" Pod Security Standard, and a read-only root filesystem):
+    both containers run as user/group :data:`POD_USER_ID` without privilege escalation, capabilities or a
+    writable root; the runner writes only to the ``emptyDir`` at :data:`SCRATCH_PATH` (``HOME``, ``HF_HOME``,
+    ``TORCH_HOME``, ``XDG_CACHE_HOME``... point there, unless ``env_vars`` say otherwise) and to the xcom
+    volume. ``security_context``, ``container_security_context`` and
+    ``xcom_sidecar_container_security_context`` may be passed to replace these defaults.
 
     When the runner container exits with code 2 (bad input), the task fails with ``AirflowFailException``,
     so Airflow does not retry it; any other failure stays a retryable ``AirflowException``.
@@ -69,7 +95,16 @@ class ComfyGroupPodOperator(KubernetesPodOperator):
         self.spec_sha256 = spec_sha256
         self.store = store
         self.aws_conn_id = aws_conn_id or None
-        env = {**(env_vars or {}), "HF_HUB_OFFLINE": "1"}
+        env = {**SCRATCH_ENV, **(env_vars or {}), "HF_HUB_OFFLINE": "1"}
+        kwargs.setdefault("security_context", pod_security_context())
+        kwargs.setdefault("container_security_context", container_security_context())
+        kwargs.setdefault("xcom_sidecar_container_security_context", container_security_context())
+        volumes, mounts = list(kwargs.pop("volumes", None) or []), list(kwargs.pop("volume_mounts", None) or [])
+        if not any(_field(m, "mount_path", "mountPath") == SCRATCH_PATH for m in mounts):
+            volumes.append(k8s.V1Volume(name=SCRATCH_VOLUME, empty_dir=k8s.V1EmptyDirVolumeSource(
+                local_vars_configuration=_K8S_CONFIGURATION), local_vars_configuration=_K8S_CONFIGURATION))
+            mounts.append(k8s.V1VolumeMount(name=SCRATCH_VOLUME, mount_path=SCRATCH_PATH,
+                                            local_vars_configuration=_K8S_CONFIGURATION))
         kwargs.setdefault("get_logs", True)
         kwargs.setdefault("on_finish_action", "delete_pod")
         # the last lines of the runner's output become the container's termination message (shown on failure)
@@ -80,6 +115,8 @@ class ComfyGroupPodOperator(KubernetesPodOperator):
             env_vars=[k8s.V1EnvVar(name=name, value=value, local_vars_configuration=_K8S_CONFIGURATION)
                       for name, value in env.items()],
             do_xcom_push=True,
+            volumes=volumes,
+            volume_mounts=mounts,
             **kwargs,
         )
 
@@ -115,6 +152,32 @@ class ComfyGroupPodOperator(KubernetesPodOperator):
                     f"{exc}"
                 ) from exc
             raise
+
+
+def pod_security_context() -> k8s.V1PodSecurityContext:
+    """The pod's security context: non-root user, group and fsGroup :data:`POD_USER_ID`, RuntimeDefault seccomp."""
+    return k8s.V1PodSecurityContext(
+        run_as_non_root=True, run_as_user=POD_USER_ID, run_as_group=POD_USER_ID, fs_group=POD_USER_ID,
+        seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault", local_vars_configuration=_K8S_CONFIGURATION),
+        local_vars_configuration=_K8S_CONFIGURATION,
+    )
+
+
+def container_security_context() -> k8s.V1SecurityContext:
+    """Each container's: non-root, no privilege escalation, every capability dropped, RuntimeDefault seccomp,
+    read-only root filesystem."""
+    return k8s.V1SecurityContext(
+        run_as_non_root=True, run_as_user=POD_USER_ID, run_as_group=POD_USER_ID, privileged=False,
+        allow_privilege_escalation=False, read_only_root_filesystem=True,
+        capabilities=k8s.V1Capabilities(drop=["ALL"], local_vars_configuration=_K8S_CONFIGURATION),
+        seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault", local_vars_configuration=_K8S_CONFIGURATION),
+        local_vars_configuration=_K8S_CONFIGURATION,
+    )
+
+
+def _field(obj: Any, attribute: str, key: str) -> Any:
+    """A field of a Kubernetes model or of its dict form."""
+    return obj.get(key) if isinstance(obj, dict) else getattr(obj, attribute, None)
 
 
 def container_exit_code(pod: k8s.V1Pod | None, container_name: str) -> int | None:
@@ -215,6 +278,7 @@ def group_pod_kwargs(
         "tolerations": [k8s_model(t, k8s.V1Toleration, "toleration") for t in task_config.tolerations],
         "affinity": k8s_model(task_config.affinity, k8s.V1Affinity, "affinity") if task_config.affinity else None,
         "priority_class_name": task_config.priority_class_name,
+        "runtime_class_name": task_config.runtime_class_name,
         "env_vars": dict(task_config.env),
         "env_from": aws_env_from(settings),
         "volumes": volumes,

@@ -33,6 +33,7 @@ class GroupTaskConfig:
     affinity: dict[str, Any] | None = None
     priority_class_name: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    runtime_class_name: str | None = None  # the pod's runtimeClassName (from its pool)
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
