@@ -512,6 +512,31 @@ def test_unchanged_workflows_come_from_the_parse_cache(tmp_path: Path, monkeypat
     assert [e["dag_id"] for e in entries().values()] == ["default"]
 
 
+def test_known_files_are_neither_compiled_nor_checked_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Each file's verdict is written once: later parses of the error stub read it, and a bad file is not
+    compiled again by either stub (nor its verdict rewritten) until it changes."""
+    from airflow_comfy.factory import loader
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("AIRFLOW__COMFY__CACHE_DIR", str(cache))
+    folder = dags_folder(tmp_path / "dags", {"default.json": DEFAULT_TEXT, BAD: txt2img(**{"3.steps": 0})})
+    clear_memory()
+    first = parse(folder)
+    assert set(first.dags) == {"default"} and "smaller than min of 1" in loader_error(first, folder)
+    verdicts = {p: p.stat().st_mtime_ns for p in cache.glob("*/*.verdict.json")}
+    assert len(verdicts) == 2
+
+    compiled: list[str] = []
+    real_compile = loader.compile_workflow
+    monkeypatch.setattr(loader, "compile_workflow", lambda path, *a, **k: compiled.append(path.name)
+                        or real_compile(path, *a, **k))
+    clear_memory()
+    second = parse(folder)
+    assert set(second.dags) == {"default"} and "smaller than min of 1" in loader_error(second, folder)
+    assert compiled == []
+    assert {p: p.stat().st_mtime_ns for p in cache.glob("*/*.verdict.json")} == verdicts
+
+
 def test_corrupt_cache_entries_are_recompiled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv("AIRFLOW__COMFY__CACHE_DIR", str(cache))

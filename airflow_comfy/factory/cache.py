@@ -67,6 +67,9 @@ class ParseCache:
         except (KeyError, TypeError, ValueError):
             return None
 
+    def has_verdict(self, key: str) -> bool:
+        return self.root is not None and os.path.exists(self.root / (key + VERDICT_SUFFIX))
+
     def put_verdict(self, key: str, verdict: WorkflowError | bool) -> None:
         if verdict is True:
             self._write(key + VERDICT_SUFFIX, {"ok": True})

@@ -31,6 +31,7 @@ compiled workflow and rebuilds only the Airflow objects, the error stub reads on
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import os
@@ -166,34 +167,73 @@ def _scan_one(path: Path, catalog: Catalog, cache: ParseCache, settings: ComfySe
     content = _read_workflow(path, settings.max_workflow_bytes)
     key = cache_key(content, sidecar, catalog, str(path), context)
     used_keys.add(key)
+    try:
+        if build:
+            return dag_id, _build_file(path, content, key, sidecar, catalog, cache, settings, pools, claimed)
+        _check_file(path, content, key, sidecar, catalog, cache, settings, pools, claimed)
+        return dag_id, None
+    except WorkflowError as exc:
+        # a collision depends on the folder, not on this file; a cached verdict is already written
+        if exc.problems[0].kind != "dag_id_collision" and not getattr(exc, "from_cache", False):
+            cache.put_verdict(key, exc.located(str(path)) if not exc.file else exc)
+        raise
+
+
+def _build_file(path: Path, content: bytes, key: str, sidecar: Sidecar, catalog: Catalog, cache: ParseCache,
+                settings: ComfySettings, pools: PoolsConfig, claimed: dict[str, Path]) -> DAG:
+    """The building stub's way: the compiled workflow from the cache (a file known to be bad is not compiled
+    again), then the DAG; the verdict is written the first time."""
+    cached = cache.compiled(key)
+    if cached is None:
+        _raise_known_error(cache, key)
+        compiled = compile_workflow(path, content, sidecar, catalog, max_nodes=settings.max_workflow_nodes)
+        cache.put_compiled(key, compiled.to_dict())
+    else:
+        compiled = CompiledWorkflow.from_dict(cached)
+    _claim(compiled.dag_id, path, claimed)
+    dag = build_dag(compiled, sidecar, settings, pools=pools)
+    if not cache.has_verdict(key):
+        cache.put_verdict(key, True)
+    return dag
+
+
+def _check_file(path: Path, content: bytes, key: str, sidecar: Sidecar, catalog: Catalog, cache: ParseCache,
+                settings: ComfySettings, pools: PoolsConfig, claimed: dict[str, Path]) -> None:
+    """The error stub's way: the verdict when there is one; else compile the file (or take the building stub's
+    compiled workflow) and check everything the DAG is built from but the operators themselves, whose
+    construction the building stub's verdict covers from its next parse on. Without a cache there is no
+    verdict to wait for, so the whole DAG is built."""
+    if _raise_known_error(cache, key):
+        _claim(dag_id_for(path, sidecar), path, claimed)
+        return
+    cached = cache.compiled(key)
+    if cached is None:
+        compiled = compile_workflow(path, content, sidecar, catalog, max_nodes=settings.max_workflow_nodes)
+        cache.put_compiled(key, compiled.to_dict())
+    else:
+        compiled = CompiledWorkflow.from_dict(cached)
+    _claim(compiled.dag_id, path, claimed)
+    if cache.root is None:
+        build_dag(compiled, sidecar, settings, pools=pools)
+    else:
+        plan_dag(compiled, sidecar, settings, pools=pools)
+
+
+def _raise_known_error(cache: ParseCache, key: str) -> bool:
+    """Raise the cached error of a file known to be bad; True when the file is known to be good."""
     verdict = cache.verdict(key)
     if isinstance(verdict, WorkflowError):
+        verdict.from_cache = True
         raise verdict
-    if dag_id in claimed:  # only a file that makes a DAG claims its id: a broken file never blocks a good one
+    return verdict is True
+
+
+def _claim(dag_id: str, path: Path, claimed: dict[str, Path]) -> None:
+    """Only a file that makes a DAG claims its id, in name order: a broken file never blocks a good one."""
+    if dag_id in claimed:
         raise WorkflowError(Problem(
             f"dag id {dag_id!r} is already used by {claimed[dag_id].name}; rename one file or set dag_id in its "
             "sidecar", "dag_id_collision", file=str(path)))
-    if verdict is True and not build:
-        return dag_id, None
-    try:
-        dag = _build_one(path, content, key, sidecar, catalog, cache, settings, pools)
-    except WorkflowError as exc:
-        cache.put_verdict(key, exc.located(str(path)) if not exc.file else exc)
-        raise
-    if verdict is None:
-        cache.put_verdict(key, True)
-    return dag_id, dag if build else None
-
-
-def _build_one(path: Path, content: bytes, key: str, sidecar: Sidecar, catalog: Catalog, cache: ParseCache,
-               settings: ComfySettings, pools: PoolsConfig) -> DAG:
-    cached = cache.compiled(key)
-    if cached is not None:
-        compiled = CompiledWorkflow.from_dict(cached)
-    else:
-        compiled = compile_workflow(path, content, sidecar, catalog, max_nodes=settings.max_workflow_nodes)
-        cache.put_compiled(key, compiled.to_dict())
-    return build_dag(compiled, sidecar, settings, pools=pools)
 
 
 def _build_context(settings: ComfySettings, pools: PoolsConfig) -> str:
@@ -270,10 +310,18 @@ def _internal_error(path: Path, exc: Exception) -> WorkflowError:
         f"{traceback.format_exc(limit=-3)}", "internal_error", file=str(path)))
 
 
-def build_dag(compiled: CompiledWorkflow, sidecar: Sidecar, settings: ComfySettings, *,
-              pools: PoolsConfig | None = None) -> DAG:
-    """The DAG of a compiled workflow. ``pools``: the declared pools (default: read from ``[comfy]
-    pools_file``)."""
+@dataclass
+class DagPlan:
+    """What a DAG is built from, checked: the DAG itself (no tasks yet) and each group's spec and settings."""
+
+    dag: DAG
+    tasks: list[tuple[dict[str, Any], GroupSpec, GroupTaskConfig]]
+
+
+def plan_dag(compiled: CompiledWorkflow, sidecar: Sidecar, settings: ComfySettings, *,
+             pools: PoolsConfig | None = None) -> DagPlan:
+    """Everything :func:`build_dag` needs but the operators: the DAG (schedule, start date, tags ... checked by
+    Airflow's own constructor) and the task settings of every group (sidecar over pool)."""
     if pools is None:
         pools = load_pools(settings.pools_file)
     task_ids = [g["task_id"] for g in compiled.groups]
@@ -292,13 +340,26 @@ def build_dag(compiled: CompiledWorkflow, sidecar: Sidecar, settings: ComfySetti
         tags=sorted({"comfyui", *sidecar.tags}),
         default_args={"owner": sidecar.owner or "airflow"},
         max_active_runs=sidecar.max_active_runs or 16,
+        **_dag_defaults(),
     )
-    tasks = {}
+    tasks = []
     for group in compiled.groups:
         spec = GroupSpec.from_dict(group["spec"])
+        tasks.append((group, spec, task_config_for(sidecar, group["task_id"], settings, spec=spec, pools=pools)))
+    return DagPlan(dag, tasks)
+
+
+def build_dag(compiled: CompiledWorkflow, sidecar: Sidecar, settings: ComfySettings, *,
+              pools: PoolsConfig | None = None) -> DAG:
+    """The DAG of a compiled workflow. ``pools``: the declared pools (default: read from ``[comfy]
+    pools_file``)."""
+    plan = plan_dag(compiled, sidecar, settings, pools=pools)
+    dag = plan.dag
+    tasks = {}
+    for group, spec, task_config in plan.tasks:
         tasks[group["task_id"]] = build_group_task(
             spec,
-            task_config=task_config_for(sidecar, group["task_id"], settings, spec=spec, pools=pools),
+            task_config=task_config,
             settings=settings,
             upstream_task_ids=group["upstream"],
             dag=dag,
@@ -313,6 +374,17 @@ def build_dag(compiled: CompiledWorkflow, sidecar: Sidecar, settings: ComfySetti
     # serialization time of a DAG, saved.
     dag.params = {p["name"]: _param(p) for p in compiled.params}
     return dag
+
+
+@functools.lru_cache(maxsize=1)
+def _dag_defaults() -> dict[str, int]:
+    """DAG arguments whose defaults Airflow reads from its configuration for every DAG: read once per parse."""
+    from airflow.configuration import conf
+
+    return {
+        "max_active_tasks": conf.getint("core", "max_active_tasks_per_dag"),
+        "max_consecutive_failed_dag_runs": conf.getint("core", "max_consecutive_failed_dag_runs_per_dag"),
+    }
 
 
 def task_config_for(sidecar: Sidecar, task_id: str, settings: ComfySettings, *, spec: GroupSpec | None = None,

@@ -28,10 +28,11 @@ Pure functions: nothing here imports Airflow or the Kubernetes provider.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 from airflow_comfy.artifacts.specs import spec_uri
-from airflow_comfy.artifacts.store import open_store
+from airflow_comfy.artifacts.store import ArtifactStore, open_store
 from airflow_comfy.workflow.groupspec import EXIT_BAD_INPUT, EXIT_OK, GroupSpec
 
 RUNNER_MODULE = "airflow_comfy.runner"
@@ -56,6 +57,12 @@ MANIFEST_URI_KEY = "manifest_uri"
 def inputs_template(upstream_task_id: str) -> str:
     """Jinja expression that renders to the manifest URI pushed (as XCom ``return_value``) by an upstream task."""
     return f"{{{{ ti.xcom_pull(task_ids={upstream_task_id!r})[{MANIFEST_URI_KEY!r}] }}}}"
+
+
+@functools.lru_cache(maxsize=8)
+def _store(uri: str) -> ArtifactStore:
+    """The store object of a URI (only its naming is used here: no connection is made)."""
+    return open_store(uri)
 
 
 def runner_prefix(python: str) -> list[str]:
@@ -92,7 +99,7 @@ def runner_arguments(
     sha256 = spec_sha256 or spec.sha256()
     arguments = [
         RUN_SUBCOMMAND,
-        "--spec", spec_uri(open_store(store), sha256),
+        "--spec", spec_uri(_store(store), sha256),
         "--spec-sha256", sha256,
         "--store", store,
         "--run-key", run_key,
