@@ -14,8 +14,14 @@ Shape (version 1)::
       "timings": {"nodes": {"3": 12.5}, "totals": {"total": 14.1}},
       "models": {"checkpoints/sd15.safetensors": "<64 hex>"},
       "package_version": "0.1.0",
+      "low_memory": {"6": {"group": "postprocess", "class_type": "VAEDecode", "error": "OutOfMemoryError: ...",
+                           "vae": "decode in tiles", "tile_px": 256, "overlap_px": 64, "tiles": 9, ...}},
       "manifest_uri": "s3://.../manifest.json"
     }
+
+``low_memory`` lists the nodes that ran out of memory and were retried in low-memory mode (tiled VAE, sliced
+attention), so their values may differ slightly from a normal run: this group's, and those its input manifests
+list (each entry names its group). Older manifests have none.
 """
 
 from __future__ import annotations
@@ -95,6 +101,8 @@ class GroupManifest:
     """Model file (relative to the models folder) -> its sha256."""
     manifest_uri: str = ""
     package_version: str = ""
+    low_memory: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Node id -> how it ran in low-memory mode (``group``, ``class_type``, ``error``, what the mode did)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.timings, dict):
@@ -121,6 +129,7 @@ class GroupManifest:
             "timings": asdict(self.timings),
             "models": dict(self.models),
             "package_version": self.package_version,
+            "low_memory": {node: dict(entry) for node, entry in self.low_memory.items()},
             "manifest_uri": self.manifest_uri,
         }
 
@@ -271,4 +280,6 @@ def _parse(data: Any) -> GroupManifest:
         models={_str(k, "models key"): _sha256(v, f"models[{k!r}]") for k, v in models.items()},
         manifest_uri=_str(_get(data, "manifest_uri", "", default=""), "manifest_uri", empty=True),
         package_version=_str(_get(data, "package_version", "", default=""), "package_version", empty=True),
+        low_memory={_str(k, "low_memory key"): dict(_dict(v, f"low_memory[{k!r}]"))
+                    for k, v in _dict(_get(data, "low_memory", "", default={}), "low_memory").items()},
     )

@@ -76,10 +76,26 @@ def _parser() -> argparse.ArgumentParser:
                            "the VAE stays fp32 unless bf16)")
     run_.add_argument("--threads", type=int, default=int(os.environ.get("COMFY_RUNNER_THREADS", DEFAULT_THREADS)),
                       help="CPU threads; fixed so that every group computes the same bits")
+    run_.add_argument("--memory-budget-mb", type=_budget,
+                      default=os.environ.get("COMFY_RUNNER_MEMORY_BUDGET_MB") or None,
+                      help="test and cap memory use: the VAE and the attentions check the size of their largest "
+                           "allocation against this many MiB and run out of memory (as torch would) when over; "
+                           "a node that runs out of memory is retried once in low-memory mode (tiled VAE, "
+                           "sliced attention). Default: none (env COMFY_RUNNER_MEMORY_BUDGET_MB)")
     run_.add_argument("--allow-pickle", action="store_true",
                       default=os.environ.get("COMFY_RUNNER_ALLOW_PICKLE") == "1",
                       help="allow .ckpt/.pt/.pth model files (loaded with torch.load(weights_only=True))")
     return parser
+
+
+def _budget(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of MiB: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of MiB, got {text!r}")
+    return value
 
 
 def _BAD_INPUT_ERRORS() -> tuple[type[BaseException], ...]:
@@ -110,10 +126,12 @@ def run(args: argparse.Namespace) -> dict:
     device = _device(args.device)
     manifests = [GroupManifest.from_json(_read_input(store, uri), uri=uri) for uri in args.inputs]
     context = RunContext(models_root=args.models, input_dir=args.input_dir, device=device,
-                         dtype=_dtype(args.precision, device), allow_pickle=args.allow_pickle)
+                         dtype=_dtype(args.precision, device), allow_pickle=args.allow_pickle,
+                         memory_budget=None if args.memory_budget_mb is None else int(args.memory_budget_mb * 2**20))
     logging.getLogger("airflow_comfy.runner").info(
-        "group %s of %s: %d node(s) on %s, %d thread(s)", spec.group, spec.workflow_name, len(spec.nodes), device,
-        torch.get_num_threads())
+        "group %s of %s: %d node(s) on %s, %d thread(s)%s", spec.group, spec.workflow_name, len(spec.nodes), device,
+        torch.get_num_threads(),
+        "" if args.memory_budget_mb is None else f", memory budget {args.memory_budget_mb:g} MiB")
     group_run = GroupRun(spec=spec, store=store, run_key=args.run_key, try_number=args.try_number,
                          params=params, input_manifests=manifests, context=context)
     return group_run.execute().to_dict()

@@ -18,6 +18,11 @@ class BadInput(ValueError):
     The runner exits with code 2 and the task fails without retry. The message names node, class and input."""
 
 
+class NodeOutOfMemory(RuntimeError):
+    """A node ran out of memory, and again when it was retried in low-memory mode: an infrastructure failure
+    (exit code 1, which Airflow retries, perhaps on a larger machine). The message names node and class."""
+
+
 @dataclass
 class SavedImage:
     node: str
@@ -52,6 +57,9 @@ class RunContext:
     model_files: dict[str, str] = field(default_factory=dict)
     """file path -> sha256 of every model file loaded (the run snapshot)."""
     cache: dict[Any, Any] = field(default_factory=dict)
+    memory_budget: int | None = None
+    """Bytes one allocation of the VAE or of an attention may take (``--memory-budget-mb``; see
+    :mod:`airflow_comfy.runner.memory`); ``None``: no budget, nothing is checked."""
 
 
 @dataclass
@@ -59,6 +67,10 @@ class NodeContext:
     run: RunContext
     node_id: str
     class_type: str
+    low_memory: bool = False
+    """The executor's retry after running out of memory: tiled VAE, sliced attention."""
+    low_memory_report: dict[str, Any] = field(default_factory=dict)
+    """What low-memory mode did (tile size, tiles, attention slice), for the manifest."""
 
     @property
     def device(self) -> torch.device:

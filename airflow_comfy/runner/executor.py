@@ -1,5 +1,10 @@
 """Execute one GroupSpec: read boundary inputs, run the nodes in dependency order, persist what other groups
 read, save images, and write the group's manifest (last: a manifest exists only for a group that finished).
+
+A node that runs out of memory (:func:`airflow_comfy.runner.memory.is_out_of_memory`) is retried once: the
+values no later node needs are dropped, memory is freed, and the node runs again in low-memory mode (tiled
+VAE, sliced attention). The manifest and the run snapshot record it under ``low_memory`` (its pixels may
+differ slightly from a normal run). Out of memory again: :class:`NodeOutOfMemory`, an infrastructure failure.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from airflow_comfy.artifacts import layout
 from airflow_comfy.artifacts.manifest import GroupManifest, ImageRecord, OutputRecord
 from airflow_comfy.artifacts.store import ArtifactStore, BadArtifact
 from airflow_comfy.runner.codecs import decode_value, encode_value
-from airflow_comfy.runner.context import BadInput, NodeContext, RunContext, SavedImage, log
+from airflow_comfy.runner.context import BadInput, NodeContext, NodeOutOfMemory, RunContext, SavedImage, log
+from airflow_comfy.runner.memory import free_memory, is_out_of_memory
 from airflow_comfy.runner.models.files import ModelFileError
 from airflow_comfy.runner.registry import implementation
 from airflow_comfy.version import __version__
@@ -36,6 +42,8 @@ class GroupRun:
     input_manifests: list[GroupManifest]
     context: RunContext
     timings: dict[str, float] = field(default_factory=dict)
+    low_memory: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Node id -> why it was retried in low-memory mode and what that mode did."""
 
     def execute(self) -> GroupManifest:
         started = time.perf_counter()
@@ -48,7 +56,8 @@ class GroupRun:
         self.context.existing_outputs = self._existing_outputs
         results: dict[str, tuple] = {}
         boundary = _BoundaryReader(self.spec, self.input_manifests, self.context, self.store)
-        for node_id in execution_order(nodes):
+        order = execution_order(nodes)
+        for index, node_id in enumerate(order):
             node = nodes[node_id]
             node_context = NodeContext(self.context, node_id, node.class_type)
             kwargs = {}
@@ -60,13 +69,33 @@ class GroupRun:
                     raise node_context.bad_input(str(exc), name) from exc
             began = time.perf_counter()
             log.info("node %s (%s): start", node_id, node.class_type)
+            error = None
             try:
-                outputs = implementation(node.class_type)(node_context, **kwargs)
-            except ModelFileError as exc:
-                # Model file errors name the folder and file; add the node, its class type and the input.
-                raise node_context.bad_input(str(exc), _file_input(node, str(exc))) from exc
+                outputs = self._call(node, node_context, kwargs)
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                error = f"{type(exc).__name__}: {exc}"
+            if error is not None:
+                # Outside the except block: the traceback, and the tensors its frames hold, are gone.
+                self._drop_unneeded(results, nodes, order[index:])
+                free_memory(self.context.device)
+                log.warning("node %s (%s): out of memory (%s); memory freed, retrying once in low-memory mode "
+                            "(tiled VAE, sliced attention)", node_id, node.class_type, error)
+                node_context = NodeContext(self.context, node_id, node.class_type, low_memory=True)
+                try:
+                    outputs = self._call(node, node_context, kwargs)
+                except Exception as exc:
+                    if not is_out_of_memory(exc):
+                        raise
+                    raise NodeOutOfMemory(
+                        f"node {node_id} ({node.class_type}) ran out of memory, and again when retried in "
+                        f"low-memory mode (tiled VAE, sliced attention): {type(exc).__name__}: {exc}") from exc
+                self.low_memory[node_id] = {"group": self.spec.group, "class_type": node.class_type,
+                                            "error": error[:1000], **node_context.low_memory_report}
             self.timings[node_id] = round(time.perf_counter() - began, 4)
-            log.info("node %s (%s): done in %.2fs", node_id, node.class_type, self.timings[node_id])
+            log.info("node %s (%s): done in %.2fs%s", node_id, node.class_type, self.timings[node_id],
+                     " (low-memory mode)" if node_context.low_memory else "")
             results[node_id] = tuple(outputs)
         records = [self._persist(p.node, p.output, p.type, results) for p in self.spec.persist]
         manifest = GroupManifest(
@@ -79,6 +108,7 @@ class GroupRun:
                      "boundary_read": round(boundary.seconds, 4)},
             models=dict(self.context.model_files),
             package_version=__version__,
+            low_memory=self._low_memory_record(),
         )
         if self.context.saved:
             self._write_snapshot(manifest)
@@ -86,6 +116,22 @@ class GroupRun:
         manifest.manifest_uri = self.store.uri(key)
         self.store.put_json(key, manifest.to_dict())
         return manifest
+
+    @staticmethod
+    def _call(node: Node, node_context: NodeContext, kwargs: dict[str, Any]) -> tuple:
+        try:
+            return implementation(node.class_type)(node_context, **kwargs)
+        except ModelFileError as exc:
+            # Model file errors name the folder and file; add the node, its class type and the input.
+            raise node_context.bad_input(str(exc), _file_input(node, str(exc))) from exc
+
+    def _drop_unneeded(self, results: dict[str, tuple], nodes: Mapping[str, Node], pending: list[str]) -> None:
+        """Forget the outputs that neither a node still to run nor the persisted values need."""
+        keep = {p.node for p in self.spec.persist}
+        for node_id in pending:
+            keep.update(link.node for link in nodes[node_id].links().values())
+        for node_id in [n for n in results if n not in keep]:
+            del results[node_id]
 
     # --- inputs ---------------------------------------------------------------------------------------
 
@@ -141,6 +187,14 @@ class GroupRun:
         uri = self.store.put_bytes(key, data)
         return OutputRecord.from_info(node_id, output, type_name, uri, info)
 
+    def _low_memory_record(self) -> dict[str, dict[str, Any]]:
+        """This group's low-memory retries and those of the upstream groups whose values it read."""
+        record: dict[str, dict[str, Any]] = {}
+        for manifest in self.input_manifests:
+            record.update(copy.deepcopy(manifest.low_memory))
+        record.update(copy.deepcopy(self.low_memory))
+        return record
+
     def _save_image(self, node: str, subfolder: str, filename: str, png: bytes, width: int,
                     height: int) -> SavedImage:
         import hashlib
@@ -169,6 +223,7 @@ class GroupRun:
             "package_version": __version__,
             "models": dict(self.context.model_files),
             "images": [s.uri for s in self.context.saved],
+            "low_memory": manifest.low_memory,
         }
         key = layout.snapshot_key(self.run_key, self.spec.group, self.try_number)
         self.store.put_json(key, snapshot)

@@ -1,5 +1,6 @@
 """KSampler and KSamplerAdvanced: ComfyUI's sampling (noise, schedules, samplers, CFG, areas, ControlNet), with
-per-step progress in the task log."""
+per-step progress in the task log. The attentions of the UNet and of any ControlNet check the memory budget,
+and work in slices in low-memory mode (:func:`airflow_comfy.runner.memory.guarded_attention`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import replace
 import torch
 
 from airflow_comfy.runner.context import NodeContext
+from airflow_comfy.runner.memory import guarded_attention
 from airflow_comfy.runner.registry import implements
 from airflow_comfy.runner.sampling.ksampler import ksampler, ksampler_advanced
 from airflow_comfy.runner.sampling.progress import StepProgress
@@ -31,6 +33,22 @@ def _control_fn(ctx: NodeContext):
     return control
 
 
+def _attention_models(model: DiffusionModel, *conditionings: Conditioning) -> list[tuple[str, torch.nn.Module]]:
+    """The UNet and every ControlNet the conditionings apply (their attentions are guarded while sampling)."""
+    found: list[tuple[str, torch.nn.Module]] = [("UNet", model.unet)]
+    seen = {id(model.unet)}
+    for conditioning in conditionings:
+        for entry in conditioning:
+            control = entry.control
+            while control is not None:
+                net = control.control_net.model
+                if id(net) not in seen:
+                    seen.add(id(net))
+                    found.append((f"ControlNet {control.control_net.recipe.file}", net))
+                control = control.previous
+    return found
+
+
 def _progress(ctx: NodeContext) -> StepProgress:
     return StepProgress("sampling", write=ctx.progress, every=1)
 
@@ -40,9 +58,11 @@ def k_sampler(ctx: NodeContext, model: DiffusionModel, seed: int, steps: int, cf
               scheduler: str, positive: Conditioning, negative: Conditioning, latent_image: Latent,
               denoise: float) -> tuple:
     with torch.inference_mode():
-        out = ksampler(_on_device(ctx, model), latent_image, seed=seed, steps=steps, cfg=cfg,
-                       sampler_name=sampler_name, scheduler=scheduler, positive=positive, negative=negative,
-                       denoise=denoise, control_fn=_control_fn(ctx), progress=_progress(ctx))
+        model = _on_device(ctx, model)
+        with guarded_attention(ctx, *_attention_models(model, positive, negative)):
+            out = ksampler(model, latent_image, seed=seed, steps=steps, cfg=cfg, sampler_name=sampler_name,
+                           scheduler=scheduler, positive=positive, negative=negative, denoise=denoise,
+                           control_fn=_control_fn(ctx), progress=_progress(ctx))
     return (out,)
 
 
@@ -52,9 +72,11 @@ def k_sampler_advanced(ctx: NodeContext, model: DiffusionModel, add_noise: str, 
                        negative: Conditioning, latent_image: Latent, start_at_step: int, end_at_step: int,
                        return_with_leftover_noise: str) -> tuple:
     with torch.inference_mode():
-        out = ksampler_advanced(_on_device(ctx, model), latent_image, add_noise=add_noise, noise_seed=noise_seed,
-                                steps=steps, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
-                                positive=positive, negative=negative, start_at_step=start_at_step,
-                                end_at_step=end_at_step, return_with_leftover_noise=return_with_leftover_noise,
-                                control_fn=_control_fn(ctx), progress=_progress(ctx))
+        model = _on_device(ctx, model)
+        with guarded_attention(ctx, *_attention_models(model, positive, negative)):
+            out = ksampler_advanced(model, latent_image, add_noise=add_noise, noise_seed=noise_seed, steps=steps,
+                                    cfg=cfg, sampler_name=sampler_name, scheduler=scheduler, positive=positive,
+                                    negative=negative, start_at_step=start_at_step, end_at_step=end_at_step,
+                                    return_with_leftover_noise=return_with_leftover_noise,
+                                    control_fn=_control_fn(ctx), progress=_progress(ctx))
     return (out,)
