@@ -35,6 +35,9 @@ class ComfySettings:
     pod_input_path: str
     default_pool: str
     pools_file: str
+    local_gpus: str
+    runners_per_gpu: int
+    device_lock_dir: str
     cache_dir: str
     max_workflow_bytes: int
     max_workflow_nodes: int
@@ -74,4 +77,9 @@ def get_settings(**overrides) -> ComfySettings:
             values[f.name] = raw
     if values["backend"] not in ("local", "kubernetes"):
         raise ValueError(f"[comfy] backend must be 'local' or 'kubernetes', not {values['backend']!r}")
+    if values["runners_per_gpu"] < 1:
+        raise ValueError(f"[comfy] runners_per_gpu must be at least 1, not {values['runners_per_gpu']}")
+    from airflow_comfy.operators.devices import check_local_gpus
+
+    check_local_gpus(values["local_gpus"])
     return ComfySettings(**values)

@@ -93,6 +93,26 @@ CONFIG_OPTIONS: dict[str, tuple[str, str, str, str | None]] = {
         "Empty: no pools file (every group in default_pool; sampling pods request one nvidia.com/gpu).",
         "/opt/airflow/comfy/pools.yaml",
     ),
+    "local_gpus": (
+        "string", "",
+        "GPUs the local backend hands out on this worker, one device per runner of a group with a model node "
+        "(sampling, text encoding, VAE, ControlNet, model upscaling): the runner gets CUDA_VISIBLE_DEVICES set "
+        "to a device no other runner holds (a lock file per device in device_lock_dir), waiting while all are "
+        "held; a group without a model node gets none. Empty: no device management. 'auto': the devices the "
+        "worker sees (CUDA_VISIBLE_DEVICES if set, else nvidia-smi -L). Or a comma-separated list of indices "
+        "(as nvidia-smi numbers them), GPU- or MIG- UUIDs. Read by the worker when the task runs.",
+        "0,1,3",
+    ),
+    "runners_per_gpu": (
+        "integer", "1",
+        "How many local runners may hold one of the local_gpus at once (more than 1 shares a card).", "2",
+    ),
+    "device_lock_dir": (
+        "string", "{AIRFLOW_HOME}/comfy/gpu-locks",
+        "Folder of the local_gpus lock files: one per device and runner slot, naming the task that holds it. "
+        "Every worker on the machine must use the same folder, on a local file system (flock).",
+        "/var/lock/airflow-comfy",
+    ),
     "cache_dir": (
         "string", "{AIRFLOW_HOME}/comfy/cache",
         "Parse cache: sliced workflows keyed by file content, so unchanged files are not re-sliced on every "
