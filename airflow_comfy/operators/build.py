@@ -121,6 +121,7 @@ def _local_task(
     common: dict[str, Any],
     spec_sha256: str | None,
 ) -> BaseOperator:
+    from airflow_comfy.operators.devices import group_needs_gpu
     from airflow_comfy.operators.local import ComfyGroupLocalOperator
 
     arguments = runner_arguments(
@@ -140,5 +141,6 @@ def _local_task(
         group_spec=spec,
         spec_sha256=spec_sha256,
         store=settings.artifact_store,
+        needs_gpu=group_needs_gpu(spec),
         **common,
     )

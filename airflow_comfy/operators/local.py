@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from airflow.sdk import BaseOperator
@@ -20,6 +20,13 @@ from airflow_comfy.operators.command import (
     MANIFEST_URI_KEY,
     local_arguments,
     runner_prefix,
+)
+from airflow_comfy.operators.devices import (
+    DeviceLease,
+    DeviceLocks,
+    DeviceWaitInterrupted,
+    group_needs_gpu,
+    resolve_gpus,
 )
 from airflow_comfy.operators.spec_publish import publish_group_spec
 from airflow_comfy.workflow.groupspec import GroupSpec
@@ -46,6 +53,17 @@ class ComfyGroupLocalOperator(BaseOperator):
         at that content address before the runner starts (:mod:`airflow_comfy.operators.spec_publish`).
     :param spec_sha256: its sha256, as computed at parse time.
     :param store: the artifact store URI (the runner's ``--store``).
+    :param needs_gpu: whether the group takes a GPU when the worker's GPUs are managed (``[comfy] local_gpus``);
+        None: :func:`~airflow_comfy.operators.devices.group_needs_gpu` of ``group_spec`` (False without one).
+    :param local_gpus: ``[comfy] local_gpus`` (empty: no device management; ``auto``; ``0,1,3``);
+        None: the worker's setting, read when the task runs.
+    :param runners_per_gpu: ``[comfy] runners_per_gpu``; None: the worker's setting.
+    :param device_lock_dir: ``[comfy] device_lock_dir``; None: the worker's setting.
+
+    With managed GPUs, a group that needs one waits for a free device slot (a lock file in
+    ``device_lock_dir``, held by this task's process and inherited by its runner), runs its runner with
+    ``CUDA_VISIBLE_DEVICES`` set to that device, and gives the slot back when the runner has exited, whatever
+    the outcome (success, failure, timeout, kill). A group that needs none gets ``CUDA_VISIBLE_DEVICES=""``.
 
     Returns the manifest the runner wrote (pushed as XCom ``return_value``). Exit code 2 (bad input) raises
     ``AirflowFailException`` (no retry); any other failure raises ``AirflowException`` (retried).
@@ -54,6 +72,8 @@ class ComfyGroupLocalOperator(BaseOperator):
     template_fields: Sequence[str] = ("arguments", "env")
     template_fields_renderers = {"arguments": "py", "env": "json"}
     ui_color = "#e8f4fd"
+    #: Seconds between two tries for a device slot while every slot is held.
+    device_poll_seconds: float = 1.0
 
     def __init__(
         self,
@@ -66,6 +86,10 @@ class ComfyGroupLocalOperator(BaseOperator):
         group_spec: GroupSpec | None = None,
         spec_sha256: str | None = None,
         store: str | None = None,
+        needs_gpu: bool | None = None,
+        local_gpus: str | None = None,
+        runners_per_gpu: int | None = None,
+        device_lock_dir: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -77,7 +101,15 @@ class ComfyGroupLocalOperator(BaseOperator):
         self.runner_command = list(runner_command) if runner_command else None
         self.env = dict(env or {})
         self.aws_conn_id = aws_conn_id or None
+        if needs_gpu is None:
+            needs_gpu = group_spec is not None and group_needs_gpu(group_spec)
+        self.needs_gpu = bool(needs_gpu)
+        self.local_gpus = local_gpus
+        self.runners_per_gpu = runners_per_gpu
+        self.device_lock_dir = device_lock_dir
         self._process: subprocess.Popen[str] | None = None
+        self._lease: DeviceLease | None = None
+        self._killed = False
 
     def command(self, manifest_out: str) -> list[str]:
         prefix = self.runner_command or runner_prefix(self.runner_python or sys.executable)
@@ -94,22 +126,98 @@ class ComfyGroupLocalOperator(BaseOperator):
         return {**base, **(credentials or {}), **self.env, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
     def execute(self, context: Any) -> dict[str, Any]:
+        self._killed = False
         credentials = aws_env_from_connection(self.aws_conn_id) if self.aws_conn_id else None
         if self.group_spec is not None and self.spec_sha256 and self.store:
             publish_group_spec(self.group_spec, self.spec_sha256, self.store, aws_env=credentials, log=self.log)
-        with tempfile.TemporaryDirectory(prefix="airflow-comfy-") as tmp:
-            manifest_out = os.path.join(tmp, "manifest.json")
-            returncode, tail = self._run(self.command(manifest_out), self.subprocess_env(credentials))
-            raise_for_exit(returncode, tail)
-            manifest = read_manifest(manifest_out)
+        try:
+            device_env = self._take_device(context)
+            with tempfile.TemporaryDirectory(prefix="airflow-comfy-") as tmp:
+                manifest_out = os.path.join(tmp, "manifest.json")
+                env = {**self.subprocess_env(credentials), **device_env}
+                returncode, tail = self._run(self.command(manifest_out), env)
+                raise_for_exit(returncode, tail)
+                manifest = read_manifest(manifest_out)
+        finally:
+            self._release_device()
         self.log.info("Runner manifest: %s", manifest.get(MANIFEST_URI_KEY))
         return manifest
 
+    # --- the GPU ---------------------------------------------------------------------------------------------
+
+    def _device_settings(self) -> tuple[str, int, str]:
+        """``local_gpus``, ``runners_per_gpu`` and ``device_lock_dir``: the operator's, else the worker's."""
+        local_gpus, runners, lock_dir = self.local_gpus, self.runners_per_gpu, self.device_lock_dir
+        if local_gpus is None or runners is None or lock_dir is None:
+            from airflow_comfy.config import get_settings
+
+            try:
+                current = get_settings()
+            except ValueError as exc:
+                raise AirflowFailException(f"the [comfy] settings are invalid: {exc}") from None
+            local_gpus = current.local_gpus if local_gpus is None else local_gpus
+            runners = current.runners_per_gpu if runners is None else runners
+            lock_dir = current.device_lock_dir if lock_dir is None else lock_dir
+        return local_gpus, runners, lock_dir
+
+    def _take_device(self, context: Any) -> dict[str, str]:
+        """The runner's device variables, after taking a device slot when this group needs one (see the class
+        docstring). Nothing when the worker's GPUs are not managed."""
+        local_gpus, runners, lock_dir = self._device_settings()
+        if not local_gpus.strip():
+            return {}
+        if not self.needs_gpu:
+            self.log.info("No model node in this group: its runner takes no GPU (CUDA_VISIBLE_DEVICES='')")
+            return {"CUDA_VISIBLE_DEVICES": ""}
+        try:
+            devices, source = resolve_gpus(local_gpus)
+            locks = DeviceLocks(devices, runners, lock_dir) if devices else None
+        except ValueError as exc:
+            raise AirflowFailException(str(exc)) from None
+        if locks is None:
+            self.log.info("[comfy] local_gpus %r: no GPU found (%s); the runner's devices are left as they are",
+                          local_gpus, source)
+            return {}
+        try:
+            self._lease = locks.acquire(task_holder(context, self.task_id), poll_seconds=self.device_poll_seconds,
+                                        should_stop=lambda: self._killed, log=self.log.info)
+        except DeviceWaitInterrupted:
+            raise AirflowException("The task was killed while it waited for a GPU") from None
+        except OSError as exc:
+            raise AirflowException(f"could not use the GPU lock folder {lock_dir} ([comfy] device_lock_dir): "
+                                   f"{exc}") from exc
+        if self._killed:  # killed after the wait's last look at the flag
+            raise AirflowException("The task was killed while it took a GPU")
+        lease = self._lease
+        self.log.info("GPU %s for this runner (slot %d of %d; devices %s from %s; lock %s)", lease.device,
+                      lease.slot + 1, runners, ",".join(devices), source, lease.path)
+        env = {"CUDA_VISIBLE_DEVICES": lease.device}
+        if "CUDA_DEVICE_ORDER" not in os.environ and "CUDA_DEVICE_ORDER" not in self.env:
+            env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # indices as nvidia-smi numbers them
+        overridden = self.env.get("CUDA_VISIBLE_DEVICES")
+        if overridden is not None and overridden != lease.device:
+            self.log.warning("The task's env sets CUDA_VISIBLE_DEVICES=%r; the runner gets GPU %s (its lock) "
+                             "instead", overridden, lease.device)
+        return env
+
+    def _release_device(self) -> None:
+        lease, self._lease = self._lease, None
+        if lease is not None and lease.held:
+            lease.release()
+            self.log.info("Released GPU %s", lease.device)
+
+    # --- the runner ------------------------------------------------------------------------------------------
+
     def _run(self, command: list[str], env: dict[str, str]) -> tuple[int, list[str]]:
-        """Run ``command``, streaming its output (stdout and stderr) line by line into the task log."""
+        """Run ``command``, streaming its output (stdout and stderr) line by line into the task log. A held
+        device lock is inherited by the runner, so that the device stays taken while the runner lives, even
+        if this process dies first."""
         self.log.info("Running: %s", describe_command(command))
         tail: collections.deque[str] = collections.deque(maxlen=ERROR_TAIL_LINES)
+        lease = self._lease
         try:
+            if self._killed:
+                raise AirflowException("The task was killed before its runner started")
             self._process = subprocess.Popen(
                 command,
                 stdout=subprocess.PIPE,
@@ -119,6 +227,7 @@ class ComfyGroupLocalOperator(BaseOperator):
                 text=True,
                 errors="backslashreplace",
                 bufsize=1,
+                pass_fds=(lease.fd,) if lease is not None and lease.fd is not None else (),
             )
         except OSError as exc:
             raise AirflowException(f"could not start the runner {command[0]!r}: {exc}") from exc
@@ -145,7 +254,18 @@ class ComfyGroupLocalOperator(BaseOperator):
             process.wait()
 
     def on_kill(self) -> None:
+        self._killed = True
         self._stop_process()
+        self._release_device()
+
+
+def task_holder(context: Any, task_id: str) -> str:
+    """Who holds a device, for its lock file and the logs of the tasks that wait for it."""
+    ti = context.get("ti") if isinstance(context, Mapping) else None
+    try:
+        return f"{ti.dag_id}/{ti.task_id} {ti.run_id} try {ti.try_number}"
+    except AttributeError:
+        return task_id
 
 
 #: Connection extra keys (as the amazon provider names them) and the runner's environment variable for each.
