@@ -25,9 +25,9 @@ What is compared (heavy)
     * dag-factory: its documented entry point ``dagfactory.load_yaml_dags(globals_dict, dags_folder=...)`` on
       N YAML files, one DAG per file, generated from the DAGs our factory built: same dag ids, task ids and
       dependencies, one plain ``KubernetesPodOperator`` per task with the same image, cmds, arguments, pod
-      name, labels, annotations, env, pool, priority and retries, and the same DAG params as typed
-      ``airflow.sdk.Param`` objects (dag-factory's ``__type__`` syntax), so both sides pay Airflow's per-task
-      params copy alike. Two variants:
+      name, labels, annotations, env, pool, priority (weight, weight rule, priority class) and retries, and
+      the same DAG params as typed ``airflow.sdk.Param`` objects (dag-factory's ``__type__`` syntax), so both
+      sides pay Airflow's per-task params copy alike. Two variants:
         - "same args": the arguments are our tasks' very strings, including ``--spec`` with the base64 group
           spec (several KB per task). dag-factory then spends most of its time in PyYAML on those blobs.
         - "lean": ``--spec`` is a short file path instead, as a YAML author would write it; everything else
@@ -232,6 +232,8 @@ def _task_yaml(task, dag_id: str, lean: bool) -> dict[str, Any]:
         "image_pull_policy": task.image_pull_policy,
         "pool": task.pool,
         "priority_weight": task.priority_weight,
+        "weight_rule": task.weight_rule,
+        "priority_class_name": task.priority_class_name,
         "retries": task.retries,
         "retry_delay": task.retry_delay.total_seconds(),
     }

@@ -50,7 +50,7 @@ from airflow_comfy.factory.compile import CompiledWorkflow, cache_key, compile_w
 from airflow_comfy.factory.sidecar import Sidecar, load_sidecar, sidecar_path
 from airflow_comfy.operators.build import build_group_task
 from airflow_comfy.operators.task_config import GroupTaskConfig
-from airflow_comfy.scheduling.tiers import priority_weight
+from airflow_comfy.scheduling.tiers import TIER_PARAM, priority_class_template, tier_param
 from airflow_comfy.workflow.catalog import Catalog, load_catalog
 from airflow_comfy.workflow.errors import Problem, WorkflowError
 from airflow_comfy.workflow.groupspec import GroupSpec
@@ -264,6 +264,16 @@ def build_dag(compiled: CompiledWorkflow, sidecar: Sidecar, settings: ComfySetti
         raise WorkflowError(Problem(
             f"sidecar: tasks {', '.join(map(repr, unknown))} do not exist; the workflow's tasks are "
             f"{', '.join(task_ids)}", "bad_sidecar", file=sidecar.path))
+    tiers = settings.tier_weights
+    default_tier = sidecar.priority or settings.default_tier
+    if default_tier not in tiers:
+        raise WorkflowError(Problem(
+            f"sidecar: priority {default_tier!r} is not a tier; the tiers ([comfy] tiers) are {', '.join(tiers)}",
+            "bad_sidecar", file=sidecar.path))
+    if any(p["name"] == TIER_PARAM for p in compiled.params):
+        raise WorkflowError(Problem(
+            f"sidecar: the param name {TIER_PARAM!r} is reserved for the run's priority tier; rename the param",
+            "bad_sidecar", file=sidecar.path))
     dag = DAG(
         dag_id=compiled.dag_id,
         schedule=sidecar.schedule,
@@ -279,7 +289,7 @@ def build_dag(compiled: CompiledWorkflow, sidecar: Sidecar, settings: ComfySetti
     for group in compiled.groups:
         tasks[group["task_id"]] = build_group_task(
             GroupSpec.from_dict(group["spec"]),
-            task_config=task_config_for(sidecar, group["task_id"], settings),
+            task_config=task_config_for(sidecar, group["task_id"], settings, default_tier),
             settings=settings,
             upstream_task_ids=group["upstream"],
             dag=dag,
@@ -292,18 +302,25 @@ def build_dag(compiled: CompiledWorkflow, sidecar: Sidecar, settings: ComfySetti
     # level of the operator's class hierarchy, while a running task gets the DAG's params merged in anyway
     # (``process_params``). Tasks built first carry none: a third of the parse time and most of the
     # serialization time of a DAG, saved.
-    dag.params = {p["name"]: _param(p) for p in compiled.params}
+    # ``tier`` chooses the run's priority tier: the cluster policy (airflow_comfy.scheduling.policy) gives every
+    # task instance of the run the tier's weight, and pods render their priority class from it.
+    dag.params = {**{p["name"]: _param(p) for p in compiled.params}, TIER_PARAM: tier_param(default_tier, tiers)}
     return dag
 
 
-def task_config_for(sidecar: Sidecar, task_id: str, settings: ComfySettings) -> GroupTaskConfig:
+def task_config_for(sidecar: Sidecar, task_id: str, settings: ComfySettings,
+                    default_tier: str | None = None) -> GroupTaskConfig:
+    """The task settings of group ``task_id``. Its priority weight is the default tier's (``default_tier``,
+    else the sidecar's ``priority``, else ``[comfy] default_tier``): the weight of runs whose trigger chose no
+    tier, and of every run where the policy is not installed; the policy sets each run's own."""
     s = sidecar.task_settings(task_id)
+    tier = default_tier or sidecar.priority or settings.default_tier
     return GroupTaskConfig(
         backend=s.get("backend", settings.backend),
         image=s.get("image"),
         pool=s.get("pool"),
         pool_slots=s.get("pool_slots", 1),
-        priority_weight=priority_weight(s.get("priority"), s.get("priority_weight")),
+        priority_weight=settings.tier_weights[tier],
         retries=s.get("retries", 0),
         retry_delay_seconds=s.get("retry_delay", 60.0),
         retry_exponential_backoff=bool(s.get("retry_exponential_backoff", False)),
@@ -312,7 +329,7 @@ def task_config_for(sidecar: Sidecar, task_id: str, settings: ComfySettings) -> 
         node_selector={str(k): str(v) for k, v in (s.get("node_selector") or {}).items()},
         tolerations=tuple(dict(t) for t in s.get("tolerations") or ()),
         affinity=s.get("affinity"),
-        priority_class_name=s.get("priority_class_name"),
+        priority_class_name=s.get("priority_class_name") or priority_class_template(settings.tier_classes),
         env={str(k): str(v) for k, v in (s.get("env") or {}).items()},
     )
 
