@@ -560,6 +560,7 @@ def test_airflow_side_never_imports_torch(tmp_path: Path):
     out = run_python(f"""
         import sys
         import airflow_comfy.factory, airflow_comfy.factory.loader, airflow_comfy.operators.pod, airflow_comfy.cli
+        import airflow_comfy.scheduling.policy  # imported by every Airflow process (the airflow.policy entry point)
         from airflow_comfy import load_workflows
         assert set(load_workflows({str(folder)!r})) == {{"default"}}
         assert "airflow" in sys.modules

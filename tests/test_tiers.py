@@ -1,8 +1,10 @@
 """Tiers chosen per run, without a scheduler: the settings, the ``tier`` param and weights of workflow DAGs, the
-pods' priority class, and the PriorityClass manifests."""
+cluster policy's decisions on the scheduler's own (serialized) DAG objects, the pods' priority class, and the
+PriorityClass manifests. The real scheduler is in test_tiers_scheduler.py."""
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import textwrap
@@ -13,14 +15,15 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-from airflow.sdk import DAG
+from airflow.sdk import DAG, BaseOperator, Param
 from airflow.serialization.serialized_objects import DagSerialization
 from workflow_builders import EXAMPLES, REPO
 
 from airflow_comfy.config import get_settings
 from airflow_comfy.factory.loader import load_workflows
 from airflow_comfy.operators.render import render_pod_manifests
-from airflow_comfy.scheduling.tiers import TierError, parse_priority_classes, parse_tiers
+from airflow_comfy.scheduling import policy
+from airflow_comfy.scheduling.tiers import TierError, parse_priority_classes, parse_tiers, tier_param
 
 WEIGHTS = {"vip": 10_000, "high": 1_000, "normal": 100, "batch": 1}
 PRIORITY_CLASSES = REPO / "deploy" / "kubernetes" / "priority-classes.yaml"
@@ -100,6 +103,102 @@ def test_configured_tiers_shape_the_param_and_the_weights(tmp_path: Path):
 def test_sidecar_tier_errors(tmp_path: Path, sidecar: str, fragment: str):
     with pytest.warns(UserWarning, match=re.escape(fragment)):
         assert workflow_dags(tmp_path, sidecar) == {}
+
+
+# --- the policy ----------------------------------------------------------------------------------------------------
+
+
+def scheduler_task(dag: DAG, task_id: str):
+    """``task_id`` as the scheduler sees it: from the serialized DAG."""
+    return DagSerialization.from_dict(DagSerialization.to_dict(dag)).get_task(task_id)
+
+
+def mutate(task: Any, dag_run: Any, weight: int = -1) -> int:
+    ti = SimpleNamespace(task=task, priority_weight=weight)
+    policy.task_instance_mutation_hook(task_instance=ti, dag_run=dag_run)
+    return ti.priority_weight
+
+
+@pytest.fixture(scope="module")
+def high_dag(tmp_path_factory: pytest.TempPathFactory) -> DAG:
+    return workflow_dags(tmp_path_factory.mktemp("high"), "priority: high\n")["img2img"]
+
+
+@pytest.mark.parametrize("conf, weight", [
+    ({"tier": "vip"}, 10_000),
+    ({"tier": "batch", "prompt": "a fox"}, 1),
+    ({"tier": "normal"}, 100),
+    ({}, 1_000),  # no tier chosen: the DAG's default (the sidecar's priority)
+    (None, 1_000),
+    ({"tier": "urgent"}, 1_000),  # not a tier (the trigger refuses it anyway): the default
+    ({"tier": 5}, 1_000),
+])
+def test_policy_sets_the_runs_tier_weight(high_dag: DAG, conf: Any, weight: int):
+    for task in high_dag.tasks:
+        assert mutate(scheduler_task(high_dag, task.task_id), SimpleNamespace(conf=conf)) == weight
+
+
+def test_policy_works_on_a_real_task_instance(high_dag: DAG):
+    from airflow.models.dagrun import DagRun
+    from airflow.models.taskinstance import TaskInstance
+
+    task = scheduler_task(high_dag, "sample")
+    ti = TaskInstance(task, dag_version_id=None, run_id="manual__1")
+    assert ti.priority_weight == 1_000  # refresh_from_task: the task's own weight
+    policy.task_instance_mutation_hook(task_instance=ti, dag_run=SimpleNamespace(conf={"tier": "vip"}))
+    assert ti.priority_weight == 10_000
+    # no run given: the run the ORM already holds, never one loaded from the database
+    policy.task_instance_mutation_hook(task_instance=ti, dag_run=None)
+    assert ti.priority_weight == 10_000  # nothing loaded: untouched
+    ti.dag_run = DagRun(dag_id=high_dag.dag_id, run_id="manual__1", conf={"tier": "batch"})
+    policy.task_instance_mutation_hook(task_instance=ti, dag_run=None)
+    assert ti.priority_weight == 1
+
+
+def test_policy_leaves_other_dags_and_unknown_tasks_alone():
+    with DAG("plain", params={"tier": Param("gold", type="string")}) as free_text, \
+            DAG("no_params") as no_params:
+        BaseOperator(task_id="a", dag=free_text, priority_weight=7)
+        BaseOperator(task_id="a", dag=no_params, priority_weight=7)
+    run = SimpleNamespace(conf={"tier": "vip"})
+    assert mutate(scheduler_task(free_text, "a"), run) == -1  # a 'tier' param that is no dropdown
+    assert mutate(scheduler_task(no_params, "a"), run) == -1
+    assert mutate(None, run) == -1  # task not known yet (e.g. verify_integrity's check of existing rows)
+    assert mutate(BaseOperator(task_id="loose"), run) == -1  # no DAG
+
+
+def test_any_dag_opts_in_with_the_tier_param():
+    with DAG("ordinary", params={"tier": tier_param("batch", WEIGHTS)}) as dag:
+        BaseOperator(task_id="a", weight_rule="absolute", priority_weight=1)
+    task = scheduler_task(dag, "a")
+    assert mutate(task, SimpleNamespace(conf={"tier": "high"})) == 1_000
+    assert mutate(task, SimpleNamespace(conf={})) == 1
+
+
+def test_policy_never_raises(high_dag: DAG, caplog: pytest.LogCaptureFixture):
+    class BrokenRun:
+        @property
+        def conf(self):
+            raise RuntimeError("boom")
+
+    with caplog.at_level(logging.ERROR, logger=policy.__name__):
+        assert mutate(scheduler_task(high_dag, "sample"), BrokenRun()) == -1
+    assert "could not set the tier weight" in caplog.text
+
+
+def test_policy_marks_the_hook_active():
+    """Without an airflow_local_settings module Airflow leaves ``is_noop`` True for a hook from an entry point,
+    and DagRun.verify_integrity then creates task instances without calling it; the policy clears it."""
+    from airflow import settings
+
+    hook = settings.task_instance_mutation_hook
+    before = hook.is_noop
+    try:
+        hook.is_noop = True
+        policy._mark_hook_active()
+        assert hook.is_noop is False
+    finally:
+        hook.is_noop = before
 
 
 # --- pods ----------------------------------------------------------------------------------------------------------
