@@ -9,7 +9,7 @@ DEMO    ?= .demo
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean postgres
 
 # Two installs, each remembered by a stamp file: `make demo` needs the runner extra only; lint, test and bench
 # also need the dev extra (pytest, ruff, moto, the workflow templates, dag-factory).
@@ -39,7 +39,17 @@ $(DEV_STAMP): $(RUNNER_STAMP) pyproject.toml
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check airflow_comfy tests benchmarks dags
 
-test: lint
+# The scheduler tests start their own PostgreSQL server (tests/postgres.py) from Debian's postgresql package.
+# As root (CI: a fresh container), install it when it is missing; otherwise say how, and let those tests fail.
+postgres:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing the PostgreSQL server for the scheduler tests: apt-get install -y postgresql"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; \
+	else echo "WARNING: no PostgreSQL server binaries; the scheduler tests will fail." \
+	          "Install them with: sudo apt-get install -y postgresql" >&2; fi
+
+test: lint postgres
 	$(VENV)/bin/pytest -q
 
 demo: $(RUNNER_STAMP)

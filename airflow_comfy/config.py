@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass, fields
 
 from airflow_comfy.provider_info import CONFIG_OPTIONS
+from airflow_comfy.scheduling.tiers import check_default_tier, parse_priority_classes, parse_tiers
 
 SECTION = "comfy"
 
@@ -38,16 +39,30 @@ class ComfySettings:
     local_gpus: str
     runners_per_gpu: int
     device_lock_dir: str
+    tiers: tuple[tuple[str, int], ...]
+    """(tier, priority weight) pairs, in the order configured."""
+    default_tier: str
+    priority_classes: tuple[tuple[str, str], ...]
+    """(tier, Kubernetes PriorityClass name) pairs; tiers without a class are left out."""
     cache_dir: str
     max_workflow_bytes: int
     max_workflow_nodes: int
+
+    @property
+    def tier_weights(self) -> dict[str, int]:
+        return dict(self.tiers)
+
+    @property
+    def tier_classes(self) -> dict[str, str]:
+        return dict(self.priority_classes)
 
 
 def airflow_home() -> str:
     return os.environ.get("AIRFLOW_HOME") or os.path.expanduser("~/airflow")
 
 
-def _raw(name: str) -> str:
+def raw_setting(name: str) -> str:
+    """The text of one ``[comfy]`` option (environment, then Airflow's configuration, then the default)."""
     kind, default, _, _ = CONFIG_OPTIONS[name]
     env = os.environ.get(f"AIRFLOW__{SECTION.upper()}__{name.upper()}")
     if env is not None:
@@ -68,9 +83,11 @@ def get_settings(**overrides) -> ComfySettings:
         if f.name in overrides:
             values[f.name] = overrides[f.name]
             continue
-        raw = _raw(f.name).replace("{AIRFLOW_HOME}", airflow_home())
+        raw = raw_setting(f.name).replace("{AIRFLOW_HOME}", airflow_home())
         if f.name == "object_info_files":
             values[f.name] = tuple(part.strip() for part in raw.split(",") if part.strip())
+        elif f.name in ("tiers", "priority_classes"):
+            values[f.name] = raw  # parsed below, once the tiers are known
         elif CONFIG_OPTIONS[f.name][0] == "integer":
             values[f.name] = int(raw)
         else:
@@ -82,4 +99,16 @@ def get_settings(**overrides) -> ComfySettings:
     from airflow_comfy.operators.devices import check_local_gpus
 
     check_local_gpus(values["local_gpus"])
+    tiers = _tier_pairs(values["tiers"], parse_tiers)
+    values["tiers"] = tuple(tiers.items())
+    check_default_tier(values["default_tier"], tiers, "[comfy] default_tier")
+    values["priority_classes"] = tuple(
+        _tier_pairs(values["priority_classes"], lambda text: parse_priority_classes(text, tiers)).items())
     return ComfySettings(**values)
+
+
+def _tier_pairs(value, parse) -> dict:
+    """A tier setting as a checked dict, from its text or from an override given as a mapping or pairs."""
+    if not isinstance(value, str):
+        value = ",".join(f"{name}:{item}" for name, item in dict(value).items())
+    return parse(value)

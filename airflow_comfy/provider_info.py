@@ -113,6 +113,25 @@ CONFIG_OPTIONS: dict[str, tuple[str, str, str, str | None]] = {
         "Every worker on the machine must use the same folder, on a local file system (flock).",
         "/var/lock/airflow-comfy",
     ),
+    "tiers": (
+        "string", "vip:10000,high:1000,normal:100,batch:1",
+        "Priority tiers as tier:weight, comma-separated. A run's tier is its trigger conf's 'tier' (a dropdown "
+        "param of every workflow DAG), else the sidecar's 'priority', else default_tier; each of its task "
+        "instances gets the tier's Airflow priority_weight (weight_rule 'absolute'), set by the provider's "
+        "cluster policy.",
+        "urgent:50000,vip:10000,high:1000,normal:100,batch:1",
+    ),
+    "default_tier": (
+        "string", "normal", "Tier of the runs of workflows whose sidecar sets no 'priority'.", "batch",
+    ),
+    "priority_classes": (
+        "string",
+        "vip:airflow-comfy-vip,high:airflow-comfy-high,normal:airflow-comfy-normal,batch:airflow-comfy-batch",
+        "Kubernetes PriorityClass of group pods per tier, as tier:class, comma-separated (the classes of "
+        "deploy/kubernetes/priority-classes.yaml must exist in the cluster). A tier left out, or an empty "
+        "setting, sets no priorityClassName; a sidecar's priority_class_name wins.",
+        "vip:gpu-critical,batch:gpu-preemptible",
+    ),
     "cache_dir": (
         "string", "{AIRFLOW_HOME}/comfy/cache",
         "Parse cache: sliced workflows keyed by file content, so unchanged files are not re-sliced on every "

@@ -87,3 +87,22 @@ def demo_inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("demo-input")
     write_demo_inputs(root)
     return root
+
+
+# --- a PostgreSQL server for the tests that run Airflow's real scheduler (tests/postgres.py) ----------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A PostgreSQL server of this test session's own, on a free loopback port, removed at the end. Fails (never
+    skips) with the command that installs the server binaries when they are missing."""
+    from postgres import PostgresServer, PostgresUnavailable
+
+    try:
+        server = PostgresServer().start()
+    except PostgresUnavailable as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -173,7 +173,7 @@ def test_dag_documents_its_groups(templates_bag: DagBag):
 def test_trigger_params_have_types_bounds_and_the_workflows_defaults(templates_bag: DagBag):
     params = templates_bag.dags["default"].params
     assert set(params) == {"seed", "steps", "cfg", "denoise", "width", "height", "batch_size", "prompt",
-                           "negative_prompt"}
+                           "negative_prompt", "tier"}
     seed, _, steps, cfg, _, _, denoise = template_node("default.json", 3)["widgets_values"]
     (prompt,) = template_node("default.json", 6)["widgets_values"]
     expected = {  # name: (schema without title, default from the workflow, Python type)
@@ -195,6 +195,13 @@ def test_trigger_params_have_types_bounds_and_the_workflows_defaults(templates_b
     for name, value in (("steps", 0), ("cfg", 1000.0), ("seed", -1), ("steps", "many")):
         with pytest.raises(ParamValidationError):
             params.get_param(name).resolve(value)
+    # every workflow DAG offers the run's tier as a dropdown (default: [comfy] default_tier without a sidecar)
+    tier = params.get_param("tier")
+    assert (tier.value, tier.schema["type"], tier.schema["enum"]) == ("normal", "string",
+                                                                      ["vip", "high", "normal", "batch"])
+    assert tier.resolve("vip") == "vip"
+    with pytest.raises(ParamValidationError):
+        tier.resolve("urgent")
     image = templates_bag.dags["image2image"].params.get_param("image")
     assert image.value == "example.png"
     assert image.resolve("cats/cat.png") == "cats/cat.png"
@@ -359,8 +366,9 @@ SIDECARS = {
         tags: [marketing, catalog]
         owner: data-eng
         description: Product shots for the catalog
+        priority: vip
         tasks:
-          inference: {pool: gpu_big, retries: 3, priority: vip}
+          inference: {pool: gpu_big, retries: 3}
     """,
     "single": "slicing: single\n",
     "explicit": """
@@ -405,8 +413,13 @@ def test_sidecar_sets_schedule_tags_owner_description_and_task_settings(sidecar_
     assert dag.description == "Product shots for the catalog"
     assert "Product shots for the catalog" in dag.doc_md
     inference, postprocess = dag.get_task("inference"), dag.get_task("postprocess")
-    assert (inference.pool, inference.retries, inference.priority_weight) == ("gpu_big", 3, 10_000)
-    assert (postprocess.pool, postprocess.retries, postprocess.priority_weight) == ("default_pool", 0, 100)
+    assert (inference.pool, inference.retries) == ("gpu_big", 3)
+    assert (postprocess.pool, postprocess.retries) == ("default_pool", 0)
+    # priority: vip is the runs' default tier: every task carries its weight, as its own (absolute) weight
+    assert {(t.priority_weight, t.weight_rule) for t in dag.tasks} == {(10_000, "absolute")}
+    tier = dag.params.get_param("tier")
+    assert (tier.value, tier.schema["enum"]) == ("vip", ["vip", "high", "normal", "batch"])
+    assert {t.priority_weight for t in sidecar_bag.dags["single"].tasks} == {100}  # default_tier: normal
     # a sidecar without a schedule: triggered only
     assert sidecar_bag.dags["single"].schedule is None
 
@@ -428,7 +441,7 @@ def test_sidecar_groups_name_the_tasks(sidecar_bag: DagBag):
 
 def test_sidecar_params(sidecar_bag: DagBag):
     only = sidecar_bag.dags["only_style"].params
-    assert list(only) == ["style"]
+    assert list(only) == ["style", "tier"]  # auto_params: false still leaves the run's tier
     style = only.get_param("style")
     assert style.schema["title"] == "Style prompt"
     assert style.value == template_node("default.json", 6)["widgets_values"][0]
@@ -572,6 +585,7 @@ def test_airflow_side_never_imports_torch(tmp_path: Path):
     out = run_python(f"""
         import sys
         import airflow_comfy.factory, airflow_comfy.factory.loader, airflow_comfy.operators.pod, airflow_comfy.cli
+        import airflow_comfy.scheduling.policy  # imported by every Airflow process (the airflow.policy entry point)
         from airflow_comfy import load_workflows
         assert set(load_workflows({str(folder)!r})) == {{"default"}}
         assert "airflow" in sys.modules

@@ -94,15 +94,20 @@ tasks:
   main: {pool: gpu, resources: {limits: {nvidia.com/gpu: 1}}}
 """, "x.comfy.yaml")
     assert sidecar.schedule == "@daily" and sidecar.tags == ["a", "b"] and sidecar.slicing == "single"
-    assert sidecar.task_settings("main") == {"priority": "vip", "retries": 2, "pool": "gpu",
+    assert sidecar.priority == "vip"  # the default tier of the workflow's runs, not a task setting
+    assert sidecar.task_settings("main") == {"retries": 2, "pool": "gpu",
                                              "resources": {"limits": {"nvidia.com/gpu": "1"}}}
-    assert sidecar.task_settings("other") == {"priority": "vip", "retries": 2}
+    assert sidecar.task_settings("other") == {"retries": 2}
 
 
 @pytest.mark.parametrize("text, fragment", [
     ("schedul: daily", "unknown key(s) 'schedul'"),
     ("slicing: weird", "slicing must be one of"),
-    ("priority: urgent", "priority must be one of"),
+    ("priority: [vip]", "priority must be a string"),
+    ("tasks: {a: {priority: vip}}", "tasks.a.priority: a tier is chosen per run"),
+    ("priority_weight: 5", "priority_weight is no longer supported: a task's priority weight is its run's tier"),
+    ("tasks: {a: {priority_weight: 5}}", "tasks.a.priority_weight is no longer supported"),
+    ("priority_class_name: Bad_Class", "priority_class_name: 'Bad_Class' is not a valid Kubernetes object name"),
     ("retries: -1", "retries must be an integer >= 0"),
     ("retries: true", "retries must be an integer"),
     ("groups: {'bad id!': ['1']}", "not a valid task id"),

@@ -60,7 +60,7 @@ from airflow_comfy.scheduling.pools import (
     merge_resources,
     merge_tolerations,
 )
-from airflow_comfy.scheduling.tiers import priority_weight
+from airflow_comfy.scheduling.tiers import TIER_PARAM, priority_class_template, tier_param
 from airflow_comfy.workflow.catalog import Catalog, load_catalog
 from airflow_comfy.workflow.errors import Problem, WorkflowError
 from airflow_comfy.workflow.groupspec import GroupSpec
@@ -316,6 +316,7 @@ class DagPlan:
 
     dag: DAG
     tasks: list[tuple[dict[str, Any], GroupSpec, GroupTaskConfig]]
+    default_tier: str
 
 
 def plan_dag(compiled: CompiledWorkflow, sidecar: Sidecar, settings: ComfySettings, *,
@@ -330,6 +331,16 @@ def plan_dag(compiled: CompiledWorkflow, sidecar: Sidecar, settings: ComfySettin
         raise WorkflowError(Problem(
             f"sidecar: tasks {', '.join(map(repr, unknown))} do not exist; the workflow's tasks are "
             f"{', '.join(task_ids)}", "bad_sidecar", file=sidecar.path))
+    tiers = settings.tier_weights
+    default_tier = sidecar.priority or settings.default_tier
+    if default_tier not in tiers:
+        raise WorkflowError(Problem(
+            f"sidecar: priority {default_tier!r} is not a tier; the tiers ([comfy] tiers) are {', '.join(tiers)}",
+            "bad_sidecar", file=sidecar.path))
+    if any(p["name"] == TIER_PARAM for p in compiled.params):
+        raise WorkflowError(Problem(
+            f"sidecar: the param name {TIER_PARAM!r} is reserved for the run's priority tier; rename the param",
+            "bad_sidecar", file=sidecar.path))
     dag = DAG(
         dag_id=compiled.dag_id,
         schedule=sidecar.schedule,
@@ -345,8 +356,9 @@ def plan_dag(compiled: CompiledWorkflow, sidecar: Sidecar, settings: ComfySettin
     tasks = []
     for group in compiled.groups:
         spec = GroupSpec.from_dict(group["spec"])
-        tasks.append((group, spec, task_config_for(sidecar, group["task_id"], settings, spec=spec, pools=pools)))
-    return DagPlan(dag, tasks)
+        tasks.append((group, spec, task_config_for(sidecar, group["task_id"], settings, spec=spec, pools=pools,
+                                                   default_tier=default_tier)))
+    return DagPlan(dag, tasks, default_tier)
 
 
 def build_dag(compiled: CompiledWorkflow, sidecar: Sidecar, settings: ComfySettings, *,
@@ -372,7 +384,10 @@ def build_dag(compiled: CompiledWorkflow, sidecar: Sidecar, settings: ComfySetti
     # level of the operator's class hierarchy, while a running task gets the DAG's params merged in anyway
     # (``process_params``). Tasks built first carry none: a third of the parse time and most of the
     # serialization time of a DAG, saved.
-    dag.params = {p["name"]: _param(p) for p in compiled.params}
+    # ``tier`` chooses the run's priority tier: the cluster policy (airflow_comfy.scheduling.policy) gives every
+    # task instance of the run the tier's weight, and pods render their priority class from it.
+    dag.params = {**{p["name"]: _param(p) for p in compiled.params},
+                  TIER_PARAM: tier_param(plan.default_tier, settings.tier_weights)}
     return dag
 
 
@@ -388,10 +403,14 @@ def _dag_defaults() -> dict[str, int]:
 
 
 def task_config_for(sidecar: Sidecar, task_id: str, settings: ComfySettings, *, spec: GroupSpec | None = None,
-                    pools: PoolsConfig | None = None) -> GroupTaskConfig:
+                    pools: PoolsConfig | None = None, default_tier: str | None = None) -> GroupTaskConfig:
     """The task settings of group ``task_id``: its sidecar's, on top of its pool's (``spec``'s nodes decide the
-    pool by role when the sidecar names none; see :mod:`airflow_comfy.scheduling.pools`)."""
+    pool by role when the sidecar names none; see :mod:`airflow_comfy.scheduling.pools`). Its priority weight
+    is the default tier's (``default_tier``, else the sidecar's ``priority``, else ``[comfy] default_tier``):
+    the weight of runs whose trigger chose no tier, and of every run where the policy is not installed; the
+    policy sets each run's own."""
     s = sidecar.task_settings(task_id)
+    tier = default_tier or sidecar.priority or settings.default_tier
     pools = pools or PoolsConfig()
     backend = s.get("backend", settings.backend)
     if s.get("pool"):
@@ -410,7 +429,7 @@ def task_config_for(sidecar: Sidecar, task_id: str, settings: ComfySettings, *, 
         image=s.get("image") or (pool.image if pool else None),
         pool=placed.pool,
         pool_slots=s.get("pool_slots", 1),
-        priority_weight=priority_weight(s.get("priority"), s.get("priority_weight")),
+        priority_weight=settings.tier_weights[tier],
         retries=s.get("retries", 0),
         retry_delay_seconds=s.get("retry_delay", 60.0),
         retry_exponential_backoff=bool(s.get("retry_exponential_backoff", False)),
@@ -421,7 +440,7 @@ def task_config_for(sidecar: Sidecar, task_id: str, settings: ComfySettings, *, 
         tolerations=merge_tolerations(pool.tolerations if pool else (), s.get("tolerations") or ()),
         runtime_class_name=pool.runtime_class if pool else None,
         affinity=s.get("affinity"),
-        priority_class_name=s.get("priority_class_name"),
+        priority_class_name=s.get("priority_class_name") or priority_class_template(settings.tier_classes),
         env={str(k): str(v) for k, v in (s.get("env") or {}).items()},
     )
 

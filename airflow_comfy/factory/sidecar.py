@@ -15,7 +15,7 @@ Example::
     image: registry.example.com/comfy-runner:0.1.0
     pool: gpu_small                # default: the pool of the group's role ([comfy] pools_file), else
                                    # [comfy] default_pool; with a pools file it must be declared there
-    priority: vip                  # vip | high | normal | batch
+    priority: vip                  # the runs' default tier: vip | high | normal | batch ([comfy] tiers)
     retries: 2
     retry_delay: 30                # seconds
     retry_exponential_backoff: true
@@ -42,7 +42,7 @@ from typing import Any
 
 import yaml
 
-from airflow_comfy.scheduling.tiers import PRIORITY_TIERS
+from airflow_comfy.scheduling.tiers import TierError, check_priority_class_name
 from airflow_comfy.workflow.errors import Problem, WorkflowError
 from airflow_comfy.workflow.slicing import SLICING_MODES
 
@@ -50,14 +50,18 @@ SIDECAR_SUFFIX = ".comfy.yaml"
 _TASK_ID_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 TASK_KEYS = frozenset({
-    "backend", "image", "pool", "pool_slots", "priority", "priority_weight", "retries", "retry_delay",
-    "retry_exponential_backoff", "execution_timeout", "resources", "node_selector", "tolerations", "affinity",
-    "priority_class_name", "env",
+    "backend", "image", "pool", "pool_slots", "retries", "retry_delay", "retry_exponential_backoff",
+    "execution_timeout", "resources", "node_selector", "tolerations", "affinity", "priority_class_name", "env",
 })
 DAG_KEYS = frozenset({
     "dag_id", "schedule", "start_date", "catchup", "tags", "owner", "description", "slicing", "groups", "tasks",
-    "params", "auto_params", "max_active_runs",
+    "params", "auto_params", "max_active_runs", "priority",
 })
+#: Keys that used to be allowed, with what replaces them.
+RETIRED_KEYS = {
+    "priority_weight": "a task's priority weight is its run's tier weight ([comfy] tiers): set 'priority' (the "
+                       "default tier of the workflow's runs) or trigger a run with {\"tier\": ...}",
+}
 
 
 @dataclass
@@ -76,6 +80,9 @@ class Sidecar:
     params: dict[str, Any] = field(default_factory=dict)
     auto_params: bool = True
     max_active_runs: int | None = None
+    priority: str | None = None
+    """The default tier of the workflow's runs (a run's trigger conf ``tier`` wins); checked against the
+    configured tiers when the DAG is built."""
     task_defaults: dict[str, Any] = field(default_factory=dict)
     """Task settings for every group (the TASK_KEYS found at the top level)."""
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -108,6 +115,7 @@ def parse_sidecar(text: str, source: str) -> Sidecar:
         data = {}
     if not isinstance(data, Mapping):
         raise _error(source, f"must be a YAML mapping, got {type(data).__name__}")
+    _refuse_retired(data, source, "")
     unknown = sorted(set(data) - DAG_KEYS - TASK_KEYS)
     if unknown:
         raise _error(source, f"unknown key(s) {', '.join(map(repr, unknown))}; allowed: "
@@ -128,11 +136,16 @@ def parse_sidecar(text: str, source: str) -> Sidecar:
     sidecar.auto_params = _bool(data, "auto_params", True, source)
     if data.get("max_active_runs") is not None:
         sidecar.max_active_runs = _int(data["max_active_runs"], "max_active_runs", source, minimum=1)
+    sidecar.priority = _optional_str(data, "priority", source)
     sidecar.task_defaults = _task_settings({k: v for k, v in data.items() if k in TASK_KEYS}, source, "")
     sidecar.tasks = {}
     for task_id, settings in _mapping(data, "tasks", source).items():
         if not isinstance(settings, Mapping):
             raise _error(source, f"tasks.{task_id} must be a mapping")
+        _refuse_retired(settings, source, f"tasks.{task_id}.")
+        if "priority" in settings:
+            raise _error(source, f"tasks.{task_id}.priority: a tier is chosen per run, for all its tasks: set "
+                                 "'priority' at the top level (the default tier of the workflow's runs)")
         unknown = sorted(set(settings) - TASK_KEYS)
         if unknown:
             raise _error(source, f"tasks.{task_id}: unknown key(s) {', '.join(map(repr, unknown))}; allowed: "
@@ -145,9 +158,15 @@ def _task_settings(data: Mapping[str, Any], source: str, prefix: str) -> dict[st
     out = dict(data)
     if "backend" in out and out["backend"] not in ("local", "kubernetes"):
         raise _error(source, f"{prefix}backend must be 'local' or 'kubernetes', not {out['backend']!r}")
-    if "priority" in out and out["priority"] not in PRIORITY_TIERS:
-        raise _error(source, f"{prefix}priority must be one of {', '.join(PRIORITY_TIERS)}, not {out['priority']!r}")
-    for key, minimum in (("retries", 0), ("pool_slots", 1), ("priority_weight", 1)):
+    if out.get("priority_class_name") is not None:
+        name = out["priority_class_name"]
+        if not isinstance(name, str):
+            raise _error(source, f"{prefix}priority_class_name must be a string")
+        try:
+            check_priority_class_name(name, f"{prefix}priority_class_name")
+        except TierError as exc:
+            raise _error(source, str(exc)) from None
+    for key, minimum in (("retries", 0), ("pool_slots", 1)):
         if key in out:
             out[key] = _int(out[key], prefix + key, source, minimum=minimum)
     for key in ("retry_delay", "execution_timeout"):
@@ -165,6 +184,12 @@ def _task_settings(data: Mapping[str, Any], source: str, prefix: str) -> dict[st
     if not isinstance(tolerations, list) or not all(isinstance(t, Mapping) for t in tolerations):
         raise _error(source, f"{prefix}tolerations must be a list of mappings")
     return out
+
+
+def _refuse_retired(data: Mapping[str, Any], source: str, prefix: str) -> None:
+    for key, instead in RETIRED_KEYS.items():
+        if key in data:
+            raise _error(source, f"{prefix}{key} is no longer supported: {instead}")
 
 
 def _groups(value: Any, source: str) -> dict[str, list[str]]:

@@ -11,6 +11,7 @@ from airflow.sdk import BaseOperator
 from airflow_comfy.config import ComfySettings
 from airflow_comfy.operators.command import runner_arguments
 from airflow_comfy.operators.task_config import GroupTaskConfig
+from airflow_comfy.scheduling.tiers import WEIGHT_RULE
 from airflow_comfy.workflow.groupspec import GroupSpec
 
 
@@ -46,6 +47,9 @@ def task_kwargs(
         "pool": task_config.pool or settings.default_pool,
         "pool_slots": task_config.pool_slots,
         "priority_weight": task_config.priority_weight,
+        # A task's weight is its own, not the sum over its downstream tasks, so a tier's weight holds whatever
+        # the DAG's shape (airflow_comfy.scheduling.tiers).
+        "weight_rule": WEIGHT_RULE,
         "retries": task_config.retries,
         "retry_delay": timedelta(seconds=task_config.retry_delay_seconds),
         "retry_exponential_backoff": task_config.backoff_multiplier,

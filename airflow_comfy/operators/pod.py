@@ -78,6 +78,9 @@ class ComfyGroupPodOperator(KubernetesPodOperator):
     """
 
     ui_color = "#d6eaf8"
+    # priority_class_name is templated: rendered from the run's params when the task runs, it gives the pod the
+    # priority class of the run's tier (airflow_comfy.scheduling.tiers), so one DAG serves every tier.
+    template_fields = (*KubernetesPodOperator.template_fields, "priority_class_name")
 
     def __init__(
         self,
@@ -127,6 +130,11 @@ class ComfyGroupPodOperator(KubernetesPodOperator):
             aws_env = aws_env_from_connection(self.aws_conn_id) if self.aws_conn_id else None
             publish_group_spec(self.group_spec, self.spec_sha256, self.store, aws_env=aws_env, log=self.log)
         return super().execute(context)
+
+    def build_pod_request_obj(self, context: Any = None, *, dry_run: bool = False) -> k8s.V1Pod:
+        # A tier without a class renders to "": no priorityClassName (the cluster's default class applies).
+        self.priority_class_name = self.priority_class_name or None
+        return super().build_pod_request_obj(context, dry_run=dry_run)
 
     def cleanup(
         self,

@@ -21,6 +21,8 @@ class GroupTaskConfig:
     image: str | None = None  # None -> settings.runner_image
     pool: str | None = None  # None -> settings.default_pool
     pool_slots: int = 1
+    #: The task's own weight (``weight_rule="absolute"``): the workflow's default tier's; the cluster policy sets
+    #: each run's task instances to their run's tier weight.
     priority_weight: int = 1
     retries: int = 0
     retry_delay_seconds: float = 60.0
@@ -31,6 +33,8 @@ class GroupTaskConfig:
     node_selector: dict[str, str] = field(default_factory=dict)
     tolerations: tuple[dict[str, Any], ...] = ()
     affinity: dict[str, Any] | None = None
+    #: A PriorityClass name or a Jinja template rendering one when the task runs (the factory's default renders
+    #: the run's tier's class, ``tiers.priority_class_template``); rendering to "" sets none.
     priority_class_name: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     runtime_class_name: str | None = None  # the pod's runtimeClassName (from its pool)
