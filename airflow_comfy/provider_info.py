@@ -99,6 +99,29 @@ CONFIG_OPTIONS: dict[str, tuple[str, str, str, str | None]] = {
         "parse loop. Empty disables it.",
         None,
     ),
+    "retries": (
+        "integer", "0",
+        "How many times Airflow retries a failed group task, unless the workflow's sidecar sets 'retries'. A "
+        "runner that refuses its input (exit code 2) is never retried.",
+        "2",
+    ),
+    "retry_delay": (
+        "float", "60",
+        "Seconds before the first retry, unless the sidecar sets 'retry_delay'.",
+        "30",
+    ),
+    "retry_exponential_backoff": (
+        "string", "false",
+        "Whether the delay grows with each retry, unless the sidecar sets 'retry_exponential_backoff': 'true' "
+        "doubles it each time, a number is the multiplier, 'false' keeps it constant.",
+        "true",
+    ),
+    "max_retry_delay": (
+        "string", "",
+        "Longest delay between retries, in seconds, unless the sidecar sets 'max_retry_delay'. Empty: Airflow's "
+        "[core] max_task_retry_delay.",
+        "3600",
+    ),
     "max_workflow_bytes": ("integer", "5000000", "Workflow files larger than this are refused.", None),
     "max_workflow_nodes": ("integer", "2000", "Workflows with more nodes than this are refused.", None),
 }
