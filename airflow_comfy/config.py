@@ -44,6 +44,8 @@ class ComfySettings:
     retry_exponential_backoff: bool | float
     #: seconds; None: Airflow's own limit
     max_retry_delay: float | None
+    pod_disruption_restarts: int
+    avoid_failed_nodes: bool
 
 
 def airflow_home() -> str:
@@ -86,7 +88,7 @@ def get_settings(**overrides) -> ComfySettings:
             values[f.name] = _boolean(f.name, raw)
         else:
             values[f.name] = raw
-    for name in ("retries",):
+    for name in ("retries", "pod_disruption_restarts"):
         if values[name] < 0:
             raise ValueError(f"[comfy] {name} must not be negative, not {values[name]}")
     for name in ("retry_delay", "max_retry_delay"):

@@ -122,6 +122,20 @@ CONFIG_OPTIONS: dict[str, tuple[str, str, str, str | None]] = {
         "[core] max_task_retry_delay.",
         "3600",
     ),
+    "pod_disruption_restarts": (
+        "integer", "3",
+        "How many times one try of a group task starts a new pod when Kubernetes evicts or preempts its pod "
+        "(status reason Evicted or Preempting, or a DisruptionTarget condition), before the try fails and "
+        "Airflow retries the task.",
+        None,
+    ),
+    "avoid_failed_nodes": (
+        "boolean", "True",
+        "A retry after a node failure (an evicted or preempted pod, an OOMKilled container, a lost node) keeps "
+        "away from the node(s) where earlier tries of the group failed (a required node affinity "
+        "'kubernetes.io/hostname NotIn'). Turn off on clusters with a single node of the kind a group needs.",
+        None,
+    ),
     "max_workflow_bytes": ("integer", "5000000", "Workflow files larger than this are refused.", None),
     "max_workflow_nodes": ("integer", "2000", "Workflows with more nodes than this are refused.", None),
 }
