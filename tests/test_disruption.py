@@ -323,6 +323,8 @@ def test_evicted_pod_is_replaced_within_the_try(airflow_run: dict[str, Any], tas
     assert len(pods) == 2 and _tries(pods) == ["1", "1"]  # a second pod, in the same try
     first, second = (p["metadata"]["name"] for p in pods)
     assert first != second and first in cluster.deleted and second in cluster.deleted
+    # KPO's cleanup marked the disrupted pod before deleting it: nothing reattaches to it
+    assert cluster.pods[("comfy", first)].body["metadata"]["labels"]["already_checked"] == "True"
     said = _log_lines(airflow_run, f"Pod {first} on node gpu-node-a was evicted (reason Evicted, DisruptionTarget "
                                    "TerminationByKubelet, exit code 137): The node was low on resource: memory.")
     assert said, f"no eviction line for {first}"
