@@ -47,6 +47,14 @@ class ComfySettings:
     cache_dir: str
     max_workflow_bytes: int
     max_workflow_nodes: int
+    retries: int
+    retry_delay: float
+    #: True: the delay doubles with each retry; a number: the multiplier; False: constant.
+    retry_exponential_backoff: bool | float
+    #: seconds; None: Airflow's own limit
+    max_retry_delay: float | None
+    pod_disruption_restarts: int
+    avoid_failed_nodes: bool
 
     @property
     def tier_weights(self) -> dict[str, int]:
@@ -88,10 +96,24 @@ def get_settings(**overrides) -> ComfySettings:
             values[f.name] = tuple(part.strip() for part in raw.split(",") if part.strip())
         elif f.name in ("tiers", "priority_classes"):
             values[f.name] = raw  # parsed below, once the tiers are known
+        elif f.name == "retry_exponential_backoff":
+            values[f.name] = parse_backoff(raw)
+        elif f.name == "max_retry_delay":
+            values[f.name] = float(raw) if raw.strip() else None
         elif CONFIG_OPTIONS[f.name][0] == "integer":
             values[f.name] = int(raw)
+        elif CONFIG_OPTIONS[f.name][0] == "float":
+            values[f.name] = float(raw)
+        elif CONFIG_OPTIONS[f.name][0] == "boolean":
+            values[f.name] = _boolean(f.name, raw)
         else:
             values[f.name] = raw
+    for name in ("retries", "pod_disruption_restarts"):
+        if values[name] < 0:
+            raise ValueError(f"[comfy] {name} must not be negative, not {values[name]}")
+    for name in ("retry_delay", "max_retry_delay"):
+        if values[name] is not None and values[name] < 0:
+            raise ValueError(f"[comfy] {name} must not be negative, not {values[name]}")
     if values["backend"] not in ("local", "kubernetes"):
         raise ValueError(f"[comfy] backend must be 'local' or 'kubernetes', not {values['backend']!r}")
     if values["runners_per_gpu"] < 1:
@@ -112,3 +134,33 @@ def _tier_pairs(value, parse) -> dict:
     if not isinstance(value, str):
         value = ",".join(f"{name}:{item}" for name, item in dict(value).items())
     return parse(value)
+_TRUE = ("true", "t", "yes", "y", "on", "1")
+_FALSE = ("false", "f", "no", "n", "off", "0", "")
+
+
+def _boolean(name: str, raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE or value in _FALSE:
+        return value in _TRUE
+    raise ValueError(f"[comfy] {name} must be true or false, not {raw!r}")
+
+
+def parse_backoff(raw: str | bool | float) -> bool | float:
+    """``retry_exponential_backoff``: true/false, or a multiplier (a number >= 0)."""
+    if isinstance(raw, bool | int | float):
+        value: bool | float = raw if isinstance(raw, bool) else float(raw)
+    else:
+        text = raw.strip().lower()
+        if text in ("true", "yes", "on"):
+            value = True
+        elif text in ("false", "no", "off", ""):
+            value = False
+        else:
+            try:
+                value = float(text)
+            except ValueError:
+                raise ValueError(f"[comfy] retry_exponential_backoff must be true, false or a multiplier, "
+                                 f"not {raw!r}") from None
+    if not isinstance(value, bool) and value < 0:
+        raise ValueError(f"[comfy] retry_exponential_backoff must not be negative, not {raw!r}")
+    return value

@@ -138,6 +138,43 @@ CONFIG_OPTIONS: dict[str, tuple[str, str, str, str | None]] = {
         "parse loop. Empty disables it.",
         None,
     ),
+    "retries": (
+        "integer", "0",
+        "How many times Airflow retries a failed group task, unless the workflow's sidecar sets 'retries'. A "
+        "runner that refuses its input (exit code 2) is never retried.",
+        "2",
+    ),
+    "retry_delay": (
+        "float", "60",
+        "Seconds before the first retry, unless the sidecar sets 'retry_delay'.",
+        "30",
+    ),
+    "retry_exponential_backoff": (
+        "string", "false",
+        "Whether the delay grows with each retry, unless the sidecar sets 'retry_exponential_backoff': 'true' "
+        "doubles it each time, a number is the multiplier, 'false' keeps it constant.",
+        "true",
+    ),
+    "max_retry_delay": (
+        "string", "",
+        "Longest delay between retries, in seconds, unless the sidecar sets 'max_retry_delay'. Empty: Airflow's "
+        "[core] max_task_retry_delay.",
+        "3600",
+    ),
+    "pod_disruption_restarts": (
+        "integer", "3",
+        "How many times one try of a group task starts a new pod when Kubernetes evicts or preempts its pod "
+        "(status reason Evicted or Preempting, or a DisruptionTarget condition), before the try fails and "
+        "Airflow retries the task.",
+        None,
+    ),
+    "avoid_failed_nodes": (
+        "boolean", "True",
+        "A retry after a node failure (an evicted or preempted pod, an OOMKilled container, a lost node) keeps "
+        "away from the node(s) where earlier tries of the group failed (a required node affinity "
+        "'kubernetes.io/hostname NotIn'). Turn off on clusters with a single node of the kind a group needs.",
+        None,
+    ),
     "max_workflow_bytes": ("integer", "5000000", "Workflow files larger than this are refused.", None),
     "max_workflow_nodes": ("integer", "2000", "Workflows with more nodes than this are refused.", None),
 }

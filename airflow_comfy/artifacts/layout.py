@@ -4,6 +4,7 @@
 
     runs/<dag_id>/<run_id>/<group>/try-<n>/<node>/<output>.<ext>   a boundary value written by try n
     runs/<dag_id>/<run_id>/<group>/try-<n>/manifest.json            try n's manifest, written last by try n
+    runs/<dag_id>/<run_id>/<group>/try-<n>/failure.json             why try n's pod failed (written by the worker)
     runs/<dag_id>/<run_id>/<group>/manifest.json                    the group's final manifest (if published)
     runs/<dag_id>/<run_id>/outputs/<subfolder>/<filename>           SaveImage's files
     runs/<dag_id>/<run_id>/outputs/snapshot.<group>.try-<n>.json    what made them (workflow, params, version)
@@ -30,6 +31,7 @@ SPECS = "specs/sha256"
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 OUTPUTS = "outputs"
 MANIFEST = "manifest.json"
+FAILURE = "failure.json"
 SCALAR_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 _EXTENSION = re.compile(r"^[A-Za-z0-9]{1,16}$")
 
@@ -86,6 +88,12 @@ def output_key(run_key: str, group: str, try_number: int | str, node: str, outpu
 def try_manifest_key(run_key: str, group: str, try_number: int | str) -> str:
     """``runs/<dag_id>/<run_id>/<group>/try-<n>/manifest.json``."""
     return f"{try_prefix(run_key, group, try_number)}/{MANIFEST}"
+
+
+def try_failure_key(run_key: str, group: str, try_number: int | str) -> str:
+    """``runs/<dag_id>/<run_id>/<group>/try-<n>/failure.json``: how try ``n``'s pod(s) failed, written by the
+    worker (the pod operator) when the try ends in failure; later tries of the group read it."""
+    return f"{try_prefix(run_key, group, try_number)}/{FAILURE}"
 
 
 def manifest_key(run_key: str, group: str, try_number: int | str | None = None) -> str:

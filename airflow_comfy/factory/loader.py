@@ -430,9 +430,10 @@ def task_config_for(sidecar: Sidecar, task_id: str, settings: ComfySettings, *, 
         pool=placed.pool,
         pool_slots=s.get("pool_slots", 1),
         priority_weight=settings.tier_weights[tier],
-        retries=s.get("retries", 0),
-        retry_delay_seconds=s.get("retry_delay", 60.0),
-        retry_exponential_backoff=bool(s.get("retry_exponential_backoff", False)),
+        retries=s.get("retries", settings.retries),
+        retry_delay_seconds=s.get("retry_delay", settings.retry_delay),
+        retry_exponential_backoff=_given(s.get("retry_exponential_backoff"), settings.retry_exponential_backoff),
+        max_retry_delay_seconds=_given(s.get("max_retry_delay"), settings.max_retry_delay),
         execution_timeout_seconds=s.get("execution_timeout"),
         resources=resources,
         node_selector={**(pool.node_selector if pool else {}),
@@ -443,6 +444,11 @@ def task_config_for(sidecar: Sidecar, task_id: str, settings: ComfySettings, *, 
         priority_class_name=s.get("priority_class_name") or priority_class_template(settings.tier_classes),
         env={str(k): str(v) for k, v in (s.get("env") or {}).items()},
     )
+
+
+def _given(value: Any, default: Any) -> Any:
+    """The sidecar's value, or the ``[comfy]`` default when the sidecar says nothing (or null)."""
+    return default if value is None else value
 
 
 def _start_date(sidecar: Sidecar) -> datetime | None:

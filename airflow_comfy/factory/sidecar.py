@@ -18,7 +18,8 @@ Example::
     priority: vip                  # the runs' default tier: vip | high | normal | batch ([comfy] tiers)
     retries: 2
     retry_delay: 30                # seconds
-    retry_exponential_backoff: true
+    retry_exponential_backoff: true   # or a multiplier; retries/retry_delay/...: default [comfy]
+    max_retry_delay: 600           # seconds
     resources: {requests: {cpu: "1", memory: 4Gi}}
     tasks:                         # per task id, overrides the settings above
       sample:
@@ -51,7 +52,8 @@ _TASK_ID_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 TASK_KEYS = frozenset({
     "backend", "image", "pool", "pool_slots", "retries", "retry_delay", "retry_exponential_backoff",
-    "execution_timeout", "resources", "node_selector", "tolerations", "affinity", "priority_class_name", "env",
+    "max_retry_delay", "execution_timeout", "resources", "node_selector", "tolerations", "affinity",
+    "priority_class_name", "env",
 })
 DAG_KEYS = frozenset({
     "dag_id", "schedule", "start_date", "catchup", "tags", "owner", "description", "slicing", "groups", "tasks",
@@ -169,9 +171,15 @@ def _task_settings(data: Mapping[str, Any], source: str, prefix: str) -> dict[st
     for key, minimum in (("retries", 0), ("pool_slots", 1)):
         if key in out:
             out[key] = _int(out[key], prefix + key, source, minimum=minimum)
-    for key in ("retry_delay", "execution_timeout"):
+    for key in ("retry_delay", "max_retry_delay", "execution_timeout"):
         if key in out and out[key] is not None:
             out[key] = _number(out[key], prefix + key, source)
+    backoff = out.get("retry_exponential_backoff")
+    if backoff is not None and not isinstance(backoff, bool):
+        if not isinstance(backoff, int | float) or backoff < 0:
+            raise _error(source, f"{prefix}retry_exponential_backoff must be true, false or a multiplier >= 0, "
+                                 f"not {backoff!r}")
+        out["retry_exponential_backoff"] = float(backoff)
     for key in ("resources", "node_selector", "affinity", "env"):
         if key in out and not isinstance(out[key], Mapping):
             raise _error(source, f"{prefix}{key} must be a mapping")

@@ -53,6 +53,11 @@ def task_kwargs(
         "retries": task_config.retries,
         "retry_delay": timedelta(seconds=task_config.retry_delay_seconds),
         "retry_exponential_backoff": task_config.backoff_multiplier,
+        "max_retry_delay": (
+            timedelta(seconds=task_config.max_retry_delay_seconds)
+            if task_config.max_retry_delay_seconds is not None
+            else None
+        ),
         "execution_timeout": (
             timedelta(seconds=task_config.execution_timeout_seconds)
             if task_config.execution_timeout_seconds is not None

@@ -13,6 +13,7 @@ from kubernetes.client import models as k8s
 
 from airflow_comfy.config import ComfySettings
 from airflow_comfy.operators.command import EXIT_BAD_INPUT, RUNNER_MODULE, pod_arguments
+from airflow_comfy.operators.disruption import PodDisruptionMixin
 from airflow_comfy.operators.spec_publish import publish_group_spec
 from airflow_comfy.operators.task_config import GroupTaskConfig
 from airflow_comfy.workflow.groupspec import GroupSpec
@@ -53,7 +54,7 @@ _Model = TypeVar("_Model")
 _K8S_CONFIGURATION = Configuration()
 
 
-class ComfyGroupPodOperator(KubernetesPodOperator):
+class ComfyGroupPodOperator(PodDisruptionMixin, KubernetesPodOperator):
     """A KubernetesPodOperator that runs the runner command in its pod.
 
     The container runs ``python -m airflow_comfy.runner <arguments> --xcom-path /airflow/xcom/return.json``;
@@ -75,6 +76,11 @@ class ComfyGroupPodOperator(KubernetesPodOperator):
     artifact store at the content address the arguments name (``aws_conn_id``: the Airflow connection whose
     credentials the worker uses for that write; the pod itself reads with its own, ``[comfy]
     aws_secret_name``).
+
+    A pod that the cluster evicts or preempts is replaced by a new one within the try, at most
+    ``pod_disruption_restarts`` times; a failed try leaves a failure record in ``store``, and with
+    ``avoid_failed_nodes`` a later try's pods keep away from the nodes that failed
+    (:mod:`airflow_comfy.operators.disruption`).
     """
 
     ui_color = "#d6eaf8"
@@ -92,8 +98,12 @@ class ComfyGroupPodOperator(KubernetesPodOperator):
         spec_sha256: str | None = None,
         store: str | None = None,
         aws_conn_id: str | None = None,
+        pod_disruption_restarts: int = 3,
+        avoid_failed_nodes: bool = True,
         **kwargs: Any,
     ) -> None:
+        self.pod_disruption_restarts = pod_disruption_restarts
+        self.avoid_failed_nodes = avoid_failed_nodes
         self.group_spec = group_spec
         self.spec_sha256 = spec_sha256
         self.store = store
@@ -291,4 +301,6 @@ def group_pod_kwargs(
         "env_from": aws_env_from(settings),
         "volumes": volumes,
         "volume_mounts": volume_mounts,
+        "pod_disruption_restarts": settings.pod_disruption_restarts,
+        "avoid_failed_nodes": settings.avoid_failed_nodes,
     }

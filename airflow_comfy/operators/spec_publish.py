@@ -17,7 +17,7 @@ from airflow.sdk.exceptions import AirflowException
 
 from airflow_comfy.artifacts.errors import ArtifactError
 from airflow_comfy.artifacts.specs import publish_spec
-from airflow_comfy.artifacts.store import open_store
+from airflow_comfy.artifacts.store import ArtifactStore, open_store
 from airflow_comfy.workflow.groupspec import GroupSpec
 
 
@@ -37,6 +37,13 @@ def s3_options(aws_env: dict[str, str] | None) -> dict[str, Any]:
     return options
 
 
+def open_task_store(store_uri: str, *, aws_env: dict[str, str] | None = None) -> ArtifactStore:
+    """The artifact store as the worker opens it: an S3 store with the credentials a task read from its Airflow
+    connection (``aws_env``), if any."""
+    options = s3_options(aws_env) if store_uri.startswith("s3://") else {}
+    return open_store(store_uri, **options)
+
+
 def publish_group_spec(spec: GroupSpec, sha256: str, store_uri: str, *, aws_env: dict[str, str] | None = None,
                        log: logging.Logger | Any = None) -> str:
     """Write ``spec`` to ``store_uri`` at its content address (once; an intact copy is left as it is) and
@@ -47,10 +54,9 @@ def publish_group_spec(spec: GroupSpec, sha256: str, store_uri: str, *, aws_env:
         raise AirflowException(
             f"group {spec.group!r}: the spec serializes to sha256 {actual}, not to the {sha256} the task was "
             "built with; please report this as a bug of airflow-comfy")
-    options = s3_options(aws_env) if store_uri.startswith("s3://") else {}
     try:
-        with _quiet_aws_logs():
-            uri = publish_spec(open_store(store_uri, **options), data, sha256)
+        with quiet_aws_logs():
+            uri = publish_spec(open_task_store(store_uri, aws_env=aws_env), data, sha256)
     except ArtifactError as exc:
         raise AirflowException(f"could not write the group spec to the artifact store: {exc}") from None
     if log is not None:
@@ -59,7 +65,7 @@ def publish_group_spec(spec: GroupSpec, sha256: str, store_uri: str, *, aws_env:
 
 
 @contextlib.contextmanager
-def _quiet_aws_logs() -> Iterator[None]:
+def quiet_aws_logs() -> Iterator[None]:
     """boto3/botocore log each signed request (access key id included) at DEBUG: keep that out of the task's
     log, whatever the worker's log level, while this task talks to the store."""
     loggers = [logging.getLogger(name) for name in ("boto3", "botocore", "urllib3", "s3transfer")]

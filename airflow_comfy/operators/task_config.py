@@ -28,6 +28,8 @@ class GroupTaskConfig:
     retry_delay_seconds: float = 60.0
     #: True: the delay doubles with each retry (Airflow multiplier 2.0); a number is used as the multiplier.
     retry_exponential_backoff: bool | float = False
+    #: the longest delay between retries (None: Airflow's ``[core] max_task_retry_delay``)
+    max_retry_delay_seconds: float | None = None
     execution_timeout_seconds: float | None = None
     resources: dict[str, dict[str, Any]] | None = None
     node_selector: dict[str, str] = field(default_factory=dict)
