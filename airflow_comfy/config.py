@@ -44,6 +44,10 @@ class ComfySettings:
     default_tier: str
     priority_classes: tuple[tuple[str, str], ...]
     """(tier, Kubernetes PriorityClass name) pairs; tiers without a class are left out."""
+    preemption: bool
+    preempt_tiers: str
+    preempt_after: float
+    preempt_max: int
     cache_dir: str
     max_workflow_bytes: int
     max_workflow_nodes: int
@@ -124,6 +128,11 @@ def get_settings(**overrides) -> ComfySettings:
     tiers = _tier_pairs(values["tiers"], parse_tiers)
     values["tiers"] = tuple(tiers.items())
     check_default_tier(values["default_tier"], tiers, "[comfy] default_tier")
+    from airflow_comfy.scheduling.preemption import preempting_tiers
+
+    preempting_tiers(values["preempt_tiers"], tiers)
+    if values["preempt_after"] < 0 or values["preempt_max"] < 0:
+        raise ValueError("[comfy] preempt_after and preempt_max must not be negative")
     values["priority_classes"] = tuple(
         _tier_pairs(values["priority_classes"], lambda text: parse_priority_classes(text, tiers)).items())
     return ComfySettings(**values)

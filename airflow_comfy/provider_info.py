@@ -124,6 +124,26 @@ CONFIG_OPTIONS: dict[str, tuple[str, str, str, str | None]] = {
     "default_tier": (
         "string", "normal", "Tier of the runs of workflows whose sidecar sets no 'priority'.", "batch",
     ),
+    "preemption": (
+        "boolean", "True",
+        "VIP preemption: when a task of a preempt_tiers run has waited preempt_after seconds for a slot of its "
+        "full pool, the scheduler clears the lowest-tier running task of that pool (Airflow's own clear of a "
+        "running task: it is stopped and runs again later without using a retry). Read by the scheduler.",
+        "False",
+    ),
+    "preempt_tiers": (
+        "string", "vip",
+        "Comma-separated tiers whose tasks may preempt; tasks of tiers weighted below the lowest of them may be "
+        "preempted.", "vip,high",
+    ),
+    "preempt_after": (
+        "float", "5",
+        "Seconds a preempting task waits for a slot of its pool before a running task is interrupted.", "2",
+    ),
+    "preempt_max": (
+        "integer", "2",
+        "Starvation guard: a task instance preempted this many times is not preempted again.", "1",
+    ),
     "priority_classes": (
         "string",
         "vip:airflow-comfy-vip,high:airflow-comfy-high,normal:airflow-comfy-normal,batch:airflow-comfy-batch",

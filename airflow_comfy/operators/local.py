@@ -28,6 +28,7 @@ from airflow_comfy.operators.devices import (
     group_needs_gpu,
     resolve_gpus,
 )
+from airflow_comfy.operators.preemption_log import STOPPED_MESSAGE, log_preemptions
 from airflow_comfy.operators.spec_publish import publish_group_spec
 from airflow_comfy.workflow.groupspec import GroupSpec
 
@@ -127,6 +128,7 @@ class ComfyGroupLocalOperator(BaseOperator):
 
     def execute(self, context: Any) -> dict[str, Any]:
         self._killed = False
+        log_preemptions(context, self.log)
         credentials = aws_env_from_connection(self.aws_conn_id) if self.aws_conn_id else None
         if self.group_spec is not None and self.spec_sha256 and self.store:
             publish_group_spec(self.group_spec, self.spec_sha256, self.store, aws_env=credentials, log=self.log)
@@ -255,6 +257,7 @@ class ComfyGroupLocalOperator(BaseOperator):
 
     def on_kill(self) -> None:
         self._killed = True
+        self.log.warning(STOPPED_MESSAGE)
         self._stop_process()
         self._release_device()
 

@@ -14,6 +14,7 @@ from kubernetes.client import models as k8s
 from airflow_comfy.config import ComfySettings
 from airflow_comfy.operators.command import EXIT_BAD_INPUT, RUNNER_MODULE, pod_arguments
 from airflow_comfy.operators.disruption import PodDisruptionMixin
+from airflow_comfy.operators.preemption_log import STOPPED_MESSAGE, log_preemptions
 from airflow_comfy.operators.spec_publish import publish_group_spec
 from airflow_comfy.operators.task_config import GroupTaskConfig
 from airflow_comfy.workflow.groupspec import GroupSpec
@@ -134,12 +135,17 @@ class ComfyGroupPodOperator(PodDisruptionMixin, KubernetesPodOperator):
         )
 
     def execute(self, context: Any) -> Any:
+        log_preemptions(context, self.log)
         if self.group_spec is not None and self.spec_sha256 and self.store:
             from airflow_comfy.operators.local import aws_env_from_connection
 
             aws_env = aws_env_from_connection(self.aws_conn_id) if self.aws_conn_id else None
             publish_group_spec(self.group_spec, self.spec_sha256, self.store, aws_env=aws_env, log=self.log)
         return super().execute(context)
+
+    def on_kill(self) -> None:
+        self.log.warning(STOPPED_MESSAGE)
+        super().on_kill()
 
     def build_pod_request_obj(self, context: Any = None, *, dry_run: bool = False) -> k8s.V1Pod:
         # A tier without a class renders to "": no priorityClassName (the cluster's default class applies).
