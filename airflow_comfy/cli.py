@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     render.add_argument("--pool", default=None, metavar="NAME",
                         help="put every group in this pool (its resources, node selector, ...), whatever the "
                              "sidecar or the pool roles say")
+    render.add_argument("--tier", default=None, metavar="NAME",
+                        help="the run tier whose Kubernetes priority class the pods get (default: the "
+                             "workflow's default tier)")
     _pools_file_arg(render)
     _object_info_arg(render)
     render.set_defaults(func=_render_pods)
@@ -187,6 +190,14 @@ def _render_pods(args) -> int:
             if args.pool:
                 overrides["pool"] = args.pool
         dag = build_dag(compiled, sidecar, settings, pools=pools)
+        tier = args.tier or dag.params.get_param("tier").value
+        if tier not in settings.tier_weights:
+            print(f"error: --tier: {tier!r} is not a tier ([comfy] tiers: {', '.join(settings.tier_weights)})",
+                  file=sys.stderr)
+            return EXIT_INVALID
+        for task in dag.tasks:  # what the priority class template renders to in a run of that tier
+            if "{{" in (task.priority_class_name or ""):
+                task.priority_class_name = settings.tier_classes.get(tier)
         text = to_yaml(render_pod_manifests(list(dag.tasks)))
     sys.stdout.write(text)
     return 0

@@ -500,3 +500,34 @@ def test_render_pods_in_process_keeps_stdout_for_yaml(capsys, pools_file: Path, 
     assert main(["render-pods", str(invalid)]) == 2
     out, err = capsys.readouterr()
     assert out == "" and "node 3 (KSampler): input 'steps'" in err
+
+
+TIERS = ("vip", "high", "normal", "batch")
+
+
+@pytest.mark.parametrize("tier", TIERS)
+def test_render_pods_for_every_example_and_tier(capsys, pools_file: Path, tier: str):
+    """``render-pods --tier``: every pod of every example, as a run of that tier would create it: strictly
+    valid, the tier's priority class, its pool's GPU for sampling groups, restricted containers."""
+    from airflow_comfy.cli import main
+
+    for path in EXAMPLE_FILES:
+        for pools in ([], ["--pools-file", str(pools_file)]):
+            assert main(["render-pods", str(path), "--tier", tier, *pools]) == 0, path
+            out, _ = capsys.readouterr()
+            pods = list(yaml.safe_load_all(out))
+            assert out == to_yaml(pods) and len(pods) == len(roles(path)), path
+            for pod, role in zip(pods, roles(path).values(), strict=True):
+                for version in SCHEMA_VERSIONS:
+                    kubernetes_validate.validate(pod, version, strict=True)
+                spec = pod["spec"]
+                assert spec["priorityClassName"] == f"airflow-comfy-{tier}", (path, pod["metadata"])
+                assert spec["securityContext"]["runAsNonRoot"] is True
+                for container in spec["containers"]:
+                    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+                    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+                limits = spec["containers"][0].get("resources", {}).get("limits", {})
+                if role == "sampling":
+                    assert any(key.endswith("/gpu") for key in limits), (path, limits)
+    assert main(["render-pods", str(EXAMPLE_FILES[0]), "--tier", "urgent"]) == 2
+    assert "--tier: 'urgent' is not a tier" in capsys.readouterr().err
