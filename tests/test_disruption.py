@@ -19,6 +19,7 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
+from dag_test_run import dag_test_result
 from k8s_server import FakeCluster, fake_kubernetes, kubeconfig, pod_document
 from kubernetes.client import ApiClient, Configuration
 from kubernetes.client import models as k8s
@@ -284,17 +285,9 @@ def _start_cluster_run_early(request: pytest.FixtureRequest) -> None:
 @pytest.fixture(scope="module")
 def airflow_run(cluster_run: tuple[subprocess.Popen, Path, FakeCluster]) -> dict[str, Any]:
     proc, home, cluster = cluster_run
-    try:
-        proc.wait(timeout=400)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    output = (home / "output.log").read_text(errors="replace")
-    lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
-    assert lines, f"dag.test() printed no result (exit code {proc.returncode}):\n{output[-8000:]}"
-    result = json.loads(lines[-1][len("RESULT "):])
+    result = dag_test_result(proc, home, timeout=400)
     assert not cluster.errors, cluster.errors
-    result.update(output=output, cluster=cluster, store=open_store(home / "artifacts"))
+    result.update(cluster=cluster, store=open_store(home / "artifacts"))
     return result
 
 

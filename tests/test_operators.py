@@ -15,6 +15,7 @@ from unittest import mock
 import kubernetes_validate
 import pytest
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from dag_test_run import dag_test_result
 from kubernetes.client import models as k8s
 
 from airflow_comfy.artifacts.specs import publish_spec, read_spec_bytes
@@ -632,18 +633,9 @@ def _start_airflow_run_early(request: pytest.FixtureRequest) -> None:
 @pytest.fixture(scope="module")
 def airflow_run(airflow_process: tuple[subprocess.Popen, Path]) -> dict[str, Any]:
     proc, home = airflow_process
-    try:
-        proc.wait(timeout=300)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    output = (home / "output.log").read_text(errors="replace")
-    lines = [line for line in output.splitlines() if line.startswith("RESULT ")]
-    assert lines, f"dag.test() printed no result (exit code {proc.returncode}):\n{output[-6000:]}"
-    result = json.loads(lines[-1][len("RESULT "):])
+    result = dag_test_result(proc, home, timeout=300)
     result["seen"] = {p.stem: json.loads(p.read_text()) for p in (home / "record").glob("*.json")}
     result["home"] = str(home)
-    result["output"] = output
     return result
 
 
