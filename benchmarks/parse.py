@@ -6,20 +6,23 @@ Run with ``make bench`` (``.venv/bin/python benchmarks/parse.py [--n N] [--repea
 Two scenarios and one figure (each measurement in a fresh fork, see "How it measures"):
     * heavy (below): the comfyui-workflow-templates against dag-factory YAML generated from our DAGs.
     * lean: N (default 200) copies of ``example_workflows/txt2img_api.json`` that differ in their prompt (2
-      groups, so 2 tasks each), loaded with backend ``local`` and ``kubernetes``, cold and warm, against
+      groups, so 2 tasks each), loaded with backend ``local`` and ``kubernetes`` (three cache states), against
       (a) dag-factory 1.1.0 on N YAML files of one DAG of 2 plain KubernetesPodOperators with short arguments
       and one dependency, and (b) a hand-written Python DAG file building the same N DAGs in a loop (the
       floor of operator construction). All build the same dag ids, task ids and dependencies. Targets: ours
       / dag-factory <= 0.8x cold, <= 0.4x warm. Beside this building stub (``load_workflows``), the error
       stub (``find_workflow_errors``, the second file the dag-processor parses every loop) on the same folder,
-      cold and warm, and the sum of both stubs per parse loop. Then, unless ``--no-split``, a per-phase cost
-      split of both stubs (cost_split: the package's own functions called in the loader's order, a timer
-      around each) and a DAG/operator construction breakdown with reference operators (operator_detail);
-      unless ``--no-serialize``, the cost of the dag-processor's next step, ``DagSerialization.to_dict``;
-      with ``--profile``, cProfiles of a cold and a warm parse (``--profile-backend``).
-    * ``--large N`` (default 1000; 0: off): one cold, cache-writing and warm parse of a folder of N copies,
-      wall and CPU, plus serialization, against ``dag_file_processor_timeout``; and the error stub's cold and
-      warm parse of it.
+      and the sum of both stubs per parse loop, each in three cache states: cold (``cache_dir`` empty: the
+      error stub builds every DAG whole), empty (a cache dir that does not exist yet: the first parse, which
+      writes the cache; the error stub compiles and plans each file, no operators) and warm (the cache of an
+      earlier parse: the error stub reads the verdicts). Then, unless ``--no-split``, a per-phase cost split
+      of both stubs (cost_split: the package's own functions called in the loader's order, a timer around
+      each) and a DAG/operator construction breakdown with reference operators (operator_detail); unless
+      ``--no-serialize``, the cost of the dag-processor's next step, ``DagSerialization.to_dict``; with
+      ``--profile``, cProfiles of a cold and a warm parse (``--profile-backend``).
+    * ``--large N`` (default 1000; 0: off): one cold, empty-cache (cache-writing) and warm parse of a folder
+      of N copies, wall and CPU, plus serialization, against ``dag_file_processor_timeout``; and the error
+      stub's parse of it in the same three states.
 
 What is compared (heavy)
     * airflow-comfy: ``load_workflows(folder, globals_dict, settings=...)`` on N ComfyUI workflow files (the
@@ -54,6 +57,9 @@ How it measures ("cold" parse)
     * cold: ``cache_dir=""`` and an empty memory cache, so every workflow is loaded, converted, validated and
       sliced. Each copy also gets a distinct marker in its ``extra`` dict (different bytes, as real
       workflows have), so no cache keyed by content can serve one copy from another.
+    * empty (lean and ``--large``): ``cache_dir`` set to a folder that does not exist yet, a new one per run:
+      a deployment's first parse of new files, which writes the compiled entries (and, building stub, the
+      verdicts).
     * warm: the disk cache is populated during setup, the memory cache is empty (fresh fork): the
       dag-processor's steady state for unchanged files.
     Repetitions interleave the four measurements, rotating their order; medians are reported.
@@ -65,6 +71,7 @@ ids, task ids and dependencies, all tasks KubernetesPodOperators.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import importlib
 import json
@@ -267,8 +274,16 @@ def _timed(load: Callable[[dict], Any], import_s: float, serialize: bool = False
     return result
 
 
+def fresh_cache_dir(parent: Path) -> str:
+    """(In a fork.) A cache dir that does not exist yet, unique to this child: the first parse of a deployment
+    with ``[comfy] cache_dir`` set, which creates the folder on its first write. The caller removes it."""
+    return str(parent / f"empty-cache-{os.getpid()}-{time.monotonic_ns()}")
+
+
 def measure_comfy(workflows: Path, cache_dir: str, backend: str = "kubernetes", serialize: bool = False,
                   ) -> dict[str, Any]:
+    """The building stub (``comfy_workflows.py``): ``load_workflows`` on the folder. ``cache_dir``: "" (no cache),
+    a filled cache (warm), or a path that does not exist yet (the first parse, which writes the cache)."""
     t0 = time.process_time()
     from airflow_comfy.factory import cache
     from airflow_comfy.factory.loader import load_workflows
@@ -282,13 +297,17 @@ def measure_comfy(workflows: Path, cache_dir: str, backend: str = "kubernetes", 
 
 
 def measure_errors(workflows: Path, cache_dir: str, backend: str) -> dict[str, Any]:
-    """The error stub (``comfy_workflow_errors.py``): ``find_workflow_errors`` on the folder, which builds no DAG
-    for the dag-processor but builds, and throws away, every file the cache has no verdict for."""
+    """The error stub (``comfy_workflow_errors.py``): ``find_workflow_errors`` on the folder. It builds no DAG for
+    the dag-processor; a file without a verdict is compiled (or its compiled entry taken) and then planned
+    (``plan_dag``: the DAG and the task settings, no operators) when a cache is set, or built whole
+    (``build_dag``) when ``cache_dir`` is empty. ``cache_dir``: "" (no cache), a cache with the building stub's
+    verdicts (warm), or a path that does not exist yet (the first parse: compile + plan, writing the compiled
+    entries)."""
     t0 = time.process_time()
     from airflow_comfy.factory import cache
     from airflow_comfy.factory.loader import find_workflow_errors
 
-    if not cache_dir:  # without verdicts it builds every task: the operator module is imported on the first one
+    if not cache_dir:  # without a cache it builds every task: the operator module is imported on the first one
         importlib.import_module(OPERATOR_MODULES[backend])
     import_s = time.process_time() - t0
     settings = comfy_settings(cache_dir, backend)
@@ -298,6 +317,16 @@ def measure_errors(workflows: Path, cache_dir: str, backend: str) -> dict[str, A
     c1, w1 = time.process_time(), time.perf_counter()
     return {"import_s": import_s, "cpu_s": c1 - c0, "wall_s": w1 - w0, "good": len(scan.good),
             "errors": [e.summary() for e in scan.errors], "dags": len(scan.dags)}
+
+
+def in_empty_cache(parent: Path, measure: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+    """(In a fork.) ``measure(cache_dir)`` on a cache dir of its own that does not exist yet, removed afterwards
+    (untimed)."""
+    cache_dir = fresh_cache_dir(parent)
+    try:
+        return measure(cache_dir)
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
 
 
 def measure_dagfactory(yaml_dir: Path, serialize: bool = False) -> dict[str, Any]:
@@ -359,6 +388,12 @@ LEAN_PROMPT_NODE = "2"
 LEAN_IMAGE = "comfy-runner:1"
 LEAN_CMDS = ["python", "-m", "airflow_comfy.runner"]
 LEAN_TARGETS = {"cold": 0.8, "warm": 0.4}
+#: The three cache states each stub is measured in, the target each is held to, and what each means.
+CACHE_STATES = {
+    "cold": ("cold", "no cache: cache_dir empty"),
+    "empty": ("cold", "cache enabled but empty: the first parse, which writes it"),
+    "warm": ("warm", "the disk cache of an earlier parse, fresh process"),
+}
 BACKENDS = ("local", "kubernetes")
 HAND_WRITTEN_FILE = "hand_written_dags.py"
 
@@ -487,9 +522,13 @@ def run_lean(root: Path, args: argparse.Namespace) -> None:
     for backend in BACKENDS:
         warm_cache = lean_cache(lean, backend)
         measures[f"{backend} cold"] = lambda serialize=False, b=backend: measure_comfy(workflows, "", b, serialize)
+        measures[f"{backend} empty"] = lambda b=backend: in_empty_cache(
+            lean, lambda c: measure_comfy(workflows, c, b))
         measures[f"{backend} warm"] = lambda serialize=False, b=backend, c=warm_cache: measure_comfy(
             workflows, c, b, serialize)
         measures[f"errors {backend} cold"] = lambda b=backend: measure_errors(workflows, "", b)
+        measures[f"errors {backend} empty"] = lambda b=backend: in_empty_cache(
+            lean, lambda c: measure_errors(workflows, c, b))
         measures[f"errors {backend} warm"] = lambda b=backend, c=warm_cache: measure_errors(workflows, c, b)
     measures["dag-factory lean"] = lambda serialize=False: measure_dagfactory(lean / "yaml", serialize)
     measures["hand-written"] = lambda serialize=False: measure_hand_written(lean / "hand" / HAND_WRITTEN_FILE,
@@ -508,40 +547,44 @@ def run_lean(root: Path, args: argparse.Namespace) -> None:
           for name, runs in results.items()}
     df, hand = ms["dag-factory lean"], ms["hand-written"]
 
-    def ratio(value: float, kind: str) -> str:
-        return f"{value / df:.2f}x{'' if value / df <= LEAN_TARGETS[kind] else ' (over)'}"
+    def ratio(value: float, state: str) -> str:
+        over = value / df > LEAN_TARGETS[CACHE_STATES[state][0]]
+        return f"{value / df:.2f}x{' (over)' if over else ''}"
 
-    print(f"lean parse, ms/DAG (median CPU time of {args.repeat} runs, each in a fresh fork; imports not counted):")
+    def states(prefix: str) -> str:
+        return "   ".join(f"{state} {ms[f'{prefix} {state}']:5.2f}" for state in CACHE_STATES)
+
+    print(f"lean parse, ms/DAG (median CPU time of {args.repeat} runs, each in a fresh fork; imports not counted); "
+          + "; ".join(f"{state}: {meaning}" for state, (_, meaning) in CACHE_STATES.items()) + ":")
     for backend in BACKENDS:
-        print(f"  {'building stub, backend ' + backend:35s}cold {ms[f'{backend} cold']:5.2f}   "
-              f"warm {ms[f'{backend} warm']:5.2f}   (load_workflows)")
-    print(f"  {'dag-factory 1.1.0, lean YAML':35s}     {df:5.2f}   (2 plain KPO, short args, a >> b)")
-    print(f"  {'hand-written Python DAG file':35s}     {hand:5.2f}   (the floor: DAG + 2 KPO + a >> b)")
+        print(f"  {'building stub, backend ' + backend:35s}{states(backend)}   (load_workflows)")
+    print(f"  {'dag-factory 1.1.0, lean YAML':35s}{df:10.2f}   (2 plain KPO, short args, a >> b)")
+    print(f"  {'hand-written Python DAG file':35s}{hand:10.2f}   (the floor: DAG + 2 KPO + a >> b)")
     targets = ", ".join(f"{kind} <= {target}x" for kind, target in LEAN_TARGETS.items())
-    print(f"lean ratios: building stub / dag-factory lean (target {targets}); / hand-written:")
+    print(f"lean ratios: building stub / dag-factory lean (target {targets}; empty is held to the cold target); "
+          "/ hand-written:")
     for backend in BACKENDS:
-        cells = ", ".join(f"{kind} {ratio(ms[f'{backend} {kind}'], kind)}" for kind in LEAN_TARGETS)
-        hand_cells = ", ".join(f"{kind} {ms[f'{backend} {kind}'] / hand:.2f}x" for kind in LEAN_TARGETS)
-        print(f"  {backend:10s}  vs dag-factory: {cells:37s} vs hand-written: {hand_cells}")
-    print("error stub (find_workflow_errors on the same folder: defines no DAG, but builds and drops every file "
-          "it has no verdict for), ms/DAG:")
+        cells = ", ".join(f"{state} {ratio(ms[f'{backend} {state}'], state)}" for state in CACHE_STATES)
+        hand_cells = ", ".join(f"{state} {ms[f'{backend} {state}'] / hand:.2f}x" for state in CACHE_STATES)
+        print(f"  {backend:10s}  vs dag-factory: {cells:45s} vs hand-written: {hand_cells}")
+    print("error stub (find_workflow_errors on the same folder: defines no DAG; a file without a verdict is compiled "
+          "and planned, no operators, when a cache is set, or built whole when cache_dir is empty), ms/DAG:")
     for backend in BACKENDS:
-        print(f"  {'error stub, backend ' + backend:35s}cold {ms[f'errors {backend} cold']:5.2f}   "
-              f"warm {ms[f'errors {backend} warm']:5.2f}   (cold: no cache, builds every file; warm: verdicts "
-              "on disk)")
+        print(f"  {'error stub, backend ' + backend:35s}{states('errors ' + backend)}   (cold: full build_dag; "
+              "empty: compile + plan_dag; warm: the verdict)")
     print("per parse loop, both stubs (the dag-processor parses both files every loop), ms/DAG, and / dag-factory "
-          "lean (same targets):")
+          "lean (same targets). cold: every loop without a cache; empty: each stub alone on an empty cache (an upper "
+          "bound of the first loop: the stub that parses second finds the other's entries); warm: every loop after:")
     for backend in BACKENDS:
         cells = []
-        for kind in LEAN_TARGETS:
-            both = ms[f"{backend} {kind}"] + ms[f"errors {backend} {kind}"]
-            cells.append(f"{kind} {ms[f'{backend} {kind}']:.2f} + {ms[f'errors {backend} {kind}']:.2f} = "
-                         f"{both:5.2f}: {ratio(both, kind):12s}")
+        for state in CACHE_STATES:
+            ours, errors = ms[f"{backend} {state}"], ms[f"errors {backend} {state}"]
+            cells.append(f"{state} {ours:.2f} + {errors:.2f} = {ours + errors:5.2f}: {ratio(ours + errors, state):11s}")
         print(f"  {backend:10s}  " + "   ".join(cells))
     imports = {name: statistics.median(r["import_s"] for r in runs) * 1000 for name, runs in results.items()}
     print(f"library import, once per file parse (each stub file pays its own): building stub local "
           f"{imports['local cold']:.0f} ms, kubernetes {imports['kubernetes cold']:.0f} ms; error stub "
-          f"{imports['errors kubernetes warm']:.0f} ms (cold, with the operator module: "
+          f"{imports['errors kubernetes warm']:.0f} ms (cold, without a cache, with the operator module: "
           f"{imports['errors kubernetes cold']:.0f} ms); dag-factory {imports['dag-factory lean']:.0f} ms")
     if args.serialize:
         serialized = {name: in_fork(lambda name=name: measures[name](serialize=True))
@@ -563,47 +606,56 @@ def run_lean(root: Path, args: argparse.Namespace) -> None:
 SPLIT_PHASES = (
     ("read", "read (sidecar, dag id, _read_workflow)"),
     ("cache key", "cache key (cache_key: sha256)"),
-    ("verdict read", "verdict read (+ dag id collision check)"),
+    ("verdict read", "verdict read (_raise_known_error)"),
+    ("compiled read", "compiled read (file bytes)"),
+    ("decode", "JSON decode + CompiledWorkflow.from_dict"),
     ("parse", "parse/convert (parse_workflow_text)"),
     ("validate", "validate"),
     ("slice", "slice (slice_workflow)"),
     ("params", "params (discover_params)"),
     ("spec", "spec (GroupGraph.specs, to_dict, sha256)"),
     ("docs", "docs (workflow_doc_md)"),
-    ("cache put", "cache put (compiled + verdict)"),
-    ("cache read", "compiled read (file bytes)"),
-    ("decode", "JSON decode + CompiledWorkflow.from_dict"),
-    ("DAG", "DAG construction (build_dag, no tasks)"),
-    ("task inputs", "GroupSpec.from_dict + task_config_for"),
-    ("operators", "operator construction (build_group_task)"),
+    ("compiled write", "compiled write (put_compiled)"),
+    ("claim", "dag id claim (_claim)"),
+    ("DAG", "plan_dag without groups: checks, DAG(...)"),
+    ("task configs", "task configs (from_dict, task_config_for)"),
+    ("operators", "operators (build_group_task)"),
     ("dependencies", "dependencies (a >> b)"),
-    ("params assignment", "params assignment (dag.params, last)"),
+    ("params assignment", "dag.params (+ tier_param), last"),
+    ("verdict write", "verdict (has_verdict, put_verdict)"),
 )
-#: The split's columns: (building stub?, backend, warm?) by column name; the name of the lean measurement
-#: of the same call is SPLIT_WHOLE[column].
+#: The split's columns: (building stub?, backend, cache state: a key of CACHE_STATES) by column name; the name
+#: of the lean measurement of the same call is SPLIT_WHOLE[column].
 SPLIT_COLUMNS = {
-    "local cold": (True, "local", False), "local warm": (True, "local", True),
-    "k8s cold": (True, "kubernetes", False), "k8s warm": (True, "kubernetes", True),
-    "errors cold": (False, "kubernetes", False), "errors warm": (False, "kubernetes", True),
+    "local cold": (True, "local", "cold"), "local warm": (True, "local", "warm"),
+    "k8s cold": (True, "kubernetes", "cold"), "k8s empty": (True, "kubernetes", "empty"),
+    "k8s warm": (True, "kubernetes", "warm"),
+    "err cold": (False, "kubernetes", "cold"), "err empty": (False, "kubernetes", "empty"),
+    "err warm": (False, "kubernetes", "warm"),
 }
-SPLIT_WHOLE = {"local cold": "local cold", "local warm": "local warm", "k8s cold": "kubernetes cold",
-               "k8s warm": "kubernetes warm", "errors cold": "errors kubernetes cold",
-               "errors warm": "errors kubernetes warm"}
+SPLIT_LABEL, SPLIT_WIDTH = 42, 11
+SPLIT_WHOLE = {name: ("" if build else "errors ") + f"{backend} {state}"
+               for name, (build, backend, state) in SPLIT_COLUMNS.items()}
 
 
 def cost_split(workflows: Path, cache_dir: str, backend: str, build: bool = True) -> dict[str, dict[str, float]]:
     """(In a fork.) One stub's work on the folder, file by file, with a CPU timer around each phase:
-    ``load_workflows`` when ``build``, else ``find_workflow_errors`` (the error stub: a file with a verdict stops
-    after the verdict read; one without is built like the building stub builds it, and the DAG dropped).
-    Returns ``{"rest": {phase: seconds summed over files 2..N, "files": N - 1}, "first": {phase: seconds of
-    the first file}, "once": {"once": catalog, context and file list}, "prune": {"prune": the building stub's
-    cache prune, once per folder}}``. The first file is apart because it pays the lazy imports and first-use
-    initialisation (Airflow imports its timetables on the first DAG, for one).
+    ``load_workflows`` when ``build`` (``_build_file``), else ``find_workflow_errors`` (``_check_file``: a file
+    with a verdict stops after the verdict read; one without is compiled, or its compiled entry taken, then
+    planned (``plan_dag``) when a cache is set, or built whole (``build_dag``, the DAG dropped) when
+    ``cache_dir`` is empty). Returns ``{"rest": {phase: seconds summed over files 2..N, "files": N - 1},
+    "first": {phase: seconds of the first file}, "once": {"once": catalog, pools, context and file list},
+    "prune": {"prune": the building stub's cache prune, once per folder}}``. The first file is apart because it
+    pays the lazy imports and first-use initialisation (Airflow imports its timetables on the first DAG, the
+    loader reads the DAG defaults from Airflow's configuration once, the store object of the spec URI is made
+    once).
 
     It calls the package's own functions in the order ``factory/loader.py`` (``scan_workflows``,
-    ``_scan_one``, ``_build_one``, ``build_dag``), ``factory/cache.py`` (``ParseCache.compiled``) and
+    ``_scan_one``, ``_build_file`` / ``_check_file``, ``build_dag`` = ``plan_dag`` + operators + dependencies +
+    params), ``factory/cache.py`` (``ParseCache.compiled``, ``verdict``, ``has_verdict``) and
     ``factory/compile.py`` (``compile_workflow``) do, without patching them: when those change shape, this
-    function is the one to adapt. Error handling is left out (every benchmark file is good)."""
+    function is the one to adapt. Error handling is left out (every benchmark file is good): a cached
+    verdict must be True."""
     import dataclasses
     import hashlib
 
@@ -612,14 +664,17 @@ def cost_split(workflows: Path, cache_dir: str, backend: str, build: bool = True
     from airflow_comfy.factory.docs import workflow_doc_md
     from airflow_comfy.factory.loader import (
         _build_context,
+        _claim,
         _param,
         _read_workflow,
         _workflow_files,
-        build_dag,
+        plan_dag,
         task_config_for,
     )
     from airflow_comfy.factory.sidecar import load_sidecar, sidecar_path
     from airflow_comfy.operators.build import build_group_task
+    from airflow_comfy.scheduling.pools import load_pools
+    from airflow_comfy.scheduling.tiers import TIER_PARAM, tier_param
     from airflow_comfy.workflow.catalog import load_catalog
     from airflow_comfy.workflow.groupspec import GroupSpec
     from airflow_comfy.workflow.loader import parse_workflow_text
@@ -627,7 +682,8 @@ def cost_split(workflows: Path, cache_dir: str, backend: str, build: bool = True
     from airflow_comfy.workflow.slicing import slice_workflow
     from airflow_comfy.workflow.validate import validate
 
-    importlib.import_module(OPERATOR_MODULES[backend])  # a once-per-file import, not a phase
+    if build or not cache_dir:  # a once-per-file import, not a phase; an error stub with a cache builds no task
+        importlib.import_module(OPERATOR_MODULES[backend])
     settings = comfy_settings(cache_dir, backend)
     cache_module.clear_memory()
     clock = time.process_time
@@ -644,10 +700,11 @@ def cost_split(workflows: Path, cache_dir: str, backend: str, build: bool = True
     # scan_workflows, before its loop
     catalog = load_catalog(settings.object_info_files)
     catalog.fingerprint()  # memoized: the first cache_key() would pay it
+    pools = load_pools(settings.pools_file)
     store = cache_module.ParseCache(settings.cache_dir or None, workflows)
-    context = _build_context(settings)
+    context = _build_context(settings, pools)
     used_keys: set[str] = set()
-    claimed: set[str] = set()
+    claimed: dict[str, Path] = {}
     files = _workflow_files(workflows, [])
     lap("once")
     for index, path in enumerate(files):
@@ -660,24 +717,35 @@ def cost_split(workflows: Path, cache_dir: str, backend: str, build: bool = True
         key = cache_key(content, sidecar, catalog, str(path), context)
         used_keys.add(key)
         lap("cache key")
-        verdict = store.verdict(key)
-        assert verdict is None or verdict is True, verdict
-        assert dag_id not in claimed, dag_id
-        claimed.add(dag_id)
-        lap("verdict read")
-        if verdict is True and not build:
-            continue
-        # _build_one: ParseCache.compiled in two steps (the memory layer is empty in a fresh fork)
+        if not build:  # _check_file: the verdict first (_raise_known_error)
+            verdict = store.verdict(key)
+            assert verdict is None or verdict is True, verdict
+            lap("verdict read")
+            if verdict is True:
+                _claim(dag_id, path, claimed)
+                claimed[dag_id] = path  # scan_workflows: scan.good
+                lap("claim")
+                continue
+        # ParseCache.compiled in two steps (its memory layer is empty in a fresh fork; a missing file is a miss)
         cached = None
         if store.root is not None:
-            raw = (store.root / (key + cache_module.COMPILED_SUFFIX)).read_bytes()
-            lap("cache read")
-            cached = json.loads(raw)
-            cache_module._remember(key, cached)
+            try:
+                raw = (store.root / (key + cache_module.COMPILED_SUFFIX)).read_bytes()
+            except OSError:
+                raw = None
+            lap("compiled read")
+            if raw is not None:
+                cached = json.loads(raw)
+                cache_module._remember(key, cached)
         if cached is not None:
             compiled = CompiledWorkflow.from_dict(cached)
             lap("decode")
-        else:  # compile_workflow, phase by phase
+        else:
+            if build:  # _build_file: a file known to be bad is not compiled again
+                verdict = store.verdict(key)
+                assert verdict is None or verdict is True, verdict
+                lap("verdict read")
+            # compile_workflow, phase by phase
             source, name = str(path), path.name[: -len(".json")]
             workflow = parse_workflow_text(content, catalog, name=name, source=source,
                                            max_nodes=settings.max_workflow_nodes)
@@ -702,28 +770,39 @@ def cost_split(workflows: Path, cache_dir: str, backend: str, build: bool = True
                 params=[{"name": p.name, "title": p.title, "description": p.description, "schema": p.schema,
                          "default": p.default} for p in params])
             store.put_compiled(key, compiled.to_dict())
-            lap("cache put")
-        # build_dag: the DAG, its tasks, their dependencies, then its params
-        dag = build_dag(dataclasses.replace(compiled, groups=[], params=[]), sidecar, settings)
+            lap("compiled write")
+        _claim(compiled.dag_id, path, claimed)
+        claimed[compiled.dag_id] = path  # scan_workflows: scan.good
+        lap("claim")
+        # plan_dag: its checks and the DAG (run on the workflow without its groups), then each group's settings
+        plan = plan_dag(dataclasses.replace(compiled, groups=[]), sidecar, settings, pools=pools)
+        dag = plan.dag
         lap("DAG")
-        tasks = {}
+        planned = []
         for group in compiled.groups:
             spec = GroupSpec.from_dict(group["spec"])
-            task_config = task_config_for(sidecar, group["task_id"], settings)
-            lap("task inputs")
+            planned.append((group, spec, task_config_for(sidecar, group["task_id"], settings, spec=spec, pools=pools,
+                                                         default_tier=plan.default_tier)))
+        lap("task configs")
+        if not build and store.root is not None:  # the error stub with a cache stops at the plan
+            continue
+        # the rest of build_dag: the operators, their dependencies, then the params
+        tasks = {}
+        for group, spec, task_config in planned:
             tasks[group["task_id"]] = build_group_task(spec, task_config=task_config, settings=settings,
                                                        upstream_task_ids=group["upstream"], dag=dag,
                                                        spec_sha256=group["spec_sha256"])
-            lap("operators")
+        lap("operators")
         for group in compiled.groups:
             for upstream in group["upstream"]:
                 tasks[upstream] >> tasks[group["task_id"]]
         lap("dependencies")
-        dag.params = {p["name"]: _param(p) for p in compiled.params}
+        dag.params = {**{p["name"]: _param(p) for p in compiled.params},
+                      TIER_PARAM: tier_param(plan.default_tier, settings.tier_weights)}
         lap("params assignment")
-        if verdict is None:  # back in _scan_one
+        if build and not store.has_verdict(key):  # back in _build_file
             store.put_verdict(key, True)
-        lap("cache put")
+        lap("verdict write")
     bucket = spent["prune"]
     if build:
         store.prune(used_keys)
@@ -734,13 +813,14 @@ def cost_split(workflows: Path, cache_dir: str, backend: str, build: bool = True
 
 #: (key, label) of operator_detail()'s rows. "ref" rows build other objects on the same workflows, for comparison.
 DETAIL_ROWS = (
-    ("dag", "build_dag without tasks or params (the DAG tasks join)"),
-    ("dag params", "params assignment (dag.params = ..., after the tasks)"),
+    ("dag", "plan_dag without groups (checks, the DAG tasks join)"),
+    ("dag params", "dag.params = params + tier_param (after the tasks)"),
     ("dag bare", "ref: DAG(dag_id, schedule=None)"),
+    ("task_config", "GroupSpec.from_dict + task_config_for (pool, tier)"),
     ("task_kwargs", "task_kwargs (BaseOperator kwargs, with doc_md)"),
     ("doc_md", "  of which spec_doc_md (timed again, alone)"),
     ("arguments", "runner_arguments (spec URI from the sha256)"),
-    ("pod_kwargs", "group_pod_kwargs (kubernetes only)"),
+    ("backend_kwargs", "group_pod_kwargs (k8s) / group_needs_gpu (local)"),
     ("init", "our operator's __init__, on our DAG (no params yet)"),
     ("init params", "ref: the same __init__ on a DAG with its params"),
     ("ref parent", "ref: its parent class, given what ours passes it"),
@@ -749,21 +829,51 @@ DETAIL_ROWS = (
 )
 
 
+def _pod_parent_kwargs(arguments: list[str], pod_kwargs: dict[str, Any], common: dict[str, Any]) -> dict[str, Any]:
+    """What ``ComfyGroupPodOperator.__init__`` hands ``KubernetesPodOperator.__init__`` (mirrors
+    ``operators/pod.py``): its own arguments taken out, the scratch env, volume and security contexts added."""
+    from kubernetes.client import models as k8s
+
+    from airflow_comfy.operators import pod as pod_module
+    from airflow_comfy.operators.command import pod_arguments
+
+    config = pod_module._K8S_CONFIGURATION
+    kwargs = {**pod_kwargs, **common}
+    for own in ("pod_disruption_restarts", "avoid_failed_nodes"):
+        kwargs.pop(own, None)
+    env = {**pod_module.SCRATCH_ENV, **(kwargs.pop("env_vars", None) or {}), "HF_HUB_OFFLINE": "1"}
+    kwargs.setdefault("security_context", pod_module.pod_security_context())
+    kwargs.setdefault("container_security_context", pod_module.container_security_context())
+    kwargs.setdefault("xcom_sidecar_container_security_context", pod_module.container_security_context())
+    volumes, mounts = list(kwargs.pop("volumes", None) or []), list(kwargs.pop("volume_mounts", None) or [])
+    if not any(pod_module._field(m, "mount_path", "mountPath") == pod_module.SCRATCH_PATH for m in mounts):
+        volumes.append(k8s.V1Volume(name=pod_module.SCRATCH_VOLUME, empty_dir=k8s.V1EmptyDirVolumeSource(
+            local_vars_configuration=config), local_vars_configuration=config))
+        mounts.append(k8s.V1VolumeMount(name=pod_module.SCRATCH_VOLUME, mount_path=pod_module.SCRATCH_PATH,
+                                        local_vars_configuration=config))
+    kwargs.setdefault("get_logs", True)
+    kwargs.setdefault("on_finish_action", "delete_pod")
+    kwargs.setdefault("termination_message_policy", "FallbackToLogsOnError")
+    return {"cmds": list(pod_module.POD_RUNNER_CMDS), "arguments": pod_arguments(arguments),
+            "env_vars": [k8s.V1EnvVar(name=name, value=value, local_vars_configuration=config)
+                         for name, value in env.items()],
+            "do_xcom_push": True, "volumes": volumes, "volume_mounts": mounts, **kwargs}
+
+
 def operator_detail(workflows: Path, cache_dir: str, backend: str) -> dict[str, float]:
     """(In a fork.) What one DAG and one task of ``build_dag`` / ``build_group_task`` cost, step by step
-    (mirroring ``operators/build.py``'s ``_pod_task`` / ``_local_task``), and what simpler DAGs and operators
-    cost on the same workflows. "Our DAG" is ``build_dag`` of the workflow without its tasks and params: what
-    the tasks join, since ``build_dag`` sets the params after building them (a DAG that has params when a task
-    joins it is deep-copied into the task at every class level: the "with its params" row). The compiled
-    workflows come from ``cache_dir``, the disk cache of ``backend`` (untimed). Returns seconds: ``dag*`` rows
-    summed over the DAGs (``dags``), the other rows over the tasks (``tasks``), of files 2..N (the first pays
-    lazy imports, see cost_split)."""
+    (mirroring ``factory/loader.py``'s ``plan_dag`` and ``operators/build.py``'s ``_pod_task`` /
+    ``_local_task``), and what simpler DAGs and operators cost on the same workflows. "Our DAG" is ``plan_dag``
+    of the workflow without its groups: what the tasks join, since ``build_dag`` sets the params (the
+    workflow's and ``tier``) after building them (a DAG that has params when a task joins it is deep-copied
+    into the task at every class level: the "with its params" row). The compiled workflows come from
+    ``cache_dir``, the disk cache of ``backend`` (untimed). Returns seconds: ``dag*`` rows summed over the DAGs
+    (``dags``), the other rows over the tasks (``tasks``), of files 2..N (the first pays lazy imports, see
+    cost_split)."""
     import dataclasses
-    import functools
 
     from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
     from airflow.sdk import DAG, BaseOperator
-    from kubernetes.client import models as k8s
 
     from airflow_comfy.factory.cache import ParseCache
     from airflow_comfy.factory.compile import CompiledWorkflow, cache_key
@@ -772,21 +882,24 @@ def operator_detail(workflows: Path, cache_dir: str, backend: str) -> dict[str, 
         _param,
         _read_workflow,
         _workflow_files,
-        build_dag,
+        plan_dag,
         task_config_for,
     )
     from airflow_comfy.factory.sidecar import load_sidecar, sidecar_path
-    from airflow_comfy.operators import pod as pod_module
     from airflow_comfy.operators.build import spec_doc_md, task_kwargs
-    from airflow_comfy.operators.command import pod_arguments, runner_arguments
+    from airflow_comfy.operators.command import runner_arguments
+    from airflow_comfy.operators.devices import group_needs_gpu
     from airflow_comfy.operators.local import ComfyGroupLocalOperator
     from airflow_comfy.operators.pod import ComfyGroupPodOperator, group_pod_kwargs, pod_models_path
+    from airflow_comfy.scheduling.pools import load_pools
+    from airflow_comfy.scheduling.tiers import TIER_PARAM, tier_param
     from airflow_comfy.workflow.catalog import load_catalog
     from airflow_comfy.workflow.groupspec import GroupSpec
 
     settings = comfy_settings(cache_dir, backend)
     catalog, store = load_catalog(settings.object_info_files), ParseCache(cache_dir, workflows)
-    context = _build_context(settings)
+    pools = load_pools(settings.pools_file)
+    context = _build_context(settings, pools)
     clock = time.process_time
     spent: dict[str, float] = {}
     for index, path in enumerate(_workflow_files(workflows, [])):
@@ -799,18 +912,20 @@ def operator_detail(workflows: Path, cache_dir: str, backend: str) -> dict[str, 
         compiled = CompiledWorkflow.from_dict(cached)
 
         def ours(suffix: str, compiled: Any = compiled, sidecar: Any = sidecar) -> Any:
-            return build_dag(dataclasses.replace(compiled, dag_id=compiled.dag_id + suffix, groups=[], params=[]),
-                             sidecar, settings)
+            return plan_dag(dataclasses.replace(compiled, dag_id=compiled.dag_id + suffix, groups=[]), sidecar,
+                            settings, pools=pools)
 
-        def trigger_params(compiled: Any = compiled) -> dict[str, Any]:
-            return {p["name"]: _param(p) for p in compiled.params}
+        def trigger_params(default_tier: str, compiled: Any = compiled) -> dict[str, Any]:
+            return {**{p["name"]: _param(p) for p in compiled.params},
+                    TIER_PARAM: tier_param(default_tier, settings.tier_weights)}
 
         t0 = clock()
-        dag = ours("")
+        plan = ours("")
         t1 = clock()
-        with_params = ours("_params")  # untimed
+        dag, default_tier = plan.dag, plan.default_tier
+        with_params = ours("_params").dag  # untimed
         t2 = clock()
-        with_params.params = trigger_params()
+        with_params.params = trigger_params(default_tier)
         t3 = clock()
         DAG(dag_id=compiled.dag_id + "_bare", schedule=None)
         t4 = clock()
@@ -819,48 +934,48 @@ def operator_detail(workflows: Path, cache_dir: str, backend: str) -> dict[str, 
         spent["dag bare"] += t4 - t3
         spent["dags"] += 1
         # untimed: the DAGs the other operators go to (one per kind: task ids repeat)
-        ref_dags = {kind: ours(f"_{kind}") for kind in ("kpo", "base", "parent")}
+        ref_dags = {kind: ours(f"_{kind}").dag for kind in ("kpo", "base", "parent")}
         for group in compiled.groups:
+            t0 = clock()
             spec = GroupSpec.from_dict(group["spec"])
-            task_config = task_config_for(sidecar, group["task_id"], settings)
+            task_config = task_config_for(sidecar, group["task_id"], settings, spec=spec, pools=pools,
+                                          default_tier=default_tier)
+            t1 = clock()
             args = lean_arguments(compiled.dag_id, spec.group)
             sha = group["spec_sha256"]
-            t0 = clock()
-            common = task_kwargs(spec, task_config=task_config, settings=settings, task_id=None, dag=dag)
-            t1 = clock()
-            spec_doc_md(spec)
             t2 = clock()
+            common = task_kwargs(spec, task_config=task_config, settings=settings, task_id=None, dag=dag)
+            t3 = clock()
+            spec_doc_md(spec)
+            t4 = clock()
             if backend == "kubernetes":
                 arguments = runner_arguments(spec, store=settings.artifact_store, models_path=pod_models_path(settings),
                                              input_path=settings.pod_input_path, upstream_task_ids=group["upstream"],
                                              spec_sha256=sha)
-                t3 = clock()
+                t5 = clock()
                 pod_kwargs = group_pod_kwargs(spec, task_config=task_config, settings=settings,
                                               dag_id=compiled.dag_id)
-                t4 = clock()
+                t6 = clock()
                 make = functools.partial(ComfyGroupPodOperator, arguments=arguments, group_spec=spec,
                                          spec_sha256=sha, store=settings.artifact_store,
                                          aws_conn_id=settings.aws_conn_id or None, **pod_kwargs, **common)
                 # what ComfyGroupPodOperator.__init__ hands KubernetesPodOperator.__init__ (built untimed)
-                env = {**pod_kwargs["env_vars"], "HF_HUB_OFFLINE": "1"}
-                parent = functools.partial(
-                    KubernetesPodOperator, **{**pod_kwargs, **common, "env_vars": [
-                        k8s.V1EnvVar(name=name, value=value, local_vars_configuration=pod_module._K8S_CONFIGURATION)
-                        for name, value in env.items()]},
-                    cmds=list(pod_module.POD_RUNNER_CMDS), arguments=pod_arguments(arguments), do_xcom_push=True,
-                    get_logs=True, on_finish_action="delete_pod", termination_message_policy="FallbackToLogsOnError")
+                parent = functools.partial(KubernetesPodOperator, **_pod_parent_kwargs(arguments, pod_kwargs, common))
             else:
                 arguments = runner_arguments(spec, store=settings.artifact_store, models_path=settings.models_path,
                                              input_path=settings.input_path, upstream_task_ids=group["upstream"],
                                              spec_sha256=sha)
-                t3 = t4 = clock()
-                make = functools.partial(ComfyGroupLocalOperator, arguments=arguments, env=dict(task_config.env),
-                                         runner_python=settings.runner_python or None, group_spec=spec,
-                                         spec_sha256=sha, store=settings.artifact_store,
-                                         aws_conn_id=settings.aws_conn_id or None, **common)
+                t5 = clock()
+                needs_gpu = group_needs_gpu(spec)
+                t6 = clock()
+                make = functools.partial(ComfyGroupLocalOperator, arguments=arguments,
+                                         runner_python=settings.runner_python or None, runner_command=None,
+                                         env=dict(task_config.env), aws_conn_id=settings.aws_conn_id or None,
+                                         group_spec=spec, spec_sha256=sha, store=settings.artifact_store,
+                                         needs_gpu=needs_gpu, **common)
                 parent = functools.partial(BaseOperator, **common)  # ComfyGroupLocalOperator: super().__init__(**kwargs)
-            for key, seconds in (("task_kwargs", t1 - t0), ("doc_md", t2 - t1), ("arguments", t3 - t2),
-                                 ("pod_kwargs", t4 - t3)):
+            for key, seconds in (("task_config", t1 - t0), ("task_kwargs", t3 - t2), ("doc_md", t4 - t3),
+                                 ("arguments", t5 - t4), ("backend_kwargs", t6 - t5)):
                 spent[key] += seconds
             # The operators, in an order that rotates from task to task: a garbage collection falls on whichever
             # construction crosses the allocation threshold, so a fixed order would bill it to the same row.
@@ -893,6 +1008,7 @@ def _focus_functions(backend: str) -> list[tuple[str, Any]]:
     from airflow_comfy.factory import loader
     from airflow_comfy.factory.cache import ParseCache
     from airflow_comfy.operators import build, command
+    from airflow_comfy.scheduling import pools, tiers
     from airflow_comfy.workflow.groupspec import GroupSpec
 
     ours = importlib.import_module(OPERATOR_MODULES[backend])
@@ -902,28 +1018,34 @@ def _focus_functions(backend: str) -> list[tuple[str, Any]]:
         ("  _scan_one", loader._scan_one),
         ("    _read_workflow", loader._read_workflow),
         ("    cache_key", compile_module.cache_key),
-        ("    ParseCache.verdict (file read + JSON decode)", ParseCache.verdict),
-        ("    ParseCache.compiled (warm: file read + JSON decode)", ParseCache.compiled),
-        ("    compile_workflow (cold only)", compile_module.compile_workflow),
-        ("      GroupSpec.sha256 (cold only)", GroupSpec.sha256),
-        ("    ParseCache.put_compiled (cold)", ParseCache.put_compiled),
-        ("    ParseCache.put_verdict (first parse)", ParseCache.put_verdict),
-        ("    build_dag", loader.build_dag),
-        ("      DAG.__init__ (attrs)", DAG.__init__),
-        ("      Param.__init__ (DAG params)", Param.__init__),
-        ("      build_group_task", build.build_group_task),
-        ("        spec_doc_md", build.spec_doc_md),
-        ("        GroupSpec.from_dict", GroupSpec.from_dict),
-        ("        runner_arguments", command.runner_arguments),
-        ("        apply_defaults wrapper (outermost call)", KubernetesPodOperator.__init__),
-        (f"          {our_class.__name__}.__init__ (with super())", our_class.__init__.__wrapped__),
-        ("          KubernetesPodOperator.__init__ (with super())", KubernetesPodOperator.__init__.__wrapped__),
-        ("          BaseOperator.__init__", BaseOperator.__init__.__wrapped__),
-        ("          get_merged_defaults (each level)", base_operator.get_merged_defaults),
-        ("            ParamsDict.__deepcopy__ (DAG params)", ParamsDict.__deepcopy__),
-        ("          BaseOperator.__setattr__", BaseOperator.__setattr__),
-        ("          _set_xcomargs_dependencies", BaseOperator._set_xcomargs_dependencies),
-        ("          V1EnvVar.__init__", k8s.V1EnvVar.__init__),
+        ("    _build_file", loader._build_file),
+        ("      ParseCache.compiled (warm: file read + JSON decode)", ParseCache.compiled),
+        ("      ParseCache.verdict (cold only: file read + decode)", ParseCache.verdict),
+        ("      compile_workflow (cold only)", compile_module.compile_workflow),
+        ("        GroupSpec.sha256 (cold only)", GroupSpec.sha256),
+        ("      ParseCache.put_compiled (cold)", ParseCache.put_compiled),
+        ("      build_dag", loader.build_dag),
+        ("        plan_dag", loader.plan_dag),
+        ("          DAG.__init__ (attrs)", DAG.__init__),
+        ("          GroupSpec.from_dict", GroupSpec.from_dict),
+        ("          task_config_for", loader.task_config_for),
+        ("            assign_pool", pools.assign_pool),
+        ("        build_group_task", build.build_group_task),
+        ("          spec_doc_md", build.spec_doc_md),
+        ("          runner_arguments", command.runner_arguments),
+        ("          apply_defaults wrapper (outermost call)", KubernetesPodOperator.__init__),
+        (f"            {our_class.__name__}.__init__ (with super())", our_class.__init__.__wrapped__),
+        ("            KubernetesPodOperator.__init__ (with super())", KubernetesPodOperator.__init__.__wrapped__),
+        ("            BaseOperator.__init__", BaseOperator.__init__.__wrapped__),
+        ("            get_merged_defaults (each level)", base_operator.get_merged_defaults),
+        ("              ParamsDict.__deepcopy__ (DAG params)", ParamsDict.__deepcopy__),
+        ("            BaseOperator.__setattr__", BaseOperator.__setattr__),
+        ("            _set_xcomargs_dependencies", BaseOperator._set_xcomargs_dependencies),
+        ("            V1EnvVar.__init__", k8s.V1EnvVar.__init__),
+        ("        Param.__init__ (DAG params, tier too)", Param.__init__),
+        ("        tier_param", tiers.tier_param),
+        ("      ParseCache.has_verdict (a stat)", ParseCache.has_verdict),
+        ("      ParseCache.put_verdict (first parse)", ParseCache.put_verdict),
         ("  ParseCache.prune", ParseCache.prune),
         ("copy.deepcopy (all callers)", copy.deepcopy),
     ]
@@ -958,16 +1080,16 @@ def profile_lean(workflows: Path, cache_dir: str, backend: str, top: int) -> str
     total = max(ct for _, _, _, ct, _ in raw.values())
     out.write(f"=== selected functions: cumulative ms per DAG ({dags} DAGs; cProfile's overhead inflates "
               "functions that make many small calls, e.g. deepcopy) ===\n")
-    out.write(f"  {'function':58s}{'ms/DAG':>8s}{'calls/DAG':>11s}{'share':>8s}\n")
+    out.write(f"  {'function':62s}{'ms/DAG':>8s}{'calls/DAG':>11s}{'share':>8s}\n")
     for label, function in _focus_functions(backend):
         code = getattr(inspect.unwrap(function) if function is not None and "wrapper" not in label else function,
                        "__code__", None)
         row = raw.get((code.co_filename, code.co_firstlineno, code.co_name)) if code else None
         if row is None:
-            out.write(f"  {label:58s}{'-':>8s}\n")
+            out.write(f"  {label:62s}{'-':>8s}\n")
             continue
         _, calls, _, cumulative, _ = row
-        out.write(f"  {label:58s}{cumulative / dags * 1000:8.3f}{calls / dags:11.2f}{cumulative / total:8.0%}\n")
+        out.write(f"  {label:62s}{cumulative / dags * 1000:8.3f}{calls / dags:11.2f}{cumulative / total:8.0%}\n")
     text = out.getvalue()
     for prefix in (str(Path(sys.prefix) / "lib"), str(Path(sys.base_prefix) / "lib"), str(Path.cwd()) + "/"):
         text = text.replace(prefix, "")
@@ -975,15 +1097,20 @@ def profile_lean(workflows: Path, cache_dir: str, backend: str, top: int) -> str
 
 
 def run_split(lean: Path, args: argparse.Namespace, whole_ms: dict[str, float]) -> None:
-    """Print cost_split()'s table (us/DAG) for both stubs, cold and warm, and operator_detail()'s (us/task).
-    ``whole_ms``: the lean measurements' ms/DAG, to compare with the sum of the phases."""
+    """Print cost_split()'s table (us/DAG) for both stubs in their three cache states, and operator_detail()'s
+    (us/task). ``whole_ms``: the lean measurements' ms/DAG, to compare with the sum of the phases."""
     workflows = lean / "workflows"
     runs: dict[str, list[dict[str, dict[str, float]]]] = {name: [] for name in SPLIT_COLUMNS}
     detail: dict[str, list[dict[str, float]]] = {backend: [] for backend in BACKENDS}
     for _ in range(args.repeat):
-        for name, (build, backend, warm) in SPLIT_COLUMNS.items():
-            cache = lean_cache(lean, backend) if warm else ""
-            runs[name].append(in_fork(lambda b=backend, c=cache, build=build: cost_split(workflows, c, b, build)))
+        for name, (build, backend, state) in SPLIT_COLUMNS.items():
+            if state == "empty":
+                split = functools.partial(in_empty_cache, lean, functools.partial(
+                    cost_split, workflows, backend=backend, build=build))
+            else:
+                split = functools.partial(cost_split, workflows, lean_cache(lean, backend) if state == "warm" else "",
+                                          backend, build)
+            runs[name].append(in_fork(split))
         for backend in BACKENDS:
             detail[backend].append(in_fork(lambda b=backend: operator_detail(workflows, lean_cache(lean, b), b)))
 
@@ -991,7 +1118,7 @@ def run_split(lean: Path, args: argparse.Namespace, whole_ms: dict[str, float]) 
         values = [s[key] / s[per] * 1e6 for s in samples if key in s]
         return statistics.median(values) if values else None
 
-    def cell(value: float | None, width: int = 14) -> str:
+    def cell(value: float | None, width: int = SPLIT_WIDTH) -> str:
         return f"{value:{width}.0f}" if value is not None else f"{'-':>{width}s}"
 
     def total(phases: dict[str, float]) -> float:
@@ -1005,27 +1132,26 @@ def run_split(lean: Path, args: argparse.Namespace, whole_ms: dict[str, float]) 
     sums = {name: statistics.median(total(s) / s["files"] * 1e6 for s in rest[name]) + (once[name]["prune"] * 1e6)
             for name in SPLIT_COLUMNS}
     print(f"\ncost split of our lean parse, us/DAG over files 2..N (CPU, median of {args.repeat} runs, each in a "
-          "fresh fork; one timer per phase around the package's own functions). k8s = backend kubernetes; errors = "
-          "the error stub (find_workflow_errors), backend kubernetes; cold: no cache; warm: the disk cache of the "
-          "lean runs:")
-    print(f"  {'phase':42s}" + "".join(f"{name:>14s}" for name in SPLIT_COLUMNS))
+          "fresh fork; one timer per phase around the package's own functions). k8s = building stub, backend "
+          "kubernetes; err = the error stub (find_workflow_errors), backend kubernetes; cold: no cache (the error "
+          "stub builds whole); empty: cache enabled but empty, written (the error stub compiles and plans); warm: "
+          "the disk cache of the lean runs (the error stub reads the verdict):")
+    print(f"  {'phase':{SPLIT_LABEL}s}" + "".join(f"{name:>{SPLIT_WIDTH}s}" for name in SPLIT_COLUMNS))
     for key, label in SPLIT_PHASES:
-        print(f"  {label:42s}" + "".join(cell(us(rest[name], key, "files")) for name in SPLIT_COLUMNS))
-    print(f"  {'prune (once per folder, building stub), /N':42s}"
-          + "".join(cell(once[name]["prune"] * 1e6) for name in SPLIT_COLUMNS))
-    print(f"  {'sum of the phases, files 2..N (+ prune)':42s}" + "".join(cell(sums[name]) for name in SPLIT_COLUMNS))
-    print(f"  {'first file (lazy imports, first use), /N':42s}"
-          + "".join(cell(first[name] / n * 1e6) for name in SPLIT_COLUMNS))
-    print(f"  {'once: catalog, context, file list, /N':42s}"
-          + "".join(cell(once[name]["once"] * 1e6) for name in SPLIT_COLUMNS))
-    print(f"  {'whole stub call (lean runs above)':42s}"
-          + "".join(cell(whole_ms[SPLIT_WHOLE[name]] * 1000) for name in SPLIT_COLUMNS))
+        print(f"  {label:{SPLIT_LABEL}s}" + "".join(cell(us(rest[name], key, "files")) for name in SPLIT_COLUMNS))
+    rows = (("prune (once per folder, building stub), /N", {name: once[name]["prune"] * 1e6 for name in runs}),
+            ("sum of the phases, files 2..N (+ prune)", sums),
+            ("first file (lazy imports, first use), /N", {name: first[name] / n * 1e6 for name in runs}),
+            ("once: catalog, pools, context, files, /N", {name: once[name]["once"] * 1e6 for name in runs}),
+            ("whole stub call (lean runs above)", {name: whole_ms[SPLIT_WHOLE[name]] * 1000 for name in runs}))
+    for label, values in rows:
+        print(f"  {label:{SPLIT_LABEL}s}" + "".join(cell(values[name]) for name in SPLIT_COLUMNS))
     print("  the first file alone, ms: " + ", ".join(f"{name} {value * 1000:.1f}" for name, value in first.items())
           + "; the largest of its phases: " + ", ".join(
               f"{name} {max(runs[name][0]['first'].items(), key=lambda kv: kv[1])[0]}" for name in SPLIT_COLUMNS))
 
     print("DAG and operator construction, us per DAG (dag rows) or per task (the others), files 2..N, CPU, "
-          "median; the steps mirror factory/loader.py and operators/build.py:")
+          "median; the steps mirror factory/loader.py (plan_dag, build_dag) and operators/build.py:")
     print(f"  {'step':55s}" + "".join(f"{backend:>12s}" for backend in BACKENDS))
     for key, label in DETAIL_ROWS:
         per = "dags" if key.startswith("dag") else "tasks"
@@ -1034,9 +1160,10 @@ def run_split(lean: Path, args: argparse.Namespace, whole_ms: dict[str, float]) 
 
 # ------------------------------------------------------------------------------------------ largest folder
 def run_large(root: Path, n: int, backend: str = "kubernetes") -> None:
-    """Cold, cache-writing and warm parse of one folder of ``n`` txt2img copies, once each, against
-    ``dag_file_processor_timeout`` (wall time of the whole file parse); then the error stub's cold and warm
-    parse of the same folder (its own file, so its own timeout)."""
+    """The building stub's cold (no cache), empty-cache (the first parse, writing the cache) and warm parse of
+    one folder of ``n`` txt2img copies, once each, against ``dag_file_processor_timeout`` (wall time of the whole
+    file parse); then the error stub's parse of the same folder in the same three cache states (its own file,
+    so its own timeout)."""
     from airflow.configuration import conf
 
     timeout = conf.getfloat("dag_processor", "dag_file_processor_timeout", fallback=50.0)
@@ -1048,7 +1175,7 @@ def run_large(root: Path, n: int, backend: str = "kubernetes") -> None:
           f"{time.perf_counter() - t0:.1f} s), backend {backend}, one run each, against "
           f"[dag_processor] dag_file_processor_timeout = {timeout:.0f} s (wall time of the whole file parse):")
     runs = {}
-    for label, cache in (("cold (no disk cache)", ""), ("first parse, writing the disk cache", cache_dir),
+    for label, cache in (("cold (no cache)", ""), ("empty cache (first parse, writes it)", cache_dir),
                          ("warm (disk cache hit)", cache_dir)):
         last = label.startswith("warm")
         runs[label] = r = in_fork(lambda c=cache, last=last: measure_comfy(workflows, c, backend, last))
@@ -1060,15 +1187,19 @@ def run_large(root: Path, n: int, backend: str = "kubernetes") -> None:
     for label, r in runs.items():
         cpu = r["import_s"] + r["cpu_s"] + serialized["serialize_cpu_s"]
         wall = r["import_s"] + r["wall_s"] + serialized["serialize_wall_s"]  # the import is timed in CPU only
-        print(f"  {label:36s} load {r['cpu_s']:5.2f} s CPU / {r['wall_s']:5.2f} s wall "
+        print(f"  {label:38s} load {r['cpu_s']:5.2f} s CPU / {r['wall_s']:5.2f} s wall "
               f"({r['cpu_s'] / n * 1000:.2f} ms/DAG CPU); with import and serialization {cpu:5.1f} s CPU "
               f"({cpu / timeout:4.0%} of the timeout) / {wall:5.1f} s wall ({wall / timeout:4.0%})")
     print("  the error stub, a file of its own (its own timeout; it serializes nothing):")
-    for label, cache in (("error stub, cold (no cache)", ""), ("error stub, warm (verdicts on disk)", cache_dir)):
-        r = in_fork(lambda c=cache: measure_errors(workflows, c, backend))
+    errors = (("error stub, cold (no cache: build_dag)", lambda: measure_errors(workflows, "", backend)),
+              ("error stub, empty cache (compile+plan)",
+               lambda: in_empty_cache(large, lambda c: measure_errors(workflows, c, backend))),
+              ("error stub, warm (verdicts on disk)", lambda: measure_errors(workflows, cache_dir, backend)))
+    for label, measure in errors:
+        r = in_fork(measure)
         assert (r["good"], r["errors"]) == (n, []), (label, r["good"], r["errors"])
         cpu, wall = r["import_s"] + r["cpu_s"], r["import_s"] + r["wall_s"]
-        print(f"  {label:36s} scan {r['cpu_s']:5.2f} s CPU / {r['wall_s']:5.2f} s wall "
+        print(f"  {label:38s} scan {r['cpu_s']:5.2f} s CPU / {r['wall_s']:5.2f} s wall "
               f"({r['cpu_s'] / n * 1000:.2f} ms/DAG CPU); with import {cpu:5.1f} s CPU ({cpu / timeout:4.0%} of the "
               f"timeout) / {wall:5.1f} s wall ({wall / timeout:4.0%})")
 
