@@ -132,9 +132,9 @@ CONFIG_OPTIONS: dict[str, tuple[str, str, str, str | None]] = {
         "False",
     ),
     "preempt_tiers": (
-        "string", "vip",
+        "string", "",
         "Comma-separated tiers whose tasks may preempt; tasks of tiers weighted below the lowest of them may be "
-        "preempted.", "vip,high",
+        "preempted. Empty: the tier with the highest weight (vip).", "vip,high",
     ),
     "preempt_after": (
         "float", "5",

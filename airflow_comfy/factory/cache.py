@@ -16,10 +16,11 @@ holds one entry per current file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from airflow_comfy.workflow.errors import Problem, WorkflowError
 
 _MEMORY: dict[str, dict[str, Any]] = {}
 _MEMORY_LIMIT = 512
+_COUNTER = itertools.count()
 COMPILED_SUFFIX = ".json"
 VERDICT_SUFFIX = ".verdict.json"
 #: A temp file older than this is left over from a writer that died; prune removes it.
@@ -112,14 +114,24 @@ class ParseCache:
     def _write(self, name: str, value: Any) -> None:
         if self.root is None:
             return
+        data = json.dumps(value, separators=(",", ":")).encode("utf-8")
+        tmp = self.root / f".tmp-{os.getpid()}-{next(_COUNTER)}-{name}"
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=".json")
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(value, handle, separators=(",", ":"))
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileNotFoundError:
+                self.root.mkdir(parents=True, exist_ok=True)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
             os.replace(tmp, self.root / name)
         except OSError:
-            pass  # a read-only or full disk only costs speed
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)  # a read-only or full disk only costs speed
 
 
 def _older_than(path: Path, moment: float) -> bool:

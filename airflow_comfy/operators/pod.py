@@ -55,6 +55,11 @@ _Model = TypeVar("_Model")
 _K8S_CONFIGURATION = Configuration()
 
 
+def _k8s(klass: type[_Model], **fields: Any) -> _Model:
+    """A Kubernetes client model built with the shared configuration (see ``_K8S_CONFIGURATION``)."""
+    return klass(local_vars_configuration=_K8S_CONFIGURATION, **fields)
+
+
 class ComfyGroupPodOperator(PodDisruptionMixin, KubernetesPodOperator):
     """A KubernetesPodOperator that runs the runner command in its pod.
 
@@ -115,10 +120,8 @@ class ComfyGroupPodOperator(PodDisruptionMixin, KubernetesPodOperator):
         kwargs.setdefault("xcom_sidecar_container_security_context", container_security_context())
         volumes, mounts = list(kwargs.pop("volumes", None) or []), list(kwargs.pop("volume_mounts", None) or [])
         if not any(_field(m, "mount_path", "mountPath") == SCRATCH_PATH for m in mounts):
-            volumes.append(k8s.V1Volume(name=SCRATCH_VOLUME, empty_dir=k8s.V1EmptyDirVolumeSource(
-                local_vars_configuration=_K8S_CONFIGURATION), local_vars_configuration=_K8S_CONFIGURATION))
-            mounts.append(k8s.V1VolumeMount(name=SCRATCH_VOLUME, mount_path=SCRATCH_PATH,
-                                            local_vars_configuration=_K8S_CONFIGURATION))
+            volumes.append(_k8s(k8s.V1Volume, name=SCRATCH_VOLUME, empty_dir=_k8s(k8s.V1EmptyDirVolumeSource)))
+            mounts.append(_k8s(k8s.V1VolumeMount, name=SCRATCH_VOLUME, mount_path=SCRATCH_PATH))
         kwargs.setdefault("get_logs", True)
         kwargs.setdefault("on_finish_action", "delete_pod")
         # the last lines of the runner's output become the container's termination message (shown on failure)
@@ -126,7 +129,7 @@ class ComfyGroupPodOperator(PodDisruptionMixin, KubernetesPodOperator):
         super().__init__(
             cmds=list(cmds or POD_RUNNER_CMDS),
             arguments=pod_arguments(arguments),
-            env_vars=[k8s.V1EnvVar(name=name, value=value, local_vars_configuration=_K8S_CONFIGURATION)
+            env_vars=[_k8s(k8s.V1EnvVar, name=name, value=value)
                       for name, value in env.items()],
             do_xcom_push=True,
             volumes=volumes,
@@ -180,22 +183,20 @@ class ComfyGroupPodOperator(PodDisruptionMixin, KubernetesPodOperator):
 
 def pod_security_context() -> k8s.V1PodSecurityContext:
     """The pod's security context: non-root user, group and fsGroup :data:`POD_USER_ID`, RuntimeDefault seccomp."""
-    return k8s.V1PodSecurityContext(
+    return _k8s(k8s.V1PodSecurityContext,
         run_as_non_root=True, run_as_user=POD_USER_ID, run_as_group=POD_USER_ID, fs_group=POD_USER_ID,
-        seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault", local_vars_configuration=_K8S_CONFIGURATION),
-        local_vars_configuration=_K8S_CONFIGURATION,
+        seccomp_profile=_k8s(k8s.V1SeccompProfile, type="RuntimeDefault"),
     )
 
 
 def container_security_context() -> k8s.V1SecurityContext:
     """Each container's: non-root, no privilege escalation, every capability dropped, RuntimeDefault seccomp,
     read-only root filesystem."""
-    return k8s.V1SecurityContext(
+    return _k8s(k8s.V1SecurityContext,
         run_as_non_root=True, run_as_user=POD_USER_ID, run_as_group=POD_USER_ID, privileged=False,
         allow_privilege_escalation=False, read_only_root_filesystem=True,
-        capabilities=k8s.V1Capabilities(drop=["ALL"], local_vars_configuration=_K8S_CONFIGURATION),
-        seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault", local_vars_configuration=_K8S_CONFIGURATION),
-        local_vars_configuration=_K8S_CONFIGURATION,
+        capabilities=_k8s(k8s.V1Capabilities, drop=["ALL"]),
+        seccomp_profile=_k8s(k8s.V1SeccompProfile, type="RuntimeDefault"),
     )
 
 
@@ -239,13 +240,13 @@ def models_volume(settings: ComfySettings) -> tuple[list[k8s.V1Volume], list[k8s
     """The models PVC, mounted read-only at ``pod_models_path`` (nothing when ``models_pvc`` is empty)."""
     if not settings.models_pvc:
         return [], []
-    volume = k8s.V1Volume(
+    volume = _k8s(k8s.V1Volume,
         name=MODELS_VOLUME,
-        persistent_volume_claim=k8s.V1PersistentVolumeClaimVolumeSource(
+        persistent_volume_claim=_k8s(k8s.V1PersistentVolumeClaimVolumeSource,
             claim_name=settings.models_pvc, read_only=True
         ),
     )
-    mount = k8s.V1VolumeMount(name=MODELS_VOLUME, mount_path=settings.pod_models_path, read_only=True)
+    mount = _k8s(k8s.V1VolumeMount, name=MODELS_VOLUME, mount_path=settings.pod_models_path, read_only=True)
     return [volume], [mount]
 
 
@@ -254,14 +255,14 @@ def aws_env_from(settings: ComfySettings) -> list[k8s.V1EnvFromSource]:
     ``AWS_ACCESS_KEY_ID``, become environment variables; the values never pass through Airflow)."""
     if not settings.aws_secret_name:
         return []
-    return [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=settings.aws_secret_name))]
+    return [_k8s(k8s.V1EnvFromSource, secret_ref=_k8s(k8s.V1SecretEnvSource, name=settings.aws_secret_name))]
 
 
 def resource_requirements(resources: dict[str, dict[str, Any]] | None) -> k8s.V1ResourceRequirements | None:
     if not resources:
         return None
     requests, limits = resources.get("requests"), resources.get("limits")
-    return k8s.V1ResourceRequirements(
+    return _k8s(k8s.V1ResourceRequirements,
         requests={k: str(v) for k, v in requests.items()} if requests else None,
         limits={k: str(v) for k, v in limits.items()} if limits else None,
     )
@@ -273,7 +274,7 @@ def k8s_model(data: dict[str, Any], klass: type[_Model], what: str) -> _Model:
     The client's deserializer silently drops fields it does not know, so a misspelled key (or a snake_case
     one) would vanish from the pod: refuse it instead.
     """
-    client = ApiClient(configuration=Configuration())
+    client = ApiClient(configuration=_K8S_CONFIGURATION)
     model = client._ApiClient__deserialize_model(data, klass)  # type: ignore[attr-defined]
     if client.sanitize_for_serialization(model) != data:
         raise ValueError(

@@ -273,9 +273,10 @@ def preemption_policy(settings: Any = None) -> PreemptionPolicy | None:
 
 
 def preempting_tiers(text: str, tiers: dict[str, int]) -> list[str]:
+    """``[comfy] preempt_tiers`` as tier names; empty: the tier with the highest weight."""
     names = [name.strip() for name in text.split(",") if name.strip()]
     unknown = [name for name in names if name not in tiers]
-    if not names or unknown:
-        raise ValueError(f"[comfy] preempt_tiers: {', '.join(unknown) or '(empty)'} must name tiers of [comfy] "
-                         f"tiers ({', '.join(tiers)})")
-    return names
+    if unknown:
+        raise ValueError(f"[comfy] preempt_tiers: {', '.join(unknown)} must name tiers of [comfy] tiers "
+                         f"({', '.join(tiers)})")
+    return names or [max(tiers, key=tiers.__getitem__)]
