@@ -129,8 +129,7 @@ class ComfyGroupPodOperator(PodDisruptionMixin, KubernetesPodOperator):
         super().__init__(
             cmds=list(cmds or POD_RUNNER_CMDS),
             arguments=pod_arguments(arguments),
-            env_vars=[_k8s(k8s.V1EnvVar, name=name, value=value)
-                      for name, value in env.items()],
+            env_vars=env,  # a dict: KPO makes the V1EnvVar objects when the pod is built, not at every parse
             do_xcom_push=True,
             volumes=volumes,
             volume_mounts=mounts,
