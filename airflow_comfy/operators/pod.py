@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, TypeVar
 
@@ -180,16 +181,20 @@ class ComfyGroupPodOperator(PodDisruptionMixin, KubernetesPodOperator):
             raise
 
 
+@functools.lru_cache(maxsize=1)
 def pod_security_context() -> k8s.V1PodSecurityContext:
-    """The pod's security context: non-root user, group and fsGroup :data:`POD_USER_ID`, RuntimeDefault seccomp."""
+    """One object, shared by every group task of the process (KPO copies before it merges; never mutate it).
+    The pod's security context: non-root user, group and fsGroup :data:`POD_USER_ID`, RuntimeDefault seccomp."""
     return _k8s(k8s.V1PodSecurityContext,
         run_as_non_root=True, run_as_user=POD_USER_ID, run_as_group=POD_USER_ID, fs_group=POD_USER_ID,
         seccomp_profile=_k8s(k8s.V1SeccompProfile, type="RuntimeDefault"),
     )
 
 
+@functools.lru_cache(maxsize=1)
 def container_security_context() -> k8s.V1SecurityContext:
-    """Each container's: non-root, no privilege escalation, every capability dropped, RuntimeDefault seccomp,
+    """One object, shared by every group task of the process (KPO copies before it merges; never mutate it).
+    Each container's: non-root, no privilege escalation, every capability dropped, RuntimeDefault seccomp,
     read-only root filesystem."""
     return _k8s(k8s.V1SecurityContext,
         run_as_non_root=True, run_as_user=POD_USER_ID, run_as_group=POD_USER_ID, privileged=False,
