@@ -9,7 +9,7 @@ DEMO    ?= .demo
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test lint bench clean postgres
+.PHONY: install demo test lint bench bench-scheduling clean postgres
 
 # Two installs, each remembered by a stamp file: `make demo` needs the runner extra only; lint, test and bench
 # also need the dev extra (pytest, ruff, moto, the workflow templates, dag-factory).
@@ -58,6 +58,11 @@ demo: $(RUNNER_STAMP)
 bench: $(DEV_STAMP)
 	$(PY) benchmarks/parse.py
 	$(PY) benchmarks/runner.py --repeat 2
+
+# VIP latency with a real scheduler (LocalExecutor, PostgreSQL): 20 normal runs of ~60 s sampling saturate a
+# 2-slot pool, then a vip run; preemption off, then on. Long: about 2 x (21 x sampling time / 2) plus setup.
+bench-scheduling: $(DEV_STAMP) postgres
+	$(PY) benchmarks/vip_latency.py --runs 20 --sampling-seconds 60 --slots 2
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache .ruff_cache build *.egg-info
