@@ -34,6 +34,11 @@ changes it): with Airflow's default of 16, a VIP run triggered behind 16 active 
 which Airflow starts in ``run_after`` order, whatever its tier; its tasks do not exist yet, so neither the
 priority weights nor preemption can help it.
 
+``--logical-dates`` triggers with the trigger time as logical date instead. Airflow breaks ties between equal
+weights by the run's logical date; without one (the CLI's and the REST API's default), the order of equal-weight
+task instances is whatever PostgreSQL returns, and a preempted task, cleared back to ``scheduled``, may wait
+behind runs triggered after it (the report says how many overtook it).
+
 No timing is asserted: this is a report. It exits 0 unless a run fails or times out.
 """
 
@@ -177,10 +182,12 @@ def prepare_home(home: Path, workflow: Path, args: argparse.Namespace) -> Path:
     return dags
 
 
-def trigger(deployment: Any, run_id: str, tier: str, steps: int) -> datetime:
+def trigger(deployment: Any, run_id: str, tier: str, steps: int, logical_date: bool) -> datetime:
+    """A run through the REST API; with ``logical_date``, the trigger time is its logical date, else it has none
+    (as ``airflow dags trigger`` without ``-l``)."""
     at = datetime.now(timezone.utc)
     status, body = deployment.rest("POST", f"/api/v2/dags/{DAG_ID}/dagRuns",
-                                   {"dag_run_id": run_id, "logical_date": None,
+                                   {"dag_run_id": run_id, "logical_date": at.isoformat() if logical_date else None,
                                     "conf": {"tier": tier, "steps": steps}})
     if status != 200:
         raise RuntimeError(f"triggering {run_id} ({tier}) answered {status}: {body}")
@@ -219,11 +226,11 @@ def run_scenario(name: str, preemption: bool, server: Any, paths: dict[str, Path
         deployment.wait_for_dags({DAG_ID}, timeout=300)
         print(f"[{name}] up in {time.monotonic() - started:.0f} s; triggering {args.runs} normal runs", flush=True)
         for run_id in normal_ids:
-            triggers[run_id] = trigger(deployment, run_id, "normal", steps)
+            triggers[run_id] = trigger(deployment, run_id, "normal", steps, args.logical_dates)
         deployment.wait_for(f"{args.slots} running sampling tasks",
                             lambda: running_in_pool(deployment) >= args.slots, timeout=600, interval=0.5)
         time.sleep(args.vip_delay)
-        triggers["vip"] = trigger(deployment, "vip", "vip", steps)
+        triggers["vip"] = trigger(deployment, "vip", "vip", steps, args.logical_dates)
         print(f"[{name}] pool saturated; vip run triggered "
               f"{(triggers['vip'] - triggers[normal_ids[0]]).total_seconds():.1f} s after the first trigger",
               flush=True)
@@ -322,6 +329,16 @@ def figures(timeline: dict[str, Any], reference: list[Any]) -> dict[str, Any]:
                     if q and any(later and seconds(q, later) > 0.5 for later in queued[i + 1:]))
 
     preempted = sorted(r for r in order if preemption_count(runs[r]["tasks"][sampling]["note"]) > 0)
+    # How long each preempted run waited to sample again, and how many normal runs triggered after it started
+    # sampling meanwhile (its place in the queue: equal weights, ties broken by the runs' logical dates).
+    resumed = {}
+    for r in preempted:
+        task = runs[r]["tasks"][sampling]
+        stopped = max((e["end"] for e in task["earlier"] if e["end"]), default=None)
+        later = normal[normal.index(r) + 1:] if r in normal else []
+        passed = sum(1 for o in later if stopped and runs[o]["tasks"][sampling]["first_start"]
+                     and stopped < runs[o]["tasks"][sampling]["first_start"] < task["start"])
+        resumed[r] = (seconds(task["start"], stopped), passed)
     identical: dict[str, bool] = {}
     for r in order:
         pngs = sorted((timeline["home"] / "artifacts" / "runs" / DAG_ID / r / "outputs").glob("**/*.png"))
@@ -347,6 +364,7 @@ def figures(timeline: dict[str, Any], reference: list[Any]) -> dict[str, Any]:
         "decode_lag_max": max(decode_lags) if decode_lags else None,
         "overtaken": overtaken,
         "preempted": preempted,
+        "resumed": resumed,
         "preemptions": sum(preemption_count(t["note"]) for r in order for t in runs[r]["tasks"].values()),
         "identical": identical,
         "weights": weights,
@@ -383,6 +401,9 @@ def report(name: str, f: dict[str, Any], tasks: tuple[str, str], target: float) 
     same = sum(ident[r] for r in preempted)
     print(f"  preemptions: {f['preemptions']}; preempted runs {preempted or '-'}: pixel-identical to the "
           f"uninterrupted reference {same}/{len(preempted)}; all runs identical {sum(ident.values())}/{len(ident)}")
+    for r, (waited, passed) in f["resumed"].items():
+        print(f"  preempted run {r} sampled again {fmt(waited)} after it was stopped; {passed} normal run(s) "
+              "triggered after it started sampling meanwhile")
     if f["failed"]:
         print(f"  FAILED runs: {f['failed']}")
     print(f"  scenario wall time {f['scenario_seconds']:.0f} s", flush=True)
@@ -440,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the DAG's max_active_runs (default --runs + 1: every run active)")
     parser.add_argument("--vip-delay", type=float, default=5.0,
                         help="seconds between the pool's saturation and the vip trigger (default 5)")
+    parser.add_argument("--logical-dates", action="store_true",
+                        help="trigger with the trigger time as logical date (default: none, as the CLI does)")
     parser.add_argument("--progress", type=float, default=60.0, help="seconds between progress lines")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder (printed)")
     parser.add_argument("--verbose", action="store_true", help="print every run's timeline")
@@ -486,7 +509,8 @@ def run(scratch: Path, args: argparse.Namespace, scenarios: list[str]) -> int:
           f"setup took {time.monotonic() - t0:.0f} s", flush=True)
     print(f"config: {args.runs} normal runs + 1 vip, pool {POOL} of {args.slots} slots (role sampling), "
           f"LocalExecutor parallelism {args.parallelism}, max_active_runs {args.max_active_runs or args.runs + 1}, "
-          f"vip {args.vip_delay:.0f} s after saturation, preempt_after {args.preempt_after} s", flush=True)
+          f"vip {args.vip_delay:.0f} s after saturation, preempt_after {args.preempt_after} s, "
+          f"{'logical date = trigger time' if args.logical_dates else 'no logical dates'}", flush=True)
 
     from postgres import PostgresServer
 
