@@ -24,7 +24,7 @@ from airflow_comfy.factory.sidecar import load_sidecar, sidecar_path
 from airflow_comfy.operators.command import local_arguments, runner_arguments, runner_prefix
 from airflow_comfy.workflow.catalog import load_catalog
 from airflow_comfy.workflow.errors import Problem, WorkflowError
-from airflow_comfy.workflow.groupspec import EXIT_BAD_INPUT, GroupSpec
+from airflow_comfy.workflow.groupspec import EXIT_BAD_INPUT, EXIT_INFRASTRUCTURE, GroupSpec
 from airflow_comfy.workflow.loader import read_workflow_file
 
 
@@ -37,10 +37,6 @@ class LocalRunResult:
     @property
     def images(self) -> list[dict]:
         return [image for manifest in self.manifests.values() for image in manifest.get("images", [])]
-
-
-#: The runner's exit code for an infrastructure failure (retryable); see airflow_comfy.runner.cli.
-EXIT_INFRASTRUCTURE = 1
 
 
 class GroupFailed(RuntimeError):

@@ -15,9 +15,8 @@ import sys
 import traceback
 from pathlib import Path
 
-from airflow_comfy.workflow.groupspec import EXIT_BAD_INPUT, EXIT_OK, GroupSpec
+from airflow_comfy.workflow.groupspec import EXIT_BAD_INPUT, EXIT_INFRASTRUCTURE, EXIT_OK, GroupSpec
 
-EXIT_INFRASTRUCTURE = 1
 DEFAULT_THREADS = 4
 
 

@@ -36,6 +36,8 @@ VERSION = 1
 #: (the operators fail the task without retrying); any other non-zero code is an infrastructure failure.
 EXIT_OK = 0
 EXIT_BAD_INPUT = 2
+#: The runner's exit code for an infrastructure failure (the store, the device ...): Airflow retries it.
+EXIT_INFRASTRUCTURE = 1
 
 DATA_URI_PREFIX = "data:application/json;base64,"
 GZIP_DATA_URI_PREFIX = "data:application/gzip;base64,"
