@@ -9,6 +9,11 @@ cleared while running: it stops, the vip task takes the slot, and the batch task
 (without using a retry: it has none) and finishes with the same pixels as an uninterrupted run. Its ``prompts``
 group, already finished, is not run again. A second vip run, triggered while the batch task runs again, does not
 preempt it a second time (``preempt_max = 1``): it waits. Both sides' logs say what happened.
+
+Two more things a VIP user counts on, in the same scenario. The DAG allows two active runs
+(``max_active_runs: 2``): the vip runs arrive while two runs are active and Airflow would hold them
+``queued``; the watcher starts them. A second batch run waits for the slot from before the vip run arrived: the
+preempted batch task keeps its place and runs before it (its weight went up by one within its tier).
 """
 
 from __future__ import annotations
@@ -34,8 +39,9 @@ pytestmark = pytest.mark.airflow
 
 DAG_ID = "preempt"
 POOL = "preempt_gpu"
-BATCH_STEPS = 400
+BATCH_STEPS = 600
 VIP_STEPS = 4
+VIP1_STEPS = 150
 PREEMPT_AFTER = 1
 
 
@@ -48,7 +54,7 @@ def deployment(postgres_server, demo_models: Path, demo_inputs: Path,
     for stub in ("comfy_workflows.py", "comfy_workflow_errors.py"):
         shutil.copy(REPO / "dags" / stub, dags)
     shutil.copy(EXAMPLES / "txt2img_grouped.json", dags / f"{DAG_ID}.json")
-    (dags / f"{DAG_ID}.comfy.yaml").write_text("retry_delay: 1\n")
+    (dags / f"{DAG_ID}.comfy.yaml").write_text("retry_delay: 1\nmax_active_runs: 2\n")
     pools = home / "pools.yaml"
     pools.write_text(f"pools:\n  {POOL}: {{slots: 1, gpus: 0, role: sampling}}\n")
     database = migrated_airflow_database(postgres_server, "preempt", {**os.environ, "AIRFLOW_HOME": str(home)},
@@ -92,6 +98,13 @@ def note(deployment: AirflowDeployment, run_id: str, task_id: str) -> str:
     return rows[0][0] if rows else ""
 
 
+def run_note(deployment: AirflowDeployment, run_id: str) -> str:
+    rows = deployment.sql(
+        "SELECT n.content FROM dag_run_note n JOIN dag_run r ON r.id = n.dag_run_id "
+        f"WHERE r.dag_id = '{DAG_ID}' AND r.run_id = '{run_id}'")
+    return rows[0][0] if rows else ""
+
+
 def task_log(deployment: AirflowDeployment, run_id: str, task_id: str, attempt: int) -> str:
     paths = list((deployment.home / "logs").glob(f"dag_id={DAG_ID}/run_id={run_id}/task_id={task_id}/"
                                                   f"attempt={attempt}.log"))
@@ -110,7 +123,11 @@ def test_a_vip_run_preempts_a_batch_task_which_runs_again_to_the_same_pixels(
     trigger(deployment, "batch-1", "batch", BATCH_STEPS)
     deployment.wait_for("the batch run's sampling task to run", lambda: task(
         deployment, "batch-1", "sampling").get("state") == "running", timeout=180)
-    trigger(deployment, "vip-1", "vip", VIP_STEPS)
+    trigger(deployment, "batch-2", "batch", VIP_STEPS)
+    # two runs active: Airflow holds the vip run queued (max_active_runs 2), the watcher starts it
+    # the vip run samples long enough for the stopped batch task to be back in the queue when it ends (a
+    # stopped try takes a few seconds to wind down and go through up_for_retry)
+    trigger(deployment, "vip-1", "vip", VIP1_STEPS)
     vip_triggered = time.monotonic()
 
     deployment.wait_for("the vip run's sampling task to start", lambda: task(
@@ -130,7 +147,7 @@ def test_a_vip_run_preempts_a_batch_task_which_runs_again_to_the_same_pixels(
             return rows and rows[0][0] in ("success", "failed") and rows[0][0]
         return check
 
-    for run_id in ("vip-1", "batch-1", "vip-2"):
+    for run_id in ("vip-1", "batch-1", "vip-2", "batch-2"):
         assert deployment.wait_for(f"run {run_id} to finish", finished(run_id), timeout=400) == "success", (
             run_id, deployment.logs_tail())
 
@@ -138,6 +155,23 @@ def test_a_vip_run_preempts_a_batch_task_which_runs_again_to_the_same_pixels(
     # preempted once, requeued without using a retry (the task has none), run again from its group's start
     assert batch["sampling"]["try"] == 2 and batch["sampling"]["state"] == "success", batch
     assert batch["prompts"]["try"] == 1, batch  # the group it had finished is not run again
+    # it kept its place: back in the queue one above its tier's weight, it ran before the batch run that was
+    # waiting when it was preempted; the vip run took the slot before that one too
+    assert batch["sampling"]["weight"] == batch["prompts"]["weight"] + 1, batch
+    batch2 = task(deployment, "batch-2", "sampling")
+    waiting_since = deployment.sql(
+        f"SELECT scheduled_dttm FROM task_instance WHERE dag_id = '{DAG_ID}' AND run_id = 'batch-2' "
+        "AND task_id = 'sampling'")[0][0]
+    assert waiting_since < task(deployment, "vip-1", "sampling")["end"], "batch-2 was not waiting yet"
+    timeline = deployment.sql(
+        "SELECT run_id, try_number, state, start_date, end_date FROM task_instance_history WHERE "
+        f"dag_id = '{DAG_ID}' AND task_id = 'sampling' UNION ALL SELECT run_id, try_number, state, start_date, "
+        f"end_date FROM task_instance WHERE dag_id = '{DAG_ID}' AND task_id = 'sampling' ORDER BY 4")
+    assert batch2["start"] >= batch["sampling"]["end"], timeline
+    assert batch2["start"] >= task(deployment, "vip-2", "sampling")["end"], batch2
+    # the vip runs did not wait for a place among the DAG's two active runs
+    for run_id in ("vip-1", "vip-2"):
+        assert "ahead of max_active_runs (2 runs were running)" in run_note(deployment, run_id), run_id
     assert note(deployment, "batch-1", "sampling").startswith("airflow-comfy: preempted 1 time(s); last by run vip-1")
     assert "by preempting task sampling of run batch-1" in note(deployment, "vip-1", "sampling")
     # the second vip run did not take the slot away again: it started after the batch task ended

@@ -251,3 +251,29 @@ def test_priority_class_manifests_match_the_default_tiers():
     assert values == sorted(values) and len(set(values)) == len(values)
     assert not any(doc.get("globalDefault") for doc in docs)
     assert by_name["airflow-comfy-batch"]["preemptionPolicy"] == "Never"
+
+
+@pytest.mark.parametrize(("weight", "resumed"), [
+    (1, 2),          # batch: one above its tier, far below normal (100)
+    (100, 101),      # normal
+    (101, 102),      # preempted twice
+    (999, 999),      # one more would reach high (1000): stays
+    (1000, 1001),
+])
+def test_a_preempted_task_goes_up_within_its_tier_never_into_the_next(weight: int, resumed: int):
+    from airflow_comfy.scheduling.preemption import preemption_policy
+
+    policy = preemption_policy(get_settings(preemption=True))
+    assert policy.vip_weight == 10000 and policy.tier_weights == (1, 100, 1000, 10000)
+    assert policy.resume_weight(weight) == resumed
+
+
+def test_the_workflow_dags_take_airflows_max_active_runs_unless_the_sidecar_sets_one(tmp_path: Path):
+    from airflow.configuration import conf
+
+    shutil.copy(EXAMPLES / "txt2img.json", tmp_path / "plain.json")
+    shutil.copy(EXAMPLES / "txt2img.json", tmp_path / "limited.json")
+    (tmp_path / "limited.comfy.yaml").write_text("max_active_runs: 3\n")
+    dags = load_workflows(tmp_path, settings=get_settings(cache_dir=""))
+    assert dags["plain"].max_active_runs == conf.getint("core", "max_active_runs_per_dag")
+    assert dags["limited"].max_active_runs == 3

@@ -350,8 +350,7 @@ def plan_dag(compiled: CompiledWorkflow, sidecar: Sidecar, settings: ComfySettin
         doc_md=compiled.doc_md,
         tags=sorted({"comfyui", *sidecar.tags}),
         default_args={"owner": sidecar.owner or "airflow"},
-        max_active_runs=sidecar.max_active_runs or 16,
-        **_dag_defaults(),
+        **{**_dag_defaults(), **({"max_active_runs": sidecar.max_active_runs} if sidecar.max_active_runs else {})},
     )
     tasks = []
     for group in compiled.groups:
@@ -397,6 +396,7 @@ def _dag_defaults() -> dict[str, int]:
     from airflow.configuration import conf
 
     return {
+        "max_active_runs": conf.getint("core", "max_active_runs_per_dag"),
         "max_active_tasks": conf.getint("core", "max_active_tasks_per_dag"),
         "max_consecutive_failed_dag_runs": conf.getint("core", "max_consecutive_failed_dag_runs_per_dag"),
     }

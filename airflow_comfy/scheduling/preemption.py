@@ -27,6 +27,12 @@ The rule, each tick:
 * The victim is cleared; both task instances get a note (shown in the UI) and the event is appended to the
   Airflow Variable ``airflow_comfy_preemptions`` (the last 200), which the tasks read to say in their logs
   what happened ("preempted by run X of DAG Y" / "preempted task Z").
+* The victim keeps its place: its weight goes up by one within its tier (never to the next tier's weight), so
+  when a slot frees it runs before the tasks of its tier that never ran. Without that it would queue behind
+  them: at equal weight Airflow orders by the run's logical date, and triggered runs have none.
+* A VIP run that Airflow holds ``queued`` because its DAG already has ``max_active_runs`` runs running is
+  started at once (its tasks exist, with the VIP weight, from the moment it was triggered): a run's place in
+  ``max_active_runs`` is not a GPU, and the pools still bound what runs. The run gets a note saying so.
 
 No torch, no runner: this runs in the scheduler.
 """
@@ -61,6 +67,14 @@ class PreemptionPolicy:
     max_preemptions: int = 2
     """A task instance preempted this many times is never preempted again (starvation guard)."""
     poll_seconds: float = 1.0
+    tier_weights: tuple[int, ...] = ()
+    """The weights of the configured tiers: a preempted task's weight goes up within its tier, never to the
+    next tier's weight."""
+
+    def resume_weight(self, weight: int) -> int:
+        """The weight of a task preempted at ``weight``: one more, while that stays below the next tier."""
+        ceiling = min((w for w in (*self.tier_weights, self.vip_weight) if w > weight), default=None)
+        return weight + 1 if ceiling is None or weight + 1 < ceiling else weight
 
 
 @dataclass(frozen=True)
@@ -112,6 +126,7 @@ def run_tick(session: Any, policy: PreemptionPolicy, now: datetime | None = None
     from sqlalchemy import select
 
     now = now or datetime.now(timezone.utc)
+    start_held_vip_runs(session, policy, now)
     cutoff = now - timedelta(seconds=policy.preempt_after)
     waiting = session.scalars(
         select(TaskInstance)
@@ -132,7 +147,7 @@ def run_tick(session: Any, policy: PreemptionPolicy, now: datetime | None = None
         victim = _choose_victim(session, ti, policy, needed=ti.pool_slots - max(0, int(open_slots)))
         if victim is None:
             continue
-        done.append(_preempt(session, victim, ti, now))
+        done.append(_preempt(session, victim, ti, now, policy))
         freed[ti.pool] = freed.get(ti.pool, 0) + victim.pool_slots
     if done:
         _record(session, done)
@@ -159,19 +174,67 @@ def _choose_victim(session: Any, waiting: Any, policy: PreemptionPolicy, needed:
     return None
 
 
-def _preempt(session: Any, victim: Any, waiting: Any, now: datetime) -> Preemption:
+def _preempt(session: Any, victim: Any, waiting: Any, now: datetime, policy: PreemptionPolicy) -> Preemption:
     from airflow.models.taskinstance import clear_task_instances
 
     event = Preemption(victim=TaskRef.of(victim), by=TaskRef.of(waiting), pool=victim.pool, at=now.isoformat(),
                        count=preemption_count(victim.note) + 1)
     log.warning("airflow-comfy: preempting %s (pool %s) for %s", event.victim, event.pool, event.by)
     clear_task_instances([victim], session, dag_run_state=False)
+    # A running task instance that is cleared keeps its weight through ``restarting`` and its next try (Airflow
+    # refreshes the weight only of task instances that were not running): one more puts it first in its tier.
+    victim.priority_weight = policy.resume_weight(victim.priority_weight or 0)
     victim.note = (f"{NOTE_PREFIX}{event.count} time(s); last by run {event.by.run_id} of DAG {event.by.dag_id} "
                    f"(task {event.by.task_id}, pool {event.pool}) at {event.at}")
     waiting.note = (f"airflow-comfy: took a slot of pool {event.pool} by preempting {event.victim} "
                     f"at {event.at}")
     session.flush()
     return event
+
+
+def start_held_vip_runs(session: Any, policy: PreemptionPolicy, now: datetime) -> list[Any]:
+    """Start the VIP runs that Airflow holds ``queued`` only because their DAG has ``max_active_runs`` runs
+    running: what the scheduler does to a queued run it lets start (``DagRun.set_state(RUNNING)``), done for
+    runs with a task at the VIP weight. Runs of paused or stale DAGs, backfills and runs not due yet are left
+    alone, as are runs held by nothing but the scheduler's next loop. Returns the runs started."""
+    from airflow.models.dag import DagModel
+    from airflow.models.dagrun import DagRun
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.state import DagRunState
+    from sqlalchemy import and_, exists, false, func, select
+
+    vip_task = exists().where(TaskInstance.dag_id == DagRun.dag_id, TaskInstance.run_id == DagRun.run_id,
+                              TaskInstance.priority_weight >= policy.vip_weight)
+    held = session.execute(
+        select(DagRun, DagModel.max_active_runs)
+        .join(DagModel, and_(DagModel.dag_id == DagRun.dag_id, DagModel.is_paused == false(),
+                             DagModel.is_stale == false()))
+        .where(DagRun.state == DagRunState.QUEUED, DagRun.backfill_id.is_(None), DagRun.run_after <= now,
+               vip_task)
+        .order_by(DagRun.queued_at)
+    ).all()
+    if not held:
+        return []
+    running = dict(session.execute(
+        select(DagRun.dag_id, func.count(DagRun.id))
+        .where(DagRun.state == DagRunState.RUNNING, DagRun.backfill_id.is_(None),
+               DagRun.dag_id.in_({run.dag_id for run, _ in held}))
+        .group_by(DagRun.dag_id)).all())
+    started = []
+    for run, max_active_runs in held:
+        if not max_active_runs or running.get(run.dag_id, 0) < max_active_runs:
+            continue  # not held by max_active_runs: the scheduler starts it at its next loop
+        log.warning("airflow-comfy: starting VIP run %s of DAG %s, which max_active_runs (%d, all running) "
+                    "held queued", run.run_id, run.dag_id, max_active_runs)
+        run.set_state(DagRunState.RUNNING)
+        if not run.note:
+            run.note = (f"airflow-comfy: started at {now.isoformat()} ahead of max_active_runs ({max_active_runs} "
+                        "runs were running): VIP runs never wait for a place among the DAG's active runs")
+        running[run.dag_id] = running.get(run.dag_id, 0) + 1
+        started.append(run)
+    if started:
+        session.flush()
+    return started
 
 
 def _record(session: Any, events: list[Preemption]) -> None:
@@ -269,6 +332,7 @@ def preemption_policy(settings: Any = None) -> PreemptionPolicy | None:
         vip_weight=min(tiers[name] for name in preempting_tiers(settings.preempt_tiers, tiers)),
         preempt_after=settings.preempt_after,
         max_preemptions=settings.preempt_max,
+        tier_weights=tuple(sorted(set(tiers.values()))),
     )
 
 
