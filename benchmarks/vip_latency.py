@@ -29,15 +29,16 @@ Setup (not timed)
     ``--sampling-seconds`` (``--steps`` skips this); then the reference: one uninterrupted in-process run at
     those steps, whose image every run's image is compared with, pixel by pixel.
 
-The DAG's ``max_active_runs`` is set to ``--runs + 1`` through the workflow's sidecar (``--max-active-runs``
-changes it): with Airflow's default of 16, a VIP run triggered behind 16 active runs stays a *queued dag run*,
-which Airflow starts in ``run_after`` order, whatever its tier; its tasks do not exist yet, so neither the
-priority weights nor preemption can help it.
+The DAG keeps Airflow's ``max_active_runs`` (``[core] max_active_runs_per_dag``, 16) unless
+``--max-active-runs`` sets one through the workflow's sidecar: with more runs than that, the VIP run arrives as a
+*queued dag run* that Airflow would start only when an active run ends, whatever its tier. With preemption on,
+the watcher starts it at once (the run's note says so); with preemption off it waits.
 
 ``--logical-dates`` triggers with the trigger time as logical date instead. Airflow breaks ties between equal
 weights by the run's logical date; without one (the CLI's and the REST API's default), the order of equal-weight
-task instances is whatever PostgreSQL returns, and a preempted task, cleared back to ``scheduled``, may wait
-behind runs triggered after it (the report says how many overtook it).
+task instances is whatever PostgreSQL returns. A preempted task does not depend on it: the watcher raises its
+weight by one within its tier, so it samples again before the runs of its tier that never started (the report
+says how many overtook it).
 
 No timing is asserted: this is a report. It exits 0 unless a run fails or times out.
 """
@@ -176,8 +177,8 @@ def prepare_home(home: Path, workflow: Path, args: argparse.Namespace) -> Path:
     shutil.copy(workflow, dags / f"{DAG_ID}.json")
     (dags / f"{DAG_ID}.comfy.yaml").write_text(
         "# written by benchmarks/vip_latency.py\n"
-        f"max_active_runs: {args.max_active_runs or args.runs + 1}\n"
-        "retries: 0\n")
+        + (f"max_active_runs: {args.max_active_runs}\n" if args.max_active_runs else "")
+        + "retries: 0\n")
     (home / "pools.yaml").write_text(f"pools:\n  {POOL}: {{slots: {args.slots}, gpus: 0, role: sampling}}\n")
     return dags
 
@@ -261,9 +262,10 @@ def read_timeline(deployment: Any, tasks: tuple[str, str], triggers: dict[str, d
     runs: dict[str, dict[str, Any]] = {
         run_id: {"trigger": at, "tier": "vip" if run_id == "vip" else "normal", "tasks": {}}
         for run_id, at in triggers.items()}
-    for run_id, state, start, end in deployment.sql(
-            f"SELECT run_id, state, start_date, end_date FROM dag_run WHERE dag_id = '{DAG_ID}'"):
-        runs[run_id].update(state=state, start=start, end=end)
+    for run_id, state, start, end, note in deployment.sql(
+            "SELECT r.run_id, r.state, r.start_date, r.end_date, n.content FROM dag_run r "
+            f"LEFT JOIN dag_run_note n ON n.dag_run_id = r.id WHERE r.dag_id = '{DAG_ID}'"):
+        runs[run_id].update(state=state, start=start, end=end, note=note or "")
     for (run_id, task_id, state, tries, start, end, scheduled, queued, pool, weight, note) in deployment.sql(
             "SELECT ti.run_id, ti.task_id, ti.state, ti.try_number, ti.start_date, ti.end_date, ti.scheduled_dttm, "
             "ti.queued_dttm, ti.pool, ti.priority_weight, n.content FROM task_instance ti "
@@ -363,6 +365,8 @@ def figures(timeline: dict[str, Any], reference: list[Any]) -> dict[str, Any]:
         "decode_lag_median": statistics.median(decode_lags) if decode_lags else None,
         "decode_lag_max": max(decode_lags) if decode_lags else None,
         "overtaken": overtaken,
+        "vip_run_note": vip.get("note", ""),
+        "vip_run_start": seconds(vip.get("start"), vip["trigger"]),
         "preempted": preempted,
         "resumed": resumed,
         "preemptions": sum(preemption_count(t["note"]) for r in order for t in runs[r]["tasks"].values()),
@@ -396,6 +400,9 @@ def report(name: str, f: dict[str, Any], tasks: tuple[str, str], target: float) 
           f"{' ' + str(f['decode_waits'][:5]) if f['decode_waits'] else ''}; {image} start after own {sampling} "
           f"end: median {fmt(f['decode_lag_median'])}, max {fmt(f['decode_lag_max'])}")
     print(f"  normal runs whose {sampling} was queued after a later-triggered run's: {f['overtaken']}")
+    held = "ahead of max_active_runs" in f["vip_run_note"]
+    print(f"  VIP dag run running {fmt(f['vip_run_start'])} after its trigger"
+          f"{' (held by max_active_runs; started by the watcher)' if held else ''}")
     print(f"  weights: normal {f['weights']['normal']}, vip {f['weights']['vip']} (every task of a run: absolute)")
     preempted = f["preempted"]
     same = sum(ident[r] for r in preempted)
@@ -458,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workflow", default="txt2img", help="example_workflows/<name>.json (default txt2img)")
     parser.add_argument("--parallelism", type=int, default=4, help="LocalExecutor parallelism (default 4)")
     parser.add_argument("--max-active-runs", type=int, default=0,
-                        help="the DAG's max_active_runs (default --runs + 1: every run active)")
+                        help="the DAG's max_active_runs (default: Airflow's max_active_runs_per_dag, 16)")
     parser.add_argument("--vip-delay", type=float, default=5.0,
                         help="seconds between the pool's saturation and the vip trigger (default 5)")
     parser.add_argument("--logical-dates", action="store_true",
@@ -508,7 +515,7 @@ def run(scratch: Path, args: argparse.Namespace, scenarios: list[str]) -> int:
     print(f"setup: uninterrupted reference run: sampler {ref_seconds:.1f} s alone; {len(reference)} image(s); "
           f"setup took {time.monotonic() - t0:.0f} s", flush=True)
     print(f"config: {args.runs} normal runs + 1 vip, pool {POOL} of {args.slots} slots (role sampling), "
-          f"LocalExecutor parallelism {args.parallelism}, max_active_runs {args.max_active_runs or args.runs + 1}, "
+          f"LocalExecutor parallelism {args.parallelism}, max_active_runs {args.max_active_runs or 'Airflow default'}, "
           f"vip {args.vip_delay:.0f} s after saturation, preempt_after {args.preempt_after} s, "
           f"{'logical date = trigger time' if args.logical_dates else 'no logical dates'}", flush=True)
 
