@@ -117,7 +117,7 @@ BAD_FILES = {
                           ["unknown node types", "NoSuchDecoder (node 8)"]),
     "steps_zero.json": (lambda p: p.write_text(json.dumps(txt2img(**{"3.steps": 0}))),
                         ["node 3 (KSampler): input 'steps'", "smaller than min of 1"]),
-    "huge.json": (lambda p: p.write_text(huge_workflow()), ["over the limit of 5000000 ([comfy] max_workflow_bytes)"]),
+    "huge.json": (lambda p: p.write_text(huge_workflow()), ["the limit is 5,000,000 bytes, [comfy] max_workflow_bytes"]),
     "dangling.json": (lambda p: p.symlink_to(p.with_name("nowhere.json")), ["cannot read the file"]),
     "fifo.json": (lambda p: os.mkfifo(p), ["not a regular file"]),
     "styled.json": (lambda p: (p.write_text(json.dumps(txt2img())),

@@ -314,7 +314,7 @@ BAD_INPUTS = {
     "output_path_escape": ({BAD: txt2img(**{"9.filename_prefix": "/abs/x"})}, BAD,
                            ["node 9 (SaveImage): input 'filename_prefix'", "'/abs/x'", "absolute"], set()),
     "too_large": ({BAD: txt2img(**{"6.text": "a cat " * 2000})}, BAD,
-                  ["over the limit of 8000 ([comfy] max_workflow_bytes)"], set()),
+                  ["the limit is 8,000 bytes, [comfy] max_workflow_bytes"], set()),
     "no_output_node": ({BAD: no_output_doc()}, BAD, ["workflow has no output node"], set()),
     "sidecar_unknown_key": ({"styled.json": TXT2IMG, "styled.comfy.yaml": "schedule: '@daily'\nschedul: oops\n"},
                             "styled.comfy.yaml", ["sidecar: unknown key(s) 'schedul'"], set()),

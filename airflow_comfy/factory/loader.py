@@ -34,7 +34,6 @@ import dataclasses
 import functools
 import hashlib
 import logging
-import os
 import stat
 import traceback
 import warnings
@@ -64,6 +63,7 @@ from airflow_comfy.scheduling.tiers import TIER_PARAM, priority_class_template, 
 from airflow_comfy.workflow.catalog import Catalog, load_catalog
 from airflow_comfy.workflow.errors import Problem, WorkflowError
 from airflow_comfy.workflow.groupspec import GroupSpec
+from airflow_comfy.workflow.loader import read_workflow_file
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def _scan_one(path: Path, catalog: Catalog, cache: ParseCache, settings: ComfySe
               context: str, claimed: dict[str, Path], used_keys: set[str], build: bool) -> tuple[str, DAG | None]:
     sidecar = load_sidecar(sidecar_path(path))
     dag_id = dag_id_for(path, sidecar)
-    content = _read_workflow(path, settings.max_workflow_bytes)
+    content = read_workflow_file(path, settings.max_workflow_bytes, limit_setting="[comfy] max_workflow_bytes")
     key = cache_key(content, sidecar, catalog, str(path), context)
     used_keys.add(key)
     try:
@@ -283,25 +283,6 @@ def _workflow_files(folder: Path, errors: list[WorkflowError]) -> list[Path]:
             continue
         files.append(path)
     return files
-
-
-def _read_workflow(path: Path, max_bytes: int) -> bytes:
-    """The file's bytes; a file over ``max_bytes`` is refused before it is read."""
-    try:
-        with open(path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            if size > max_bytes:
-                raise WorkflowError(Problem(
-                    f"file is {size} bytes, over the limit of {max_bytes} ([comfy] max_workflow_bytes)",
-                    "too_large", file=str(path)))
-            content = handle.read(max_bytes + 1)
-    except OSError as exc:
-        raise WorkflowError(Problem(f"cannot read the file: {exc.strerror or exc}", "unreadable",
-                                    file=str(path))) from exc
-    if len(content) > max_bytes:  # grew while we read it
-        raise WorkflowError(Problem(f"file is over the limit of {max_bytes} bytes ([comfy] max_workflow_bytes)",
-                                    "too_large", file=str(path)))
-    return content
 
 
 def _internal_error(path: Path, exc: Exception) -> WorkflowError:

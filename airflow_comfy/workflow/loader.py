@@ -68,27 +68,28 @@ def workflow_format(doc: Any) -> Literal["ui", "api"]:
         "object of node id -> {class_type, inputs} (API format)", "unknown_format"))
 
 
-def read_workflow_file(path: Path, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
-    """The file's bytes, refusing it from its size alone when it is over ``max_bytes``; a file that cannot be
-    read is a :class:`WorkflowError` naming it."""
+def read_workflow_file(path: Path, max_bytes: int = DEFAULT_MAX_BYTES, *, limit_setting: str | None = None) -> bytes:
+    """The file's bytes, refusing it from its size alone when it is over ``max_bytes`` (``limit_setting``: the
+    setting that sets the limit, named in the error); a file that cannot be read is a :class:`WorkflowError`
+    naming it."""
     source = str(path)
     try:
         size = path.stat().st_size
         if size > max_bytes:
-            raise _too_large(source, size, max_bytes)
+            raise _too_large(source, size, max_bytes, limit_setting)
         with path.open("rb") as handle:
             data = handle.read(max_bytes + 1)
     except OSError as exc:
         raise WorkflowError(Problem(f"cannot read the workflow file: {exc.strerror or exc}", "unreadable_file",
                                     file=source)) from None
     if len(data) > max_bytes:  # it grew after the size check
-        raise _too_large(source, len(data), max_bytes)
+        raise _too_large(source, len(data), max_bytes, limit_setting)
     return data
 
 
-def _too_large(source: str, size: int, max_bytes: int) -> WorkflowError:
-    return WorkflowError(Problem(
-        f"the file is too large ({size:,} bytes; the limit is {max_bytes:,} bytes)", "too_large", file=source))
+def _too_large(source: str, size: int, max_bytes: int, limit_setting: str | None) -> WorkflowError:
+    limit = f"the limit is {max_bytes:,} bytes" + (f", {limit_setting}" if limit_setting else "")
+    return WorkflowError(Problem(f"the file is too large ({size:,} bytes; {limit})", "too_large", file=source))
 
 
 def _decode(text: str | bytes) -> str:
