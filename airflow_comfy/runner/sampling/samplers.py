@@ -11,20 +11,19 @@ Every sampler has the signature ``fn(denoise_fn, x, sigmas, *, noise_sampler=Non
 * ``callback(i, x, denoised)`` is called once per step after the first model evaluation of that step.
 
 Which of them reproduce ComfyUI bit for bit (same arithmetic, same noise stream) is summarised in
-:data:`COMFY_EXACT`: the ODE samplers and the ancestral samplers on the CPU; ``dpmpp_sde`` / ``dpmpp_2m_sde``
-draw their noise from this module's own Brownian tree (:class:`BrownianTreeNoiseSampler`), not from torchsde,
-so they are the same math with different (but seeded, deterministic) noise.
+:data:`COMFY_EXACT`: the ODE samplers, and on the CPU the ancestral and SDE samplers; ``dpmpp_sde`` /
+``dpmpp_2m_sde`` draw their noise from torchsde's Brownian tree as ComfyUI 0.3.64 does
+(:class:`~.noise.BrownianIncrementNoise`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-import struct
-from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
+
+from airflow_comfy.runner.sampling.noise import BrownianIncrementNoise, SeededGaussianNoise
 
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -58,114 +57,6 @@ def _noise(noise_sampler: NoiseSampler | None, x: torch.Tensor, sigma, sigma_nex
     if noise_sampler is None:
         return torch.randn_like(x)
     return noise_sampler(sigma, sigma_next)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Noise samplers
-
-
-def default_noise_sampler(x: torch.Tensor, seed: int | None) -> NoiseSampler:
-    """Per-step noise of the ancestral samplers: one ``torch.Generator`` on x's device, seeded once, one
-    ``randn(x.shape)`` per call.
-
-    On the CPU the generator is seeded with ``seed + 1``: ComfyUI does this (k_diffusion/sampling.py,
-    ``default_noise_sampler``) so that the first ancestral noise is not the initial noise again, which the
-    CPU generator seeded with the same seed would reproduce exactly.
-    """
-    if seed is None:
-        generator = None
-    else:
-        if x.device.type == "cpu":
-            seed += 1
-        generator = torch.Generator(device=x.device)
-        generator.manual_seed(seed % (1 << 64))
-    return lambda sigma, sigma_next: torch.randn(x.size(), dtype=x.dtype, layout=x.layout, device=x.device,
-                                                 generator=generator)
-
-
-class BrownianTree:
-    """A seeded Brownian motion W on [t0, t1] (W(t0) = 0) that can be queried at any time, in any order.
-
-    W is defined through a binary tree of Brownian-bridge refinements (Lévy's construction): W(t1) ~ N(0, t1−t0);
-    given W at the ends of a dyadic interval [a, b], its midpoint value is
-    ``(W(a) + W(b))/2 + √((b−a)/4)·Z`` with Z ~ N(0, I). Each node's Z is drawn from a CPU generator seeded by a
-    hash of (seed, depth, index), so any path down the tree is reproducible without storing the tree. Below
-    ``depth`` levels (interval width (t1−t0)/2^depth) a query at t is answered by one bridge sample between the
-    leaf's ends, seeded by (seed, leaf, t): the same t always gives the same W(t).
-
-    Increments over query points further apart than a leaf have the exact Brownian law; this replaces
-    torchsde's ``BrownianTree`` (same idea, different random numbers — ComfyUI's values are not reproduced).
-    """
-
-    def __init__(self, shape: torch.Size | tuple[int, ...], t0: float, t1: float, seed: int, *,
-                 depth: int = 24, cache_size: int = 8):
-        if not t1 > t0:
-            raise ValueError("BrownianTree needs t0 < t1")
-        self.shape = tuple(shape)
-        self.t0, self.t1 = float(t0), float(t1)
-        self.seed = int(seed)
-        self.depth = depth
-        self._cache: OrderedDict[float, torch.Tensor] = OrderedDict()
-        self._cache_size = cache_size
-        self._w1 = math.sqrt(self.t1 - self.t0) * self._normal(b"root")
-
-    def _normal(self, key: bytes) -> torch.Tensor:
-        digest = hashlib.blake2b(struct.pack("<Q", self.seed % (1 << 64)) + key, digest_size=8).digest()
-        generator = torch.Generator(device="cpu")
-        generator.manual_seed(int.from_bytes(digest, "little") >> 1)
-        return torch.randn(self.shape, generator=generator, dtype=torch.float32)
-
-    def __call__(self, t: float) -> torch.Tensor:
-        """W(t), t clamped to [t0, t1]."""
-        t = min(max(float(t), self.t0), self.t1)
-        if t in self._cache:
-            self._cache.move_to_end(t)
-            return self._cache[t]
-        w = self._evaluate(t)
-        self._cache[t] = w
-        if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
-        return w
-
-    def _evaluate(self, t: float) -> torch.Tensor:
-        a, b = self.t0, self.t1
-        wa, wb = torch.zeros(self.shape), self._w1
-        if t == a:
-            return wa
-        if t == b:
-            return wb
-        index = 0
-        for level in range(1, self.depth + 1):
-            mid = 0.5 * (a + b)
-            wm = 0.5 * (wa + wb) + math.sqrt(0.25 * (b - a)) * self._normal(struct.pack("<IQ", level, index))
-            if t == mid:
-                return wm
-            if t < mid:
-                b, wb, index = mid, wm, 2 * index
-            else:
-                a, wa, index = mid, wm, 2 * index + 1
-        # Bridge sample inside the leaf: W(t) | W(a), W(b) ~ N(W(a) + (t−a)/(b−a)·(W(b)−W(a)), (t−a)(b−t)/(b−a)).
-        frac = (t - a) / (b - a)
-        std = math.sqrt(max((t - a) * (b - t) / (b - a), 0.0))
-        z = self._normal(b"leaf" + struct.pack("<IQd", self.depth, index, t))
-        return wa + frac * (wb - wa) + std * z
-
-
-class BrownianTreeNoiseSampler:
-    """Noise for SDE solvers: ``(W(σ_next) − W(σ)) / √|σ_next − σ|`` on one Brownian path per seed, so that
-    the noise of overlapping steps is correlated as the SDE requires (and is independent of step order)."""
-
-    def __init__(self, x: torch.Tensor, sigma_min, sigma_max, seed: int | None):
-        if seed is None:
-            seed = int(torch.randint(0, 2 ** 63 - 1, ()).item())
-        self.x = x
-        self.tree = BrownianTree(x.shape, float(sigma_min), float(sigma_max), seed)
-
-    def __call__(self, sigma, sigma_next) -> torch.Tensor:
-        s0, s1 = float(sigma), float(sigma_next)
-        lo, hi, sign = (s0, s1, 1.0) if s0 < s1 else (s1, s0, -1.0)
-        w = (self.tree(hi) - self.tree(lo)) * sign
-        return (w / math.sqrt(abs(s1 - s0))).to(device=self.x.device, dtype=self.x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -385,16 +276,28 @@ def sample_dpmpp_sde(denoise_fn: DenoiseFn, x: torch.Tensor, sigmas: torch.Tenso
                      eta: float = 1.0, r: float = 0.5) -> torch.Tensor:
     """DPM-Solver++ SDE, two stages per step (Lu et al. 2022b, the SDE variant of DPM-Solver++(2S) with the
     intermediate point at λ_s + r·h): each stage is an exponential-integrator step of the data prediction to a
-    reduced σ_down plus Brownian noise of std σ_up. Euler (= the denoised value) on the last step to σ = 0."""
+    reduced σ_down plus Brownian noise of std σ_up, both scaled by the signal level α = σ·e^λ (ComfyUI 0.3.64's
+    form). The noise is queried for (σ, σ_mid) and (σ, σ_next). Euler (= the denoised value) on the last step to
+    σ = 0."""
     if len(sigmas) <= 1:
         return x
     s_in = x.new_ones([x.shape[0]])
 
-    def sigma_fn(t):
-        return t.neg().exp()
-
-    def t_fn(sigma):
+    def lam_fn(sigma):
         return sigma.log().neg()
+
+    def sigma_of(lam):
+        return lam.neg().exp()
+
+    def stage(x, sigma, lam, sigma_to, lam_to, prediction):
+        alpha = sigma * lam.exp()
+        alpha_to = sigma_to * lam_to.exp()
+        sd, su = get_ancestral_step(sigma_of(lam), sigma_of(lam_to), eta)
+        h_down = lam_fn(sd) - lam
+        x = (alpha_to / alpha) * (-h_down).exp() * x - alpha_to * (-h_down).expm1() * prediction
+        if eta > 0:
+            x = x + alpha_to * _noise(noise_sampler, x, sigma, sigma_to) * su
+        return x
 
     for i in range(len(sigmas) - 1):
         denoised = denoise_fn(x, sigmas[i] * s_in)
@@ -403,22 +306,13 @@ def sample_dpmpp_sde(denoise_fn: DenoiseFn, x: torch.Tensor, sigmas: torch.Tenso
         if sigmas[i + 1] == 0:
             x = denoised
             continue
-        t, t_next = t_fn(sigmas[i]), t_fn(sigmas[i + 1])
-        h = t_next - t
-        s = t + h * r
+        lam, lam_next = lam_fn(sigmas[i]), lam_fn(sigmas[i + 1])
+        lam_mid = lam + r * (lam_next - lam)
+        sigma_mid = sigma_of(lam_mid)
+        x_2 = stage(x, sigmas[i], lam, sigma_mid, lam_mid, denoised)
+        denoised_2 = denoise_fn(x_2, sigma_mid * s_in)
         fac = 1 / (2 * r)
-        # stage 1: t -> s
-        sd, su = get_ancestral_step(sigma_fn(t), sigma_fn(s), eta)
-        s_ = t_fn(sd)
-        x_2 = (sigma_fn(s_) / sigma_fn(t)) * x - (t - s_).expm1() * denoised
-        x_2 = x_2 + _noise(noise_sampler, x, sigma_fn(t), sigma_fn(s)) * su
-        denoised_2 = denoise_fn(x_2, sigma_fn(s) * s_in)
-        # stage 2: t -> t_next with the combined data prediction
-        sd, su = get_ancestral_step(sigma_fn(t), sigma_fn(t_next), eta)
-        t_next_ = t_fn(sd)
-        denoised_d = (1 - fac) * denoised + fac * denoised_2
-        x = (sigma_fn(t_next_) / sigma_fn(t)) * x - (t - t_next_).expm1() * denoised_d
-        x = x + _noise(noise_sampler, x, sigma_fn(t), sigma_fn(t_next)) * su
+        x = stage(x, sigmas[i], lam, sigmas[i + 1], lam_next, (1 - fac) * denoised + fac * denoised_2)
     return x
 
 
@@ -427,15 +321,15 @@ def sample_dpmpp_2m_sde(denoise_fn: DenoiseFn, x: torch.Tensor, sigmas: torch.Te
                         noise_sampler: NoiseSampler | None = None, callback: Callback | None = None,
                         eta: float = 1.0) -> torch.Tensor:
     """DPM-Solver++(2M) SDE, midpoint variant (Lu et al. 2022b, arXiv:2211.01095, section 4, the SDE
-    solver): with h = λ_next − λ, the exact solution of the linear part is
-    ``σ_next/σ·e^(−ηh)·x + (1 − e^(−(1+η)h))·D``, plus a first-order correction
-    ``½(1 − e^(−(1+η)h))·(D − D_prev)/r`` and noise of std ``σ_next·√(1 − e^(−2ηh))``. The last step to
-    σ = 0 returns the denoised value."""
+    solver), in ComfyUI 0.3.64's form: with h = λ_next − λ and α_next = σ_next·e^λ_next, the linear part
+    ``σ_next/σ·e^(−ηh)·x + α_next·(1 − e^(−(1+η)h))·D``, plus a first-order correction
+    ``½·α_next·(1 − e^(−(1+η)h))·(D − D_prev)/r`` and noise of std ``σ_next·√(1 − e^(−2ηh))``. The last step
+    to σ = 0 returns the denoised value."""
     if len(sigmas) <= 1:
         return x
     s_in = x.new_ones([x.shape[0]])
     old_denoised = None
-    h_last = None
+    h = h_last = None
     for i in range(len(sigmas) - 1):
         denoised = denoise_fn(x, sigmas[i] * s_in)
         if callback is not None:
@@ -443,18 +337,18 @@ def sample_dpmpp_2m_sde(denoise_fn: DenoiseFn, x: torch.Tensor, sigmas: torch.Te
         if sigmas[i + 1] == 0:
             x = denoised
         else:
-            t, s = -sigmas[i].log(), -sigmas[i + 1].log()
-            h = s - t
-            eta_h = eta * h
-            x = sigmas[i + 1] / sigmas[i] * (-eta_h).exp() * x + (-h - eta_h).expm1().neg() * denoised
+            lam, lam_next = sigmas[i].log().neg(), sigmas[i + 1].log().neg()
+            h = lam_next - lam
+            alpha_next = sigmas[i + 1] * lam_next.exp()
+            kept = (-(h * (eta + 1))).expm1().neg()
+            x = sigmas[i + 1] / sigmas[i] * (-h * eta).exp() * x + alpha_next * kept * denoised
             if old_denoised is not None:
-                r = h_last / h
-                x = x + 0.5 * (-h - eta_h).expm1().neg() * (1 / r) * (denoised - old_denoised)
-            if eta:
+                x = x + 0.5 * alpha_next * kept * (1 / (h_last / h)) * (denoised - old_denoised)
+            if eta > 0:
                 x = x + _noise(noise_sampler, x, sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * \
-                    (-2 * eta_h).expm1().neg().sqrt()
-            h_last = h
+                    (-2 * h * eta).expm1().neg().sqrt()
         old_denoised = denoised
+        h_last = h
     return x
 
 
@@ -642,12 +536,14 @@ SAMPLERS: dict[str, SamplerFn] = {
 """Sampler name -> solver, in ComfyUI's widget order (keys = ``core_nodes.SUPPORTED_SAMPLERS``)."""
 
 ANCESTRAL_SAMPLERS = frozenset({"euler_ancestral", "dpm_2_ancestral"})
-"""Per-step noise from one seeded generator on the model device (:func:`default_noise_sampler`)."""
+"""Per-step noise from one seeded generator on the model device (:class:`~.noise.SeededGaussianNoise`)."""
 
 SDE_SAMPLERS = frozenset({"dpmpp_sde", "dpmpp_2m_sde"})
-"""Per-step noise from a seeded Brownian tree on the CPU (:class:`BrownianTreeNoiseSampler`)."""
+"""Per-step noise from a seeded ``torchsde.BrownianTree`` on the CPU (:class:`~.noise.BrownianIncrementNoise`)."""
 
-_SAME_OPS = "same tensor operations in the same order as ComfyUI's (bit-comparable given the same denoiser)"
+_SAME_OPS = "same tensor operations in the same order as ComfyUI's (bit-identical given the same denoiser)"
+_SAME_NOISE_CPU = "; on the CPU the same noise stream (generator seeded with seed + 1), on CUDA the device's RNG"
+_SAME_TREE = "; the same torchsde Brownian tree on the CPU (entropy = seed), hence the same noise"
 COMFY_EXACT: dict[str, str] = {
     "euler": _SAME_OPS,
     "heun": _SAME_OPS,
@@ -657,21 +553,28 @@ COMFY_EXACT: dict[str, str] = {
     "lms": "same math; coefficients by exact Gauss-Legendre quadrature instead of scipy.quad (may differ by an ulp)",
     "uni_pc": "same math in the same VP formulation; not checked bit for bit",
     "uni_pc_bh2": "same math in the same VP formulation; not checked bit for bit",
-    "euler_ancestral": _SAME_OPS + "; on the CPU the same noise stream (seed + 1), on CUDA the device's RNG",
-    "dpm_2_ancestral": _SAME_OPS + "; on the CPU the same noise stream (seed + 1), on CUDA the device's RNG",
-    "dpmpp_sde": "same math, own Brownian tree: deterministic per seed, not ComfyUI's (torchsde) noise",
-    "dpmpp_2m_sde": "same math, own Brownian tree: deterministic per seed, not ComfyUI's (torchsde) noise",
+    "euler_ancestral": _SAME_OPS + _SAME_NOISE_CPU,
+    "dpm_2_ancestral": _SAME_OPS + _SAME_NOISE_CPU,
+    "dpmpp_sde": _SAME_OPS + _SAME_TREE,
+    "dpmpp_2m_sde": _SAME_OPS + _SAME_TREE,
 }
 """How close each sampler is to ComfyUI 0.3.64 given the same denoiser (for documentation and reports)."""
 
+BIT_EXACT_ON_CPU = frozenset(name for name, how in COMFY_EXACT.items() if how.startswith(_SAME_OPS))
+"""The samplers whose CPU results are bit-identical to ComfyUI 0.3.64's given the same denoiser and seed."""
 
-def noise_sampler_for(sampler_name: str, x: torch.Tensor, sigmas: torch.Tensor, seed: int | None):
-    """The noise sampler ComfyUI would give ``sampler_name`` (None for deterministic samplers)."""
+
+def noise_sampler_for(sampler_name: str, x: torch.Tensor, sigmas: torch.Tensor,
+                      seed: int | Sequence[int] | None) -> NoiseSampler | None:
+    """The noise source ComfyUI's KSampler gives ``sampler_name`` (None for the deterministic samplers, and for
+    an SDE sampler whose schedule has no positive σ, which draws no noise)."""
     if sampler_name in ANCESTRAL_SAMPLERS:
-        return default_noise_sampler(x, seed)
+        if isinstance(seed, (list, tuple)):
+            raise ValueError(f"{sampler_name} takes one seed, not one per batch item")
+        return SeededGaussianNoise(x, seed)
     if sampler_name in SDE_SAMPLERS:
         positive = sigmas[sigmas > 0]
-        if positive.numel() == 0 or float(positive.min()) >= float(sigmas.max()):
-            return None  # nothing to integrate
-        return BrownianTreeNoiseSampler(x, positive.min(), sigmas.max(), seed)
+        if positive.numel() == 0:
+            return None
+        return BrownianIncrementNoise(x, positive.min(), sigmas.max(), seed)
     return None
