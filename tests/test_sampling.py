@@ -39,7 +39,6 @@ from airflow_comfy.runner.sampling.samplers import (
     COMFY_EXACT,
     SAMPLERS,
     SDE_SAMPLERS,
-    lms_coefficient,
     noise_sampler_for,
 )
 from airflow_comfy.runner.sampling.schedule import (
@@ -49,6 +48,7 @@ from airflow_comfy.runner.sampling.schedule import (
     beta_ppf,
     calculate_sigmas,
 )
+from airflow_comfy.runner.sampling.solvers import lms_coefficient
 from airflow_comfy.runner.values import CondEntry, ControlNet, ControlRef, DiffusionModel, Latent, Recipe
 from airflow_comfy.workflow.core_nodes import SUPPORTED_SAMPLERS, SUPPORTED_SCHEDULERS
 
