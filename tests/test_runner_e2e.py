@@ -176,6 +176,23 @@ def test_same_seed_same_pixels_other_seed_other_pixels(runs: Runner):
     assert prompt["5"]["inputs"]["seed"] == seed + 1
 
 
+@pytest.mark.parametrize("sampler", ["dpmpp_sde", "dpmpp_2m_sde"])
+def test_sde_sampler_workflow_is_reproducible(runs: Runner, tmp_path: Path, sampler: str):
+    """The SDE samplers' Brownian-tree noise (torchsde, seeded with the KSampler seed) gives the same pixels on
+    every run and with any slicing, and other pixels than the ODE sampler the workflow ships with."""
+    source = ROOT / "example_workflows" / "txt2img_api.json"
+    prompt = json.loads(source.read_text(encoding="utf-8"))
+    assert prompt["5"]["class_type"] == "KSampler"
+    prompt["5"]["inputs"]["sampler_name"] = sampler
+    workflow = tmp_path / f"txt2img_{sampler}.json"
+    workflow.write_text(json.dumps(prompt), encoding="utf-8")
+    sliced = runs(workflow, reuse=False)
+    _assert_same_pixels(sliced.pixels(), runs(workflow, single_group=True, reuse=False).pixels())
+    _assert_same_pixels(sliced.pixels(), runs(workflow, reuse=False).pixels())
+    assert not np.array_equal(sliced.pixels()[("7", 0)], runs(source).pixels()[("7", 0)])
+    assert len(np.unique(sliced.pixels()[("7", 0)])) > 1
+
+
 def test_prompt_param_changes_pixels_and_png_metadata(runs: Runner, demo_models: Path):
     workflow = ROOT / "example_workflows" / "txt2img.json"
     default = runs(workflow)

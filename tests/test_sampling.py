@@ -10,6 +10,8 @@ denoiser is ``D(x; σ) = μ + s²/(s²+σ²)·(x − μ)`` and whose probability
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -29,15 +31,14 @@ from airflow_comfy.runner.sampling.ksampler import (
     sample,
     sigmas_for,
 )
+from airflow_comfy.runner.sampling.noise import BrownianIncrementNoise, SeededGaussianNoise
 from airflow_comfy.runner.sampling.progress import StepProgress
 from airflow_comfy.runner.sampling.samplers import (
     ANCESTRAL_SAMPLERS,
+    BIT_EXACT_ON_CPU,
     COMFY_EXACT,
     SAMPLERS,
     SDE_SAMPLERS,
-    BrownianTree,
-    default_noise_sampler,
-    lms_coefficient,
     noise_sampler_for,
 )
 from airflow_comfy.runner.sampling.schedule import (
@@ -47,6 +48,7 @@ from airflow_comfy.runner.sampling.schedule import (
     beta_ppf,
     calculate_sigmas,
 )
+from airflow_comfy.runner.sampling.solvers import lms_coefficient
 from airflow_comfy.runner.values import CondEntry, ControlNet, ControlRef, DiffusionModel, Latent, Recipe
 from airflow_comfy.workflow.core_nodes import SUPPORTED_SAMPLERS, SUPPORTED_SCHEDULERS
 
@@ -60,6 +62,9 @@ def test_registries_match_the_node_catalog():
     assert tuple(SAMPLERS) == SUPPORTED_SAMPLERS
     assert tuple(SCHEDULERS) == SUPPORTED_SCHEDULERS
     assert set(COMFY_EXACT) == set(SAMPLERS)
+    # lms: ComfyUI integrates its coefficients with scipy.quad; uni_pc: not checked bit for bit.
+    assert set(SAMPLERS) - {"lms", "uni_pc", "uni_pc_bh2"} == BIT_EXACT_ON_CPU
+    assert SDE_SAMPLERS <= BIT_EXACT_ON_CPU and ANCESTRAL_SAMPLERS <= BIT_EXACT_ON_CPU
     assert {"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"} == DISCARD_PENULTIMATE_SIGMA_SAMPLERS
 
 
@@ -371,25 +376,122 @@ def test_stochastic_samplers(name):
 
 def test_ancestral_noise_stream_is_comfyuis():
     x = torch.zeros(1, 4, 8, 8)
-    ns = default_noise_sampler(x, 5)
+    ns = SeededGaussianNoise(x, 5)
     first, second = ns(None, None), ns(None, None)
     g = torch.Generator().manual_seed(6)  # CPU: seed + 1
     assert torch.equal(first, torch.randn(x.shape, generator=g))
     assert torch.equal(second, torch.randn(x.shape, generator=g))
 
 
-def test_brownian_tree_is_consistent_and_brownian():
-    tree = BrownianTree((20000,), 0.03, 14.6, seed=1)
-    again = BrownianTree((20000,), 0.03, 14.6, seed=1)
-    for t in (5.0, 0.5, 10.0, 0.0301, 5.0):
-        assert torch.equal(tree(t), again(t))
-    assert torch.count_nonzero(tree(0.03)) == 0
-    a, b, c = tree(1.0), tree(3.0), tree(9.0)
-    assert float((b - a).var()) == pytest.approx(2.0, rel=0.05)
-    assert float((c - b).var()) == pytest.approx(6.0, rel=0.05)
-    corr = float(((b - a) * (c - b)).mean()) / math.sqrt(12.0)
-    assert abs(corr) < 0.03
-    assert not torch.equal(BrownianTree((100,), 0.03, 14.6, seed=2)(3.0), BrownianTree((100,), 0.03, 14.6, seed=1)(3.0))
+# The SDE samplers' noise, as ComfyUI 0.3.64 builds it (k_diffusion/sampling.py, the Brownian-tree noise sampler
+# that sample_dpmpp_sde / sample_dpmpp_2m_sde create with cpu=True and the KSampler seed):
+# * one torchsde.BrownianTree per seed, on the CPU, over [t0, t1] = [min of the positive σ, max σ], starting at
+#   w0 = zeros of the latent's shape and dtype, entropy = seed, torchsde's other defaults;
+# * a query (σ, σ') asks the tree for the increment between the two as ascending float32 CPU times, moves it to
+#   σ's device and dtype, negates it when σ > σ' (the samplers always query descending pairs), and divides it
+#   by √|σ' − σ| computed from the σ tensors;
+# * a list of seeds (one per batch item) builds one tree of one item's shape per seed and stacks the results.
+
+
+def reference_noise(shape, sigmas, seed, queries):
+    import torchsde
+
+    positive = sigmas[sigmas > 0]
+    tree = torchsde.BrownianTree(float(positive.min()), torch.zeros(shape), float(sigmas.max()), entropy=seed)
+    out = []
+    for a, b in queries:
+        low, high = (a, b) if a < b else (b, a)
+        w = tree(float(low), float(high))
+        out.append((w if a < b else -w) / (b - a).abs().sqrt())
+    return out
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.filterwarnings("ignore:Should have t:UserWarning")  # torchsde: a query at the rounded end of [t0, t1]
+@pytest.mark.parametrize("seed", [0, 42, 2 ** 64 - 1])
+def test_sde_noise_is_torchsdes_brownian_tree(seed, one_thread):
+    sigmas = sigmas_for("karras", 12)
+    x = torch.zeros(2, 4, 8, 8)
+    queries = [(sigmas[i], sigmas[i + 1]) for i in range(11)] + [(sigmas[3], sigmas[2]), (sigmas[5], sigmas[9])]
+    ours = noise_sampler_for("dpmpp_2m_sde", x, sigmas, seed)
+    assert isinstance(ours, BrownianIncrementNoise)
+    expected = reference_noise(x.shape, sigmas, seed, queries)
+    for (a, b), want in zip(queries, expected, strict=True):
+        got = ours(a, b)
+        assert got.dtype == torch.float32 and got.shape == x.shape
+        assert torch.equal(got, want)
+    # the same seed gives the same noise whatever the sampler object; another seed other noise
+    again = noise_sampler_for("dpmpp_sde", x, sigmas, seed)
+    assert torch.equal(again(sigmas[0], sigmas[1]), expected[0])
+    other = noise_sampler_for("dpmpp_sde", x, sigmas, seed ^ 1)
+    assert not torch.equal(other(sigmas[0], sigmas[1]), expected[0])
+
+
+def test_sde_noise_batches(one_thread):
+    sigmas = sigmas_for("normal", 8)
+    lo, hi = sigmas[sigmas > 0].min(), sigmas.max()
+    # one seed: one tree over the whole batch, so the items get different noise
+    whole = BrownianIncrementNoise(torch.zeros(3, 4, 8, 8), lo, hi, 7)(sigmas[1], sigmas[2])
+    assert not torch.equal(whole[0], whole[1])
+    # one seed per item: item i is what a one-item tree of seed i gives
+    per_item = BrownianIncrementNoise(torch.zeros(3, 4, 8, 8), lo, hi, [7, 8, 7])(sigmas[1], sigmas[2])
+    single = {s: BrownianIncrementNoise(torch.zeros(1, 4, 8, 8), lo, hi, [s])(sigmas[1], sigmas[2])[0]
+              for s in (7, 8)}
+    assert torch.equal(per_item[0], single[7]) and torch.equal(per_item[2], single[7])
+    assert torch.equal(per_item[1], single[8])
+    with pytest.raises(ValueError, match="one seed per batch item"):
+        BrownianIncrementNoise(torch.zeros(2, 4, 8, 8), lo, hi, [1, 2, 3])
+
+
+def test_sde_noise_is_standard_normal_and_brownian(one_thread):
+    sigmas = sigmas_for("karras", 10)
+    ns = noise_sampler_for("dpmpp_2m_sde", torch.zeros(1, 20000), sigmas, 3)
+    a, b = ns(sigmas[2], sigmas[3]), ns(sigmas[3], sigmas[4])
+    assert float(a.mean()) == pytest.approx(0.0, abs=0.03) and float(a.std()) == pytest.approx(1.0, rel=0.03)
+    assert abs(float((a * b).mean())) < 0.03  # disjoint steps: independent
+    # consistency of the path: the step over [σ4, σ2] is the two steps added, with their lengths as weights
+    whole = ns(sigmas[2], sigmas[4])
+    joined = (a * (sigmas[2] - sigmas[3]).sqrt() + b * (sigmas[3] - sigmas[4]).sqrt()) / (sigmas[2] - sigmas[4]).sqrt()
+    assert torch.allclose(whole, joined, atol=1e-4)
+    assert torch.equal(ns(sigmas[3], sigmas[2]), -a)
+
+
+def test_sde_samplers_query_the_noise_comfyui_does():
+    """dpmpp_sde asks for (σ, σ_mid) and (σ, σ_next) per step, σ_mid = e^(−λ_mid) at the midpoint of
+    λ = −log σ; dpmpp_2m_sde asks for (σ, σ_next); neither asks on the last step to σ = 0."""
+    sigmas = sigmas_for("karras", 5)
+    x = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0)) * 15
+    for name in ("dpmpp_sde", "dpmpp_2m_sde"):
+        asked = []
+
+        def recorder(a, b, asked=asked):
+            asked.append((a, b))
+            return torch.zeros_like(x)
+
+        SAMPLERS[name](gaussian_denoiser, x, sigmas, noise_sampler=recorder)
+        expected = []
+        for i in range(4):
+            if name == "dpmpp_sde":
+                lam, lam_next = -sigmas[i].log(), -sigmas[i + 1].log()
+                expected.append((sigmas[i], (-(lam + 0.5 * (lam_next - lam))).exp()))
+            expected.append((sigmas[i], sigmas[i + 1]))
+        assert [(float(a), float(b)) for a, b in asked] == [(float(a), float(b)) for a, b in expected]
+
+
+def test_torchsde_is_imported_only_by_the_sde_samplers():
+    code = ("import sys, torch; from airflow_comfy.runner.sampling import ksampler; "
+            "from airflow_comfy.runner.sampling.samplers import noise_sampler_for; "
+            "s = torch.tensor([14.6, 3.0, 0.0]); x = torch.zeros(1, 4, 2, 2); "
+            "noise_sampler_for('euler_ancestral', x, s, 0); assert 'torchsde' not in sys.modules; "
+            "noise_sampler_for('dpmpp_sde', x, s, 0); assert 'torchsde' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_lms_coefficients_are_exact_integrals():

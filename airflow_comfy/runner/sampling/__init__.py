@@ -1,7 +1,9 @@
-"""ComfyUI's sampling (KSampler, samplers, schedulers, CFG) re-implemented from the math with torch.
+"""ComfyUI's sampling (KSampler, samplers, schedulers, CFG) re-implemented with torch.
 
 * :mod:`.schedule` — σ table of SD 1.x/SDXL, σ <-> timestep, the seven schedulers;
-* :mod:`.samplers` — the solvers (:data:`~.samplers.SAMPLERS`) and their noise sources;
+* :mod:`.samplers` — sampler name -> solver (:data:`~.samplers.SAMPLERS`) and the noise each one gets;
+* :mod:`.solvers` — the solvers, one module per family (operation order of k-diffusion's, for ComfyUI's bits);
+* :mod:`.noise` — the per-step noise: a seeded generator, or torchsde's Brownian tree for the SDE samplers;
 * :mod:`.cfg` — the classifier-free-guided denoiser over a diffusers UNet (areas, SDXL, ControlNet hook);
 * :mod:`.ksampler` — KSampler / KSamplerAdvanced semantics (noise, schedule slicing, inpainting, scaling);
 * :mod:`.progress` — per-step progress lines.
