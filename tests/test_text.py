@@ -389,8 +389,8 @@ def test_byte_table_is_in_clips_order_so_a_comma_is_token_267():
     with ``</w>``), so the comma's end-of-word id must be 267 there too."""
     import json
 
-    from airflow_comfy.runner.models.checkpoint import bytes_to_unicode
     from airflow_comfy.runner.models.demo import demo_tokenizer_files
+    from airflow_comfy.runner.models.tokenizers import bytes_to_unicode
 
     table = bytes_to_unicode()
     assert list(table.values()).index(table[ord(",")]) == 11

@@ -21,13 +21,15 @@ from typing import Any
 import torch
 
 from airflow_comfy.runner.models import layout
+from airflow_comfy.runner.models.building import materialize
 from airflow_comfy.runner.models.cache import ModelCache
-from airflow_comfy.runner.models.checkpoint import embedded_config, materialize, record_model_file
+from airflow_comfy.runner.models.config import embedded_config
 from airflow_comfy.runner.models.files import (
     ModelFileError,
     TensorReader,
     _label,
     file_key,
+    record_model_file,
     resolve_model_file,
 )
 from airflow_comfy.runner.ops.image import common_upscale

@@ -43,14 +43,8 @@ from typing import Any
 import torch
 
 from airflow_comfy.runner.models import layout
-from airflow_comfy.runner.models.checkpoint import (
-    CLIP_BOS,
-    CLIP_EOS,
-    META_FORMAT,
-    META_KEY,
-    bytes_to_unicode,
-    make_clip_tokenizer,
-)
+from airflow_comfy.runner.models.config import META_FORMAT, META_KEY
+from airflow_comfy.runner.models.tokenizers import CLIP_BOS, CLIP_EOS, bytes_to_unicode, make_clip_tokenizer
 
 DEMO_CHECKPOINT = "demo-sd15-tiny.safetensors"
 DEMO_SDXL_CHECKPOINT = "demo-sdxl-tiny.safetensors"
