@@ -43,7 +43,6 @@ from airflow_comfy.runner.models import (
 )
 from airflow_comfy.runner.models.config import _clip_config
 from airflow_comfy.runner.models.files import TensorReader, list_model_files
-from airflow_comfy.runner.models.single_file import _convert_clip_g, _convert_clip_l
 
 CKPT = demo.DEMO_CHECKPOINT
 
@@ -169,6 +168,119 @@ def test_tiny_model_forward(loaded):
         assert image.shape == (1, 3, 64, 64)
 
 
+class _ShapeOnly:
+    """Stands in for a text model in diffusers' open-clip converter (it reads ``config.hidden_size`` only)."""
+
+    def __init__(self, hidden_size: int) -> None:
+        self.config = SimpleNamespace(hidden_size=hidden_size)
+
+
+def _previous_loader(path: Path, dtype: torch.dtype, vae_dtype: torch.dtype) -> dict[str, dict]:
+    """The state dicts the loader gave before it read LDM files with its own key plans: diffusers' converters
+    over the whole prefixed component, then the module built from the converted state dict."""
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+    )
+
+    from airflow_comfy.runner.models.building import build_text_encoder, build_unet, build_vae
+    from airflow_comfy.runner.models.config import _unet_config, _vae_config, embedded_config
+
+    def shapes(sd, prefix=""):
+        return {k[len(prefix):]: tuple(v.shape) for k, v in sd.items() if k.startswith(prefix)}
+
+    with TensorReader(path) as reader:
+        family = detect_family(reader.keys, reader.shape, reader.metadata)
+        configs = (embedded_config(reader.metadata) or {}).get("configs", {})
+        raw = reader.read(layout.UNET_PREFIX)
+        config = configs.get("unet") or _unet_config(shapes(raw, layout.UNET_PREFIX), family)
+        out = {"unet": build_unet(config, convert_ldm_unet_checkpoint(raw, config), dtype=dtype).state_dict()}
+        raw = reader.read(layout.VAE_PREFIX)
+        config = configs.get("vae") or _vae_config(shapes(raw, layout.VAE_PREFIX), family)
+        out["vae"] = build_vae(config, convert_ldm_vae_checkpoint(raw, config), dtype=vae_dtype).state_dict()
+        parts = [("text_encoder", layout.SD1_CLIP_PREFIX if family == "sd1" else layout.SDXL_CLIP_L_PREFIX, False)]
+        if family == "sdxl":
+            parts.append(("text_encoder_2", layout.SDXL_CLIP_G_PREFIX, True))
+        for role, prefix, open_clip in parts:
+            raw = reader.read(prefix)
+            if open_clip:
+                hidden = raw[prefix + "token_embedding.weight"].shape[1]
+                converted = convert_open_clip_checkpoint(_ShapeOnly(hidden), dict(raw), prefix=prefix)
+                converted = {k: v for k, v in converted.items() if v is not None}
+            else:
+                converted = layout.hf_clip_keys(convert_ldm_clip_checkpoint(dict(raw)))
+            config = configs.get(role) or _clip_config(shapes(converted), family, role)
+            out[role] = build_text_encoder(config, converted, with_projection=open_clip, dtype=dtype).state_dict()
+    return out
+
+
+def _sd15_layout_small(folder: Path) -> Path:
+    """An SD 1.5 single file with the real key names and block structure but narrow widths, in fp16, without an
+    embedded config (the configs come from the shapes, as for a downloaded file)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(3)
+    unet = UNet2DConditionModel.from_config(dict(shipped_config("sd1", "unet"), block_out_channels=[32, 64, 128, 128],
+                                                 cross_attention_dim=32))
+    vae = AutoencoderKL.from_config(dict(shipped_config("sd1", "vae"), block_out_channels=[32, 64, 128, 128]))
+    vocab = len(demo.demo_tokenizer())
+    clip = CLIPTextModel(CLIPTextConfig(**dict(demo.tiny_clip_config(vocab), num_hidden_layers=12)))
+    for module in (unet, vae, clip):  # non-trivial norms and biases
+        for tensor in module.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.normal_(0.0, 0.2)
+        module.half()
+    path = folder / "checkpoints" / "sd15-layout-small.safetensors"
+    demo.save_ldm_checkpoint(path, unet=unet, vae=vae, text_encoders=[clip], embed_config=False)
+    shutil.copytree(_demo_tokenizer_dir(folder), folder / "tokenizers" / path.stem)
+    return path
+
+
+def _sd15_key_names() -> set[str]:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(shipped_config("sd1", "unet"))
+        vae = AutoencoderKL.from_config(shipped_config("sd1", "vae"))
+        clip = CLIPTextModel(CLIPTextConfig(**{k: v for k, v in shipped_config("sd1", "text_encoder").items()
+                                               if k not in ("architectures", "model_type")}))
+        return {*layout.unet_to_ldm(unet.state_dict()), *layout.vae_to_ldm(vae.state_dict()),
+                *layout.clip_to_ldm(clip.state_dict())}
+
+
+@pytest.mark.parametrize("which", ["demo-sd15", "demo-sdxl", "sd15-layout-fp16"])
+def test_loader_is_bit_identical_to_the_previous_loader(which, models, tmp_path):
+    """Our LDM key plans, each tensor read once into the run's dtype, give exactly the parameters that
+    diffusers' converters gave (same names, dtypes, bits), in fp32 and, for the fp16 file, in fp16."""
+    if which == "sd15-layout-fp16":
+        path = _sd15_layout_small(tmp_path)
+        keys = set(TensorReader(path).keys)
+        assert keys == _sd15_key_names()  # the real SD 1.5 key layout
+        dtypes = [torch.float32, torch.float16]
+    else:
+        path = models / "checkpoints" / f"{which}-tiny.safetensors"
+        dtypes = [torch.float32]
+    for dtype in dtypes:
+        expected = _previous_loader(path, dtype, torch.float32)
+        loaded = load_checkpoint_file(path, dtype=dtype, vae_dtype=torch.float32, use_cache=False)
+        got = {"unet": loaded.model.unet.state_dict(), "vae": loaded.vae.vae.state_dict(),
+               "text_encoder": loaded.clip.models[0].state_dict()}
+        if len(loaded.clip.models) > 1:
+            got["text_encoder_2"] = loaded.clip.models[1].state_dict()
+        assert got.keys() == expected.keys()
+        for part, state in got.items():
+            assert state.keys() == expected[part].keys(), part
+            for key, tensor in state.items():
+                old = expected[part][key]
+                assert tensor.dtype == old.dtype and torch.equal(tensor, old), (which, dtype, part, key)
+                assert tensor.is_contiguous(), (part, key)
+        assert loaded.tensors_read == loaded.tensors_total
+
+
 def test_configs_derived_from_shapes_without_metadata(tiny, tmp_path):
     path = tmp_path / "checkpoints" / "plain.safetensors"
     demo.save_ldm_checkpoint(path, unet=tiny["unet"], vae=tiny["vae"], text_encoders=[tiny["text_encoder"]],
@@ -262,11 +374,9 @@ def test_shipped_configs_agree_with_shape_derivation(family):
         config = CLIPTextConfig(**{k: v for k, v in shipped.items() if k not in ("architectures", "model_type")})
         with torch.device("meta"):
             model = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
-            if with_projection:
-                converted = _convert_clip_g(layout.open_clip_to_ldm(model.state_dict()), layout.SDXL_CLIP_G_PREFIX)
-            else:
-                converted = _convert_clip_l(layout.clip_to_ldm(model.state_dict()))
-        derived = _clip_config({k: tuple(v.shape) for k, v in converted.items()}, family, role)
+            to_ldm = layout.open_clip_to_ldm if with_projection else layout.clip_to_ldm
+            ldm = {k: tuple(v.shape) for k, v in to_ldm(model.state_dict(), prefix="").items()}
+        derived = _clip_config(layout.clip_shapes_from_ldm(ldm, open_clip=with_projection), family, role)
         assert {k: v for k, v in shipped.items() if k not in ("architectures", "model_type")} == derived
 
 

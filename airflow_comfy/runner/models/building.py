@@ -1,5 +1,10 @@
-"""Building modules from a config and a state dict: on the ``meta`` device, the tensors assigned to them (no hub
-access, no random initialisation); diffusers' UNet/VAE classes, transformers' CLIP text models."""
+"""Building modules from a config and their tensors: on the ``meta`` device, the tensors assigned to them (no hub
+access, no random initialisation, at most one copy of each tensor: none when the file's dtype is the run's);
+diffusers' UNet/VAE classes, transformers' CLIP text models, imported when a module is built.
+
+Two entries: ``build_*`` take a state dict in the module's own names (diffusers folders, diffusers-layout
+files); ``*_from_ldm`` take an LDM component (:class:`~airflow_comfy.runner.models.layout.LdmSource`, e.g. a
+single-file checkpoint's ``model.diffusion_model.*``) and read each tensor once, as it is assigned."""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from typing import Any
 
 import torch
 
+from airflow_comfy.runner.models import layout
 from airflow_comfy.runner.models.config import _CLIP_DROP
 from airflow_comfy.runner.models.files import ModelFileError
 
@@ -39,29 +45,38 @@ def _fit_keys(state_dict: Mapping[str, torch.Tensor], expected: Iterable[str]) -
     return out
 
 
-def materialize(factory: Callable[[], torch.nn.Module], state_dict: Mapping[str, torch.Tensor], *, what: str,
-                label: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                fit_clip_keys: bool = False) -> torch.nn.Module:
-    """Build ``factory()`` on the meta device and assign ``state_dict`` to it (no random init, bit-exact)."""
+def on_meta(factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """``factory()`` built on the meta device: no memory, no random initialisation."""
     with torch.device("meta"):
-        model = factory()
+        return factory()
+
+
+def _place(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype | None) -> torch.Tensor:
+    """``tensor`` on ``device`` in ``dtype`` (floating point only), contiguous: at most one copy, none when it
+    already fits (a file view stays a view)."""
+    target = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+    out = tensor.to(device=device, dtype=target)
+    return out if out.is_contiguous() else out.contiguous()
+
+
+def assign(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *, what: str, label: str,
+           device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+           fit_clip_keys: bool = False) -> torch.nn.Module:
+    """Assign ``state_dict`` (a dict, or a mapping that reads on lookup) to a ``model`` built on the meta device:
+    each tensor is looked up once and placed with at most one copy (bit-exact, no random init)."""
     expected = list(model.state_dict().keys())
-    sd = _fit_keys(state_dict, expected) if fit_clip_keys else dict(state_dict)
-    missing = [k for k in expected if sd.get(k) is None]
+    sd = _fit_keys(state_dict, expected) if fit_clip_keys else state_dict
+    missing = [k for k in expected if k not in sd]
     if missing:
         raise ModelFileError(f"{label}: the {what} lacks {len(missing)} of its {len(expected)} tensors "
                              f"(e.g. {', '.join(missing[:3])}): not a complete {what}, or of another architecture")
-    unexpected = [k for k in sd if k not in set(expected)]
+    known = set(expected)
+    unexpected = [k for k in sd if k not in known]
     if unexpected:
         log.warning("%s: %d tensors of the %s were not used (e.g. %s)", label, len(unexpected), what,
                     ", ".join(unexpected[:3]))
-    def place(t: torch.Tensor) -> torch.Tensor:
-        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-            t = t.to(dtype)
-        return t.to(device)
-
     try:
-        model.load_state_dict({k: place(sd[k]) for k in expected}, strict=True, assign=True)
+        model.load_state_dict({k: _place(sd[k], device, dtype) for k in expected}, strict=True, assign=True)
     except RuntimeError as exc:
         raise ModelFileError(f"{label}: the {what}'s tensors do not fit the derived architecture: {exc}") from exc
     for name, buffer in list(model.named_buffers()):
@@ -78,28 +93,90 @@ def materialize(factory: Callable[[], torch.nn.Module], state_dict: Mapping[str,
     return model
 
 
-def build_unet(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], *, label: str = "UNet",
-               device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:
+def materialize(factory: Callable[[], torch.nn.Module], state_dict: Mapping[str, torch.Tensor], *, what: str,
+                label: str, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                fit_clip_keys: bool = False) -> torch.nn.Module:
+    """Build ``factory()`` on the meta device and assign ``state_dict`` to it (no random init, bit-exact)."""
+    return assign(on_meta(factory), state_dict, what=what, label=label, device=device, dtype=dtype,
+                  fit_clip_keys=fit_clip_keys)
+
+
+def from_ldm(factory: Callable[[], torch.nn.Module], source: layout.LdmSource,
+             plan: Callable[[list[str]], layout.Plan], *, what: str, label: str,
+             device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Build ``factory()`` on the meta device and read its parameters from the LDM component ``source``, each
+    file tensor once, where ``plan`` (of the module's parameter names) says."""
+    model = on_meta(factory)
+    keys = list(model.state_dict().keys())
+    return assign(model, source.planned(plan(keys)), what=what, label=label, device=device, dtype=dtype)
+
+
+def _unet_class() -> type:
     from diffusers import UNet2DConditionModel
 
-    return materialize(lambda: UNet2DConditionModel.from_config(dict(config)), state_dict, what="UNet",
-                       label=label, device=device, dtype=dtype)
+    return UNet2DConditionModel
+
+
+def _vae_class() -> type:
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL
+
+
+def _clip_factory(config: Mapping[str, Any], with_projection: bool) -> Callable[[], torch.nn.Module]:
+    """A transformers CLIP text model (eager attention, as ComfyUI computes it)."""
+    CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection = _clip_classes()
+    cfg = CLIPTextConfig(**{k: v for k, v in config.items() if k not in _CLIP_DROP}, attn_implementation="eager")
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return lambda: cls(cfg)
+
+
+def unet_from_ldm(config: Mapping[str, Any], source: layout.LdmSource, *, label: str = "UNet",
+                  device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:
+    cls = _unet_class()
+    return from_ldm(lambda: cls.from_config(dict(config)), source, layout.unet_plan, what="UNet", label=label,
+                    device=device, dtype=dtype)
+
+
+def vae_from_ldm(config: Mapping[str, Any], source: layout.LdmSource, *, label: str = "VAE",
+                 device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:
+    cls = _vae_class()
+    return from_ldm(lambda: cls.from_config(dict(config)), source, layout.vae_plan, what="VAE", label=label,
+                    device=device, dtype=dtype)
+
+
+def text_encoder_from_ldm(config: Mapping[str, Any], source: layout.LdmSource, *, open_clip: bool,
+                          label: str = "text encoder", device: torch.device | str = "cpu",
+                          dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """CLIP-L (``open_clip=False``: transformers names under ``text_model.``) or OpenCLIP (a model with
+    projection) from an LDM text-encoder component."""
+    if open_clip:
+        plan = layout.open_clip_plan
+    else:
+        nested = any(k.startswith("text_model.") for k in source.keys)
+        def plan(keys: list[str]) -> layout.Plan:
+            return layout.clip_plan(keys, nested=nested)
+    return from_ldm(_clip_factory(config, open_clip), source, plan, what="text encoder", label=label,
+                    device=device, dtype=dtype)
+
+
+def build_unet(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], *, label: str = "UNet",
+               device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:
+    cls = _unet_class()
+    return materialize(lambda: cls.from_config(dict(config)), state_dict, what="UNet", label=label, device=device,
+                       dtype=dtype)
 
 
 def build_vae(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], *, label: str = "VAE",
               device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:
-    from diffusers import AutoencoderKL
-
-    return materialize(lambda: AutoencoderKL.from_config(dict(config)), state_dict, what="VAE", label=label,
-                       device=device, dtype=dtype)
+    cls = _vae_class()
+    return materialize(lambda: cls.from_config(dict(config)), state_dict, what="VAE", label=label, device=device,
+                       dtype=dtype)
 
 
 def build_text_encoder(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], *,
                        with_projection: bool = False, label: str = "text encoder",
                        device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:
     """A transformers CLIP text model (eager attention, as ComfyUI computes it)."""
-    CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection = _clip_classes()
-    cfg = CLIPTextConfig(**{k: v for k, v in config.items() if k not in _CLIP_DROP}, attn_implementation="eager")
-    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    return materialize(lambda: cls(cfg), state_dict, what="text encoder", label=label, device=device, dtype=dtype,
-                       fit_clip_keys=True)
+    return materialize(_clip_factory(config, with_projection), state_dict, what="text encoder", label=label,
+                       device=device, dtype=dtype, fit_clip_keys=True)

@@ -1,7 +1,7 @@
 """ControlNetLoader and what ControlNetApply needs at sampling time.
 
-Files: LDM layout (``control_model.*`` keys, or the same keys without the prefix) is converted with diffusers'
-``convert_controlnet_checkpoint``; diffusers layout (``controlnet_cond_embedding.*``, ``down_blocks.*``) loads
+Files: LDM layout (``control_model.*`` keys, or the same keys without the prefix) is read with
+:mod:`.layout`'s UNet plan (the ControlNet's own parameter names -> LDM names); diffusers layout (``controlnet_cond_embedding.*``, ``down_blocks.*``) loads
 as is. The config comes from an embedded ``__metadata__`` config (our writer) or from the tensor shapes (see
 :mod:`.checkpoint`). T2I-Adapters and control LoRAs are recognised and refused ("not supported yet").
 
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from airflow_comfy.runner.models import layout
-from airflow_comfy.runner.models.building import materialize
+from airflow_comfy.runner.models.building import from_ldm, materialize
 from airflow_comfy.runner.models.cache import ModelCache
 from airflow_comfy.runner.models.config import embedded_config
 from airflow_comfy.runner.models.files import (
@@ -68,7 +68,6 @@ def load_controlnet_file(path: str | os.PathLike[str], *, name: str | None = Non
                          use_cache: bool = True) -> ControlNet:
     """A ControlNet file -> :class:`ControlNet` holding a diffusers ``ControlNetModel``."""
     from diffusers import ControlNetModel
-    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 
     p = Path(path)
     label = _label(p)
@@ -94,10 +93,14 @@ def load_controlnet_file(path: str | os.PathLike[str], *, name: str | None = Non
         shapes, family=family)
     if family == "sdxl" and config.get("addition_embed_type") == "text_time":
         config.setdefault("addition_time_embed_dim", 256)
-    weights = convert_controlnet_checkpoint(raw, config) if kind == "ldm" else raw
-    weights = {k: v for k, v in weights.items() if v is not None}
-    model = materialize(lambda: ControlNetModel.from_config(dict(config)), weights, what="ControlNet", label=label,
-                        device=device, dtype=dtype)
+    def factory() -> torch.nn.Module:
+        return ControlNetModel.from_config(dict(config))
+
+    if kind == "ldm":
+        model = from_ldm(factory, layout.LdmSource.of(raw), layout.unet_plan, what="ControlNet", label=label,
+                         device=device, dtype=dtype)
+    else:
+        model = materialize(factory, raw, what="ControlNet", label=label, device=device, dtype=dtype)
     control = ControlNet(model=model, recipe=Recipe("ControlNetLoader", name), kind="controlnet")
     if use_cache:
         _CACHE.put(key, control)

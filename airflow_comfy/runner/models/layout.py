@@ -1,19 +1,23 @@
 """Key layouts: diffusers/transformers module names <-> the original-SD ("LDM") names of single-file checkpoints,
 and diffusers configs derived from tensor shapes.
 
-diffusers ships the LDM -> diffusers direction (``diffusers.loaders.single_file_utils``); the loaders use it.
-This module writes the other direction (our own code): it is what the demo-model writer uses to produce
-ComfyUI-style single files, and what the LoRA loader uses to recognise LDM-named LoRA keys. Every mapping here
-is the exact inverse of diffusers' converter, so diffusers -> LDM -> diffusers is bit-exact.
+The key maps go from the module's own parameter names to the LDM names, and are derived from the key names
+alone (``layers_per_block`` is counted from the keys), so they need no config. They serve both directions:
 
-The key maps are derived from the key names alone (``layers_per_block`` is counted from the keys), so they need
-no config. The config derivations read shapes only (no tensor data), from the LDM names without their prefix.
+* loading (LDM -> module): the loaders build the module on the meta device, map its parameter names with
+  :func:`unet_plan`, :func:`vae_plan`, :func:`clip_plan` or :func:`open_clip_plan`, and read each file tensor
+  through :class:`LdmSource` once, when it is assigned (a view of the file, no intermediate copy);
+* writing (module -> LDM): the demo-model writer produces ComfyUI-style single files with :func:`unet_to_ldm`
+  and friends, and the LoRA loader recognises LDM-named LoRA keys.
+
+The config derivations read shapes only (no tensor data), from the LDM names without their prefix.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import NamedTuple
 
 import torch
 
@@ -224,6 +228,159 @@ def open_clip_to_ldm(state_dict: Mapping[str, torch.Tensor], prefix: str = SDXL_
             out[f"{dst}mlp.c_fc.{kind}"] = sd[f"{src}mlp.fc1.{kind}"]
             out[f"{dst}mlp.c_proj.{kind}"] = sd[f"{src}mlp.fc2.{kind}"]
     return out
+
+
+# --- LDM -> module: what each parameter is read from -------------------------------------------------------
+
+
+class Source(NamedTuple):
+    """Where one module parameter comes from in an LDM component (names without the component's prefix)."""
+
+    key: str
+    part: int | None = None
+    """One third (0: q, 1: k, 2: v) of a fused attention projection, split along dim 0."""
+    transpose: bool = False
+    squeeze: bool = False
+    """A 1x1 convolution weight read as a linear one (``[out, in, 1, 1]`` -> ``[out, in]``)."""
+
+
+Plan = Mapping[str, Source]
+
+
+def unet_plan(model_keys: Iterable[str]) -> dict[str, Source]:
+    """Sources of a diffusers UNet2DConditionModel's (or ControlNetModel's) parameters."""
+    return {key: Source(ldm) for key, ldm in unet_key_map(model_keys).items()}
+
+
+def vae_plan(model_keys: Iterable[str]) -> dict[str, Source]:
+    """Sources of a diffusers AutoencoderKL's parameters; the mid-block attention projections, 1x1 convolutions
+    in LDM files, are read as linear weights."""
+    return {key: Source(ldm, squeeze=".mid.attn_1." in ldm and ldm.endswith(".weight"))
+            for key, ldm in vae_key_map(model_keys).items()}
+
+
+def clip_plan(model_keys: Iterable[str], *, nested: bool = True) -> dict[str, Source]:
+    """Sources of a transformers CLIP text model's parameters in an SD-style CLIP-L component: the same names,
+    under ``text_model.`` when ``nested`` (the usual layout) or without it (old files)."""
+    plan = {}
+    for key in model_keys:
+        if key.endswith("position_ids"):
+            continue
+        name = key[len("text_model."):] if key.startswith("text_model.") else key
+        plan[key] = Source(f"text_model.{name}" if nested else name)
+    return plan
+
+
+_OPEN_CLIP_LAYER = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
+                    "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+_OPEN_CLIP_TOP = {"embeddings.token_embedding.weight": "token_embedding.weight",
+                  "embeddings.position_embedding.weight": "positional_embedding",
+                  "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
+
+
+def open_clip_plan(model_keys: Iterable[str]) -> dict[str, Source]:
+    """Sources of a transformers CLIPTextModelWithProjection's parameters in an OpenCLIP component (SDXL's
+    bigG): q/k/v are thirds of ``attn.in_proj_*``, ``text_projection`` is stored transposed."""
+    plan: dict[str, Source] = {}
+    for key in model_keys:
+        name = key[len("text_model."):] if key.startswith("text_model.") else key
+        if name in _OPEN_CLIP_TOP:
+            plan[key] = Source(_OPEN_CLIP_TOP[name])
+        elif name == "text_projection.weight":
+            plan[key] = Source("text_projection", transpose=True)
+        elif m := re.match(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$", name):
+            layer, module, kind = m.groups()
+            base = f"transformer.resblocks.{layer}."
+            if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+                plan[key] = Source(f"{base}attn.in_proj_{kind}", part="qkv".index(module[len("self_attn.")]))
+            elif module in _OPEN_CLIP_LAYER:
+                plan[key] = Source(f"{base}{_OPEN_CLIP_LAYER[module]}.{kind}")
+    return plan
+
+
+def clip_shapes_from_ldm(shapes: Shapes, *, open_clip: bool) -> dict[str, tuple[int, ...]]:
+    """The shapes of an LDM text-encoder component (no prefix) under transformers' ``text_model.*`` names, as
+    far as :func:`clip_config_from_hf` reads them (no tensor is read)."""
+    if not open_clip:
+        return {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in shapes.items()}
+    out = {f"text_model.{hf}": shapes[ldm] for hf, ldm in _OPEN_CLIP_TOP.items() if ldm in shapes}
+    for key, shape in shapes.items():
+        if m := re.match(r"transformer\.resblocks\.(\d+)\.mlp\.c_fc\.weight$", key):
+            out[f"text_model.encoder.layers.{m.group(1)}.mlp.fc1.weight"] = shape
+    if "text_projection" in shapes:
+        out["text_projection.weight"] = tuple(reversed(shapes["text_projection"]))
+    return out
+
+
+class LdmSource:
+    """The tensors of one LDM component, read on demand by name (without the component's prefix).
+
+    :meth:`planned` gives them under the module's own names, as a mapping that reads a file tensor only when
+    its parameter is looked up (a fused q/k/v tensor once for its three parts)."""
+
+    def __init__(self, get: Callable[[str], torch.Tensor], keys: Iterable[str]) -> None:
+        self._get = get
+        self.keys = frozenset(keys)
+
+    @classmethod
+    def of(cls, tensors: Mapping[str, torch.Tensor]) -> LdmSource:
+        return cls(tensors.__getitem__, tensors.keys())
+
+    @classmethod
+    def prefixed(cls, reader: object, prefix: str) -> LdmSource:
+        """A component of a :class:`~airflow_comfy.runner.models.files.TensorReader` (``get``, ``keys``)."""
+        keys = [k[len(prefix):] for k in reader.keys if k.startswith(prefix)]  # type: ignore[attr-defined]
+        return cls(lambda name: reader.get(prefix + name), keys)  # type: ignore[attr-defined]
+
+    def planned(self, plan: Plan) -> Mapping[str, torch.Tensor]:
+        return _Planned(self, plan)
+
+    def read(self, key: str) -> torch.Tensor:
+        return self._get(key)
+
+
+class _Planned(Mapping[str, torch.Tensor]):
+    _FUSED_KEPT = 4
+    """Fused q/k/v tensors kept after a read (a layer's weight and bias), so that each is read once."""
+
+    def __init__(self, source: LdmSource, plan: Plan) -> None:
+        self._source = source
+        self._plan = plan
+        self._fused: dict[str, torch.Tensor] = {}
+
+    def _read(self, src: Source) -> torch.Tensor:
+        if src.part is None:
+            return self._source.read(src.key)
+        tensor = self._fused.pop(src.key, None)
+        if tensor is None:
+            tensor = self._source.read(src.key)
+        self._fused[src.key] = tensor
+        while len(self._fused) > self._FUSED_KEPT:
+            del self._fused[next(iter(self._fused))]
+        return tensor
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        src = self._plan[key]
+        if src.key not in self._source.keys:
+            raise KeyError(key)
+        tensor = self._read(src)
+        if src.part is not None:
+            tensor = tensor.chunk(3, dim=0)[src.part]
+        if src.transpose:
+            tensor = tensor.T
+        if src.squeeze and tensor.ndim == 4:
+            tensor = tensor[:, :, 0, 0]
+        return tensor
+
+    def __contains__(self, key: object) -> bool:
+        src = self._plan.get(key) if isinstance(key, str) else None
+        return src is not None and src.key in self._source.keys
+
+    def __iter__(self) -> Iterator[str]:
+        return (key for key in self._plan if key in self)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 # --- configs from shapes -----------------------------------------------------------------------------------

@@ -1,10 +1,10 @@
 """Single-file (ComfyUI/LDM layout) checkpoints.
 
-Files are read with ``safetensors.safe_open``, and only the tensors of the requested components
+Files are read with ``safetensors.safe_open`` (a memory map), and only the tensors of the requested components
 (``components`` ⊆ ``{"MODEL", "CLIP", "VAE"}``): a group that only decodes reads only ``first_stage_model.*``.
-The LDM tensors are converted with diffusers' own converters (``convert_ldm_unet_checkpoint``,
-``convert_ldm_vae_checkpoint``, ``convert_ldm_clip_checkpoint``, ``convert_open_clip_checkpoint``) and the
-modules built from the configs of :mod:`.config` (see there where they come from).
+The modules are built on the meta device from the configs of :mod:`.config` (see there where they come from)
+and each parameter is read from its LDM tensor where :mod:`.layout`'s plans say, once, straight into the run's
+dtype (:mod:`.building`): no converted copy of the state dict is made.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from airflow_comfy.runner.models import layout
-from airflow_comfy.runner.models.building import build_text_encoder, build_unet, build_vae
+from airflow_comfy.runner.models.building import text_encoder_from_ldm, unet_from_ldm, vae_from_ldm
 from airflow_comfy.runner.models.config import (
     LATENT_SCALE,
     _clip_config,
@@ -40,27 +40,6 @@ def _read_prefixed(reader: TensorReader, prefix: str) -> dict[str, torch.Tensor]
     return reader.read(prefix)
 
 
-class _ShapeOnly:
-    """Stands in for a text model in diffusers' open-clip converter (it only reads ``config.hidden_size``)."""
-
-    def __init__(self, hidden_size: int) -> None:
-        self.config = type("Config", (), {"hidden_size": hidden_size})()
-
-
-def _convert_clip_l(raw: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
-
-    return layout.hf_clip_keys(convert_ldm_clip_checkpoint(dict(raw)))
-
-
-def _convert_clip_g(raw: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
-
-    hidden = raw[prefix + "token_embedding.weight"].shape[1]
-    converted = convert_open_clip_checkpoint(_ShapeOnly(hidden), dict(raw), prefix=prefix)
-    return {k: v for k, v in converted.items() if v is not None}
-
-
 def _shapes(sd: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in sd.items()}
 
@@ -68,8 +47,6 @@ def _shapes(sd: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
 def _load_single_file(path: Path, components: frozenset[str], *, name: str, models_root: Path | None,
                       allow_pickle: bool, device: torch.device | str, dtype: torch.dtype,
                       vae_dtype: torch.dtype) -> LoadedCheckpoint:
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
-
     label = _label(path)
     with TensorReader(path, allow_pickle=allow_pickle) as reader:
         family = detect_family(reader.keys, reader.shape, reader.metadata, label=label)
@@ -84,11 +61,8 @@ def _load_single_file(path: Path, components: frozenset[str], *, name: str, mode
                 raise ModelFileError(f"{label}: the checkpoint has no diffusion model (model.diffusion_model.*)")
             config = configs.get("unet") or _unet_config(
                 {k[len(layout.UNET_PREFIX):]: reader.shape(k) for k in unet_keys}, family)
-            raw = _read_prefixed(reader, layout.UNET_PREFIX)
-            converted = convert_ldm_unet_checkpoint(raw, config)
-            del raw
-            unet = build_unet(config, converted, label=label, device=device, dtype=dtype)
-            del converted
+            unet = unet_from_ldm(config, layout.LdmSource.prefixed(reader, layout.UNET_PREFIX), label=label,
+                                 device=device, dtype=dtype)
             prediction = "v" if ("v_pred" in reader or embedded.get("prediction") == "v") else "eps"
             model = DiffusionModel(unet=unet, family=family, latent_scale=LATENT_SCALE[family], recipe=recipe,
                                    prediction=prediction)
@@ -99,10 +73,8 @@ def _load_single_file(path: Path, components: frozenset[str], *, name: str, mode
                 raise ModelFileError(f"{label}: the checkpoint has no VAE (first_stage_model.*)")
             config = configs.get("vae") or _vae_config(
                 {k[len(layout.VAE_PREFIX):]: reader.shape(k) for k in vae_keys}, family)
-            raw = _read_prefixed(reader, layout.VAE_PREFIX)
-            converted = convert_ldm_vae_checkpoint(raw, config)
-            del raw
-            module = build_vae(config, converted, label=label, device=device, dtype=vae_dtype)
+            module = vae_from_ldm(config, layout.LdmSource.prefixed(reader, layout.VAE_PREFIX), label=label,
+                                  device=device, dtype=vae_dtype)
             vae = VAEModel(vae=module, latent_scale=float(config.get("scaling_factor", LATENT_SCALE[family])),
                            recipe=recipe)
 
@@ -126,14 +98,13 @@ def _load_single_file_clip(reader: TensorReader, family: str, configs: Mapping[s
     else:
         parts = [("text_encoder_2", layout.REFINER_CLIP_G_PREFIX, True)]
     for role, prefix, open_clip in parts:
-        raw = _read_prefixed(reader, prefix)
-        if not raw:
+        source = layout.LdmSource.prefixed(reader, prefix)
+        if not source.keys:
             raise ModelFileError(f"{label}: the checkpoint has no text encoder ({prefix}*)")
-        converted = _convert_clip_g(raw, prefix) if open_clip else _convert_clip_l(raw)
-        del raw
-        config = configs.get(role) or _clip_config(_shapes(converted), family, role)
-        models.append(build_text_encoder(config, converted, with_projection=open_clip, label=label,
-                                         device=device, dtype=dtype))
+        config = configs.get(role) or _clip_config(layout.clip_shapes_from_ldm(
+            {k: reader.shape(prefix + k) for k in source.keys}, open_clip=open_clip), family, role)
+        models.append(text_encoder_from_ldm(config, source, open_clip=open_clip, label=label, device=device,
+                                            dtype=dtype))
         tokenizer_config = shipped_config(family, "tokenizer_2_config" if role == "text_encoder_2"
                                           else "tokenizer_config")
         pad = _token_text(tokenizer_config.get("pad_token")) or ("!" if role == "text_encoder_2" else None)

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from airflow_comfy.runner.models import layout
-from airflow_comfy.runner.models.building import build_vae
+from airflow_comfy.runner.models.building import build_vae, vae_from_ldm
 from airflow_comfy.runner.models.cache import ModelCache
 from airflow_comfy.runner.models.config import LATENT_SCALE, _vae_config, embedded_config
 from airflow_comfy.runner.models.diffusers_folder import _rename_old_vae_attention
@@ -51,8 +51,6 @@ def load_vae_file(path: str | os.PathLike[str], *, name: str | None = None, fami
     """A stand-alone VAE file (VAELoader): LDM keys (``encoder.down.*``, optionally ``first_stage_model.``) or
     diffusers keys (``encoder.down_blocks.*``). ``latent_scale`` comes from the embedded config, else ``family``
     (default sd1: 0.18215) — informational only: the sampler applies the MODEL's scale, as ComfyUI does."""
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-
     p = Path(path)
     label = _label(p)
     name = name or p.name
@@ -72,12 +70,12 @@ def load_vae_file(path: str | os.PathLike[str], *, name: str | None = None, fami
     raw = _strip(prefix, raw)
     if kind == "ldm":
         config = (embedded.get("configs") or {}).get("vae") or _vae_config(_shapes(raw), fam)
-        weights = convert_ldm_vae_checkpoint(raw, config)
+        module = vae_from_ldm(config, layout.LdmSource.of(raw), label=label, device=device, dtype=dtype)
     else:
         weights = _rename_old_vae_attention(raw)
         config = (embedded.get("configs") or {}).get("vae") or _vae_config(_shapes(layout.vae_to_ldm(
             {k: v for k, v in weights.items()}, prefix="")), fam)
-    module = build_vae(config, weights, label=label, device=device, dtype=dtype)
+        module = build_vae(config, weights, label=label, device=device, dtype=dtype)
     vae = VAEModel(vae=module, latent_scale=float(config.get("scaling_factor", LATENT_SCALE.get(fam, 0.18215))),
                    recipe=Recipe("VAELoader", name))
     if use_cache:
