@@ -9,7 +9,9 @@ single-file checkpoint's ``model.diffusion_model.*``) and read each tensor once,
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -59,6 +61,29 @@ def _place(tensor: torch.Tensor, device: torch.device | str, dtype: torch.dtype 
     return out if out.is_contiguous() else out.contiguous()
 
 
+_PLACE_THREADS = 2
+_PLACE_AHEAD = 8
+
+
+def _place_all(state_dict: Mapping[str, torch.Tensor], keys: list[str], device: torch.device | str,
+               dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """``keys`` looked up in order (here: reads stay in this thread) and placed by two workers: a conversion
+    releases the GIL, so the next lookups overlap it. At most a few looked-up tensors wait for a worker."""
+    if len(keys) < 2 * _PLACE_AHEAD:
+        return {k: _place(state_dict[k], device, dtype) for k in keys}
+    placed: dict[str, torch.Tensor] = {}
+    pending: deque[tuple[str, Future[torch.Tensor]]] = deque()
+    with ThreadPoolExecutor(_PLACE_THREADS, thread_name_prefix="place") as pool:
+        for key in keys:
+            pending.append((key, pool.submit(_place, state_dict[key], device, dtype)))
+            if len(pending) > _PLACE_AHEAD:
+                done, future = pending.popleft()
+                placed[done] = future.result()
+        for done, future in pending:
+            placed[done] = future.result()
+    return placed
+
+
 def assign(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *, what: str, label: str,
            device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
            fit_clip_keys: bool = False) -> torch.nn.Module:
@@ -76,7 +101,7 @@ def assign(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], *, wh
         log.warning("%s: %d tensors of the %s were not used (e.g. %s)", label, len(unexpected), what,
                     ", ".join(unexpected[:3]))
     try:
-        model.load_state_dict({k: _place(sd[k], device, dtype) for k in expected}, strict=True, assign=True)
+        model.load_state_dict(_place_all(sd, expected, device, dtype), strict=True, assign=True)
     except RuntimeError as exc:
         raise ModelFileError(f"{label}: the {what}'s tensors do not fit the derived architecture: {exc}") from exc
     for name, buffer in list(model.named_buffers()):
