@@ -1,7 +1,22 @@
-"""Runner benchmark: what slicing a workflow into groups costs at run time, sliced vs ``single_group=True``.
+"""Runner benchmark: the runner's cold path (issue 8) and what slicing a workflow into groups costs at run time,
+sliced vs ``single_group=True``.
 
-Run with ``.venv/bin/python benchmarks/runner.py [--workflows txt2img,img2img] [--repeat 3] [--verbose]
-[--keep]``. See ``benchmarks/README.md`` for how to read the output.
+Run with ``.venv/bin/python benchmarks/runner.py [--workflows txt2img,img2img] [--repeat 3] [--cold-repeat 5]
+[--load-repeat 3] [--no-full-size] [--cache DIR] [--verbose] [--keep]``. See ``benchmarks/README.md`` for how to
+read the output.
+
+The cold path (printed last, side by side)
+    * cold start: spawn -> first node of a model-free group (LoadImage -> SaveImage), interleaved with spawn ->
+      ``import torch`` done in a fresh interpreter; and, from one run under ``-X importtime`` whose stderr is
+      merged into the runner's log, which modules are imported before the first ``node X: start`` line;
+    * load: a full-size SD 1.5-shaped checkpoint with random fp16 weights (``sd15_file.py``: 2.1 GB, the real
+      key layout and shapes, built once in seconds and kept in ``--cache``), loaded in a fresh process per
+      probe, imports done before the clock starts: ours (the runner's CPU dtypes: fp32) vs safetensors'
+      ``load_file`` followed by one fp32 conversion of every tensor (the least any fp32 loader does), vs
+      ``load_file`` alone (a memory map), and ours in the file's fp16. ComfyUI's figure is quoted from the
+      issue: ComfyUI cannot be installed here;
+    * first run and sliced/single: ComfyUI's default txt2img graph (``txt2img_api.json``) on the full-size
+      file, 128 px, 4 steps, one group vs the factory's groups.
 
 What runs
     Each example workflow is compiled twice with :func:`airflow_comfy.local_run.compile_for_run`: as sliced by
