@@ -171,17 +171,19 @@ def vae_from_ldm(config: Mapping[str, Any], source: layout.LdmSource, *, label: 
 
 
 def text_encoder_from_ldm(config: Mapping[str, Any], source: layout.LdmSource, *, open_clip: bool,
-                          label: str = "text encoder", device: torch.device | str = "cpu",
-                          dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """CLIP-L (``open_clip=False``: transformers names under ``text_model.``) or OpenCLIP (a model with
-    projection) from an LDM text-encoder component."""
+                          with_projection: bool | None = None, label: str = "text encoder",
+                          device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A CLIP text model from an LDM text-encoder component in CLIP-L layout (``open_clip=False``: transformers
+    names under ``text_model.``) or OpenCLIP layout (fused q/k/v). ``with_projection`` (default: ``open_clip``)
+    builds a CLIPTextModelWithProjection; without it an OpenCLIP file's ``text_projection`` is not read."""
     if open_clip:
         plan = layout.open_clip_plan
     else:
         nested = any(k.startswith("text_model.") for k in source.keys)
         def plan(keys: list[str]) -> layout.Plan:
             return layout.clip_plan(keys, nested=nested)
-    return from_ldm(_clip_factory(config, open_clip), source, plan, what="text encoder", label=label,
+    projection = open_clip if with_projection is None else with_projection
+    return from_ldm(_clip_factory(config, projection), source, plan, what="text encoder", label=label,
                     device=device, dtype=dtype)
 
 

@@ -36,10 +36,6 @@ def _strip(prefix: str, mapping: Mapping[str, Any]) -> dict[str, Any]:
     return {k[len(prefix):]: v for k, v in mapping.items() if k.startswith(prefix)}
 
 
-def _read_prefixed(reader: TensorReader, prefix: str) -> dict[str, torch.Tensor]:
-    return reader.read(prefix)
-
-
 def _shapes(sd: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in sd.items()}
 
