@@ -349,6 +349,19 @@ def test_missing_and_unusable_embeddings_are_dropped_and_reported(sd1, emb_dir, 
     assert any("size 16" in w for w in encode_prompt(sd1, "embedding:narrow")[1]["warnings"])
 
 
+def test_embedding_files_are_recorded_in_the_runs_snapshot(sd1, emb_dir):
+    import hashlib
+    from types import SimpleNamespace
+
+    _save(emb_dir / "sub" / "style.safetensors", emb_params=torch.ones(2, 32))
+    (emb_dir / "old.pt").write_bytes(b"not read unless the run allows pickle files")
+    run = SimpleNamespace(model_files={}, allow_pickle=False)
+    _, info = encode_prompt(sd1, "a embedding:style embedding:old cat", context=run)
+    assert info["embeddings"] == ["style"] and info["missing_embeddings"] == ["old"]
+    sha = hashlib.sha256((emb_dir / "sub" / "style.safetensors").read_bytes()).hexdigest()
+    assert run.model_files == {"embeddings/sub/style.safetensors": sha}  # unusable files are not recorded
+
+
 def test_sdxl_embedding_file_gives_each_encoder_its_vectors(sdxl, clip_l, clip_g, tok, emb_dir):
     cat = _ids(tok, "cat</w>")[0]
     _save(emb_dir / "xl.safetensors",
