@@ -15,9 +15,10 @@ Prompt syntax (:func:`parse_weighted_prompt`)
 Tokens (:func:`tokenize_weighted`)
     Each weighted segment is split before every ``embedding:`` that follows whitespace (or starts the
     segment). ``embedding:<name>`` (the name ends at the first whitespace, ``<`` or ``[``; ``name`` or
-    ``name.safetensors``; found in the embeddings folder or any folder below it) inserts the textual-inversion
-    vectors with the segment's weight; the rest of that piece is tokenized as text. A missing embedding is
-    dropped with a warning (ComfyUI logs ``embedding:<name> does not exist, ignoring``). Each text piece is
+    ``name.safetensors``; found in the embeddings folder or any folder below it, read by
+    :mod:`airflow_comfy.runner.models.embeddings`, which records its SHA-256 in the run's snapshot) inserts the
+    textual-inversion vectors with the segment's weight; the rest of that piece is tokenized as text. A missing
+    or unusable embedding is dropped with a warning (ComfyUI logs ``embedding:<name> does not exist, ignoring``). Each text piece is
     tokenized *as a whole* (without BOS/EOS) into one token group. Groups are packed into windows of
     ``[BOS] + 75 tokens + [EOS]`` padded to 77: a group shorter than 8 tokens that would cross the 75-token
     boundary starts the next window (the current one is closed with EOS and padding); a group of 8 tokens or
@@ -50,7 +51,6 @@ Encoding (:func:`encode_prompt`)
 from __future__ import annotations
 
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,8 +66,6 @@ MAX_LENGTH = 77
 MAX_WORD_LENGTH = 8
 """Token groups at least this long may be split across windows; shorter ones move to the next window."""
 EMBEDDING_PREFIX = "embedding:"
-EMBEDDING_EXTENSIONS = (".safetensors", ".pt", ".bin")
-"""The order ComfyUI tries extensions in; only safetensors are ever read (pickle files are refused)."""
 
 _ESC_CLOSE = "\0\1"
 _ESC_OPEN = "\0\2"
@@ -143,50 +141,14 @@ def parse_weighted_prompt(text: str) -> list[tuple[str, float]]:
 # ----------------------------------------------------------------------------------------------- embeddings
 
 
-def _embedding_folders(root: str) -> list[str]:
-    """``root`` and every folder below it (ComfyUI searches them all), root first, then in sorted order."""
-    found = []
-    for folder, subfolders, _files in os.walk(root, followlinks=True):
-        subfolders.sort()
-        found.append(folder)
-    return found or [root]
-
-
-def _find_embedding_file(name: str, root: str) -> str | None:
-    for folder in _embedding_folders(root):
-        folder = os.path.abspath(folder)
-        path = os.path.abspath(os.path.join(folder, name))
-        try:
-            if os.path.commonpath((folder, path)) != folder:
-                continue  # "../" and absolute names never leave the embeddings folder
-        except ValueError:
-            continue
-        if os.path.isfile(path):
-            return path
-        for ext in EMBEDDING_EXTENSIONS:
-            if os.path.isfile(path + ext):
-                return path + ext
-    return None
-
-
-def _select_embedding_tensor(tensors: dict[str, torch.Tensor], key: str) -> torch.Tensor | None:
-    """The vectors for one encoder: ``key`` (``clip_l`` / ``clip_g``), bundled-LoRA embeddings, else the first
-    tensor (``emb_params`` of A1111 files, or a single tensor)."""
-    if key in tensors:
-        return tensors[key]
-    for suffix in (".string_to_param.*", f".{key}"):
-        bundled = [t for k, t in tensors.items() if k.startswith("bundle_emb.") and k.endswith(suffix)]
-        if bundled:
-            return torch.cat(bundled, dim=0)
-    return next(iter(tensors.values()), None)
-
-
 @dataclass
 class _EmbeddingStore:
     root: str | None
     key: str
     dim: int | None
     warnings: list[str]
+    context: Any = None
+    """The run (``allow_pickle``; ``model_files`` records each embedding's SHA-256), or None."""
     cache: dict[str, torch.Tensor | None] = field(default_factory=dict)
 
     def load(self, name: str) -> torch.Tensor | None:
@@ -198,30 +160,18 @@ class _EmbeddingStore:
         return vectors
 
     def _load(self, name: str) -> torch.Tensor | None:
-        path = _find_embedding_file(name, self.root) if self.root and name else None
-        if path is None:
-            return None
-        if not path.lower().endswith(".safetensors"):
-            self.warnings.append(f"embedding:{name}: {os.path.basename(path)} is a pickle file; only "
-                                 f".safetensors embeddings are loaded, ignoring it")
-            return None
-        import safetensors.torch
+        from airflow_comfy.runner.models.embeddings import EmbeddingNotFoundError, load_embedding
+        from airflow_comfy.runner.models.files import ModelFileError
 
+        if not self.root or not name:
+            return None
         try:
-            tensors = safetensors.torch.load_file(path, device="cpu")
-        except Exception as exc:  # a damaged file is skipped like ComfyUI does, with the reason
-            self.warnings.append(f"embedding:{name}: cannot read {os.path.basename(path)} ({exc}), ignoring it")
+            return load_embedding(self.context, name, key=self.key, width=self.dim, embeddings_dir=self.root)
+        except EmbeddingNotFoundError:
             return None
-        vectors = _select_embedding_tensor(tensors, self.key)
-        if vectors is None or vectors.ndim == 0:
-            self.warnings.append(f"embedding:{name}: {os.path.basename(path)} holds no vectors, ignoring it")
+        except ModelFileError as exc:  # an unusable file is skipped like ComfyUI does, with the reason
+            self.warnings.append(f"embedding:{name}: {exc}; ignoring it")
             return None
-        vectors = vectors.reshape(-1, vectors.shape[-1]).float()
-        if self.dim is not None and vectors.shape[-1] != self.dim:
-            self.warnings.append(f"embedding:{name}: vectors of size {vectors.shape[-1]} do not fit this text "
-                                 f"encoder ({self.dim}), ignoring it")
-            return None
-        return vectors
 
     def lookup(self, text: str) -> tuple[torch.Tensor | None, str, str]:
         """``text`` follows ``embedding:``: ``(vectors, name, leftover text)``."""
@@ -271,18 +221,20 @@ def _token_ids(tokenizer: Any, text: str) -> list[int]:
 
 def tokenize_weighted(tokenizer: Any, text: str, *, embeddings_dir: str | None = None,
                       embedding_key: str = "clip_l", embedding_dim: int | None = None,
-                      pad_token: int | None = None, max_length: int = MAX_LENGTH) -> TokenizedPrompt:
+                      pad_token: int | None = None, max_length: int = MAX_LENGTH,
+                      context: Any = None) -> TokenizedPrompt:
     """Tokenize ``text`` with ComfyUI's weights, embeddings and window packing.
 
     ``tokenizer`` is a transformers CLIP tokenizer (adds BOS and EOS). ``pad_token`` None pads with the EOS id
     (SD 1.x, CLIP-L); SDXL's bigG passes 0. ``embedding_key`` picks the tensor of multi-encoder embedding files
     and ``embedding_dim`` rejects vectors of another size. ``embeddings_dir`` None behaves like an empty
-    embeddings folder (every ``embedding:`` name is missing).
+    embeddings folder (every ``embedding:`` name is missing). ``context``: the run, whose snapshot records each
+    embedding file's SHA-256 (and which may allow pickle files).
     """
     start, end = _special_tokens(tokenizer)
     pad = end if pad_token is None else int(pad_token)
     warnings: list[str] = []
-    store = _EmbeddingStore(embeddings_dir, embedding_key, embedding_dim, warnings)
+    store = _EmbeddingStore(embeddings_dir, embedding_key, embedding_dim, warnings, context)
     used: list[str] = []
     missing: list[str] = []
 
@@ -429,7 +381,7 @@ def _embedding_dim(model: torch.nn.Module) -> int:
     return int(model.get_input_embeddings().weight.shape[-1])
 
 
-def encode_prompt(clip: TextEncoder, text: str) -> tuple[list[CondEntry], dict]:
+def encode_prompt(clip: TextEncoder, text: str, *, context: Any = None) -> tuple[list[CondEntry], dict]:
     """CLIPTextEncode: ``text`` -> a one-entry CONDITIONING and an info dict (``warnings``,
     ``missing_embeddings``, ``embeddings``, ``token_count``, ``token_counts``, ``chunks``, ``layer``)."""
     layer = getattr(clip, "layer", None)
@@ -450,7 +402,7 @@ def encode_prompt(clip: TextEncoder, text: str) -> tuple[list[CondEntry], dict]:
     outputs, tokenized = [], []
     for tokenizer, model, pad, key in encoders:
         tokens = tokenize_weighted(tokenizer, text, embeddings_dir=clip.embeddings_dir, embedding_key=key,
-                                   embedding_dim=_embedding_dim(model), pad_token=pad)
+                                   embedding_dim=_embedding_dim(model), pad_token=pad, context=context)
         tokenized.append(tokens)
         outputs.append(encode_tokens(model, tokens, layer=effective, layer_norm_hidden=layer_norm_hidden))
 

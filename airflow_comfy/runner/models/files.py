@@ -134,7 +134,7 @@ def is_pickle_file(path: Path) -> bool:
     return path.name.lower().endswith(PICKLE_EXTENSIONS)
 
 
-def _pickle_refused(path: Path) -> ModelFileError:
+def pickle_refused(path: Path) -> ModelFileError:
     return ModelFileError(
         f"{_label(path)}: refusing to load a pickle-based model file ({path.suffix}): unpickling can run "
         f"arbitrary code. Convert it to .safetensors, or allow pickle files explicitly (allow_pickle / "
@@ -174,7 +174,7 @@ class TensorReader:
         self.metadata: dict[str, str] = {}
         if is_pickle_file(path):
             if not allow_pickle:
-                raise _pickle_refused(path)
+                raise pickle_refused(path)
             try:
                 try:
                     obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
