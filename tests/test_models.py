@@ -275,8 +275,7 @@ def test_family_detection_and_unsupported_families():
                           "cond_stage_model.transformer.text_model.final_layer_norm.weight"]) == "sd1"
     assert detect_family(["conditioner.embedders.1.model.ln_final.weight"]) == "sdxl"
     assert detect_family(["conditioner.embedders.0.model.ln_final.weight"]) == "sdxl_refiner"
-    with pytest.raises(ModelFileError, match="SD 2"):
-        detect_family(["cond_stage_model.model.ln_final.weight"])
+    assert detect_family(["cond_stage_model.model.ln_final.weight"]) == "sd2"
     with pytest.raises(ModelFileError, match="Flux"):
         detect_family(["model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale"])
     with pytest.raises(ModelFileError, match="not a Stable Diffusion"):

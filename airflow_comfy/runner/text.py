@@ -1,7 +1,7 @@
-"""ComfyUI's prompt semantics for SD 1.x and SDXL text encoders (CLIPTextEncode).
+"""ComfyUI's prompt semantics for SD 1.x, SD 2.x and SDXL (base and refiner) text encoders (CLIPTextEncode).
 
-Written from ComfyUI 0.3.64's described behaviour (``comfy/sd1_clip.py``, ``comfy/sdxl_clip.py``,
-``comfy/sd.py``), not from its source text.
+Written from ComfyUI 0.3.64's described behaviour (``comfy/sd1_clip.py``, ``comfy/sd2_clip.py``,
+``comfy/sdxl_clip.py``, ``comfy/clip_model.py``, ``comfy/sd.py``), not from its source text.
 
 Prompt syntax (:func:`parse_weighted_prompt`)
     Only parentheses are special. ``(text)`` multiplies the weight by 1.1 per level (``((a))`` = 1.21);
@@ -22,9 +22,10 @@ Tokens (:func:`tokenize_weighted`)
     tokenized *as a whole* (without BOS/EOS) into one token group. Groups are packed into windows of
     ``[BOS] + 75 tokens + [EOS]`` padded to 77: a group shorter than 8 tokens that would cross the 75-token
     boundary starts the next window (the current one is closed with EOS and padding); a group of 8 tokens or
-    more is split at the boundary. SD 1.x and SDXL's CLIP-L pad with the EOS id (49407); SDXL's OpenCLIP-bigG
-    tokenizer pads with id 0 (ComfyUI's ``SDXLClipGTokenizer`` is built with ``pad_with_end=False`` and
-    ``SDXLClipG`` declares ``special_tokens={"start": 49406, "end": 49407, "pad": 0}``).
+    more is split at the boundary. SD 1.x and SDXL's CLIP-L pad with the EOS id (49407); the OpenCLIP tokenizers
+    (SDXL's bigG, SD 2.x's ViT-H) pad with id 0 (ComfyUI's ``SDXLClipGTokenizer`` and ``SD2ClipHTokenizer``
+    are built with ``pad_with_end=False``, and ``SDXLClipG`` / ``SD2ClipHModel`` declare
+    ``special_tokens={"start": 49406, "end": 49407, "pad": 0}``).
 
 Encoding (:func:`encode_prompt`)
     All windows (plus the empty prompt ``[BOS, EOS, pad...]`` when any weight is not 1) run as one batch with
@@ -43,9 +44,16 @@ Encoding (:func:`encode_prompt`)
         layer_norm_hidden_state=False`` and ``SDXLClipG`` with ``layer="penultimate"`` and no final norm):
         without CLIPSetLastLayer both encoders use the raw penultimate hidden state; a CLIPSetLastLayer value
         is applied to both, still without the final LayerNorm. CLIP-L and bigG are concatenated on the
-        channel axis (768 + 1280 = 2048), cut to the shorter token length.
-    :class:`~airflow_comfy.runner.values.TextEncoder` cannot tell "no CLIPSetLastLayer" from an explicit
-    ``-1`` (both are ``-1``); for SDXL ``-1`` (and ``None``) is therefore read as ComfyUI's default (``-2``).
+        channel axis (768 + 1280 = 2048), cut to the shorter token length. The SDXL refiner has bigG alone,
+        encoded the same way (its cond is 1280 wide).
+      * SD 2.x (``SD2ClipHModel``: OpenCLIP ViT-H, 24 layers, ``layer="penultimate"`` and the default
+        ``layer_norm_hidden_state=True``; pad id 0): without CLIPSetLastLayer the penultimate hidden state
+        *through the final LayerNorm* (unlike SDXL); a CLIPSetLastLayer value selects another layer, also
+        normalised (``-1``: the plain last hidden state). The pooled output is ViT-H's ``text_projection``
+        of the EOS position. Diffusers' SD 2.x text encoders store 23 layers; the indices still count 24
+        (``-2`` is their last stored layer), see :data:`DROPPED_LAYERS_ATTR`.
+    ``TextEncoder.layer`` is None without CLIPSetLastLayer: then each family's default applies (SD 1.x: the
+    last layer; SD 2.x, SDXL: ``-2``); see :func:`encoder_settings`.
 """
 
 from __future__ import annotations
@@ -303,15 +311,24 @@ def _text_core(model: torch.nn.Module) -> torch.nn.Module:
     return _text_core(model.text_model)
 
 
+DROPPED_LAYERS_ATTR = "comfy_dropped_layers"
+"""Set on a text model whose last layer(s) its files leave out (diffusers' SD 2.x text encoders have 23 of
+OpenCLIP ViT-H's 24 layers): layer indices still count from the full stack, as ComfyUI's do."""
+
+
 def _num_layers(model: torch.nn.Module) -> int:
     return len(_text_core(model).encoder.layers)
 
 
 def _select_hidden(output: Any, model: torch.nn.Module, layer: int | None, layer_norm_hidden: bool) -> torch.Tensor:
-    num_layers = _num_layers(model)
+    present = _num_layers(model)
+    num_layers = present + int(getattr(model, DROPPED_LAYERS_ATTR, 0))
     if layer is None or abs(layer) > num_layers:
         return output.last_hidden_state
     index = layer if layer >= 0 else num_layers + layer
+    if index >= present and present < num_layers:
+        raise ValueError(f"CLIP layer {layer} is the text encoder's layer {index + 1} of {num_layers}, which its "
+                         f"files leave out (only {present} are stored)")
     if index >= num_layers:
         return output.last_hidden_state
     hidden = output.hidden_states[index + 1]  # hidden_states[0] is the embedding output
@@ -381,24 +398,41 @@ def _embedding_dim(model: torch.nn.Module) -> int:
     return int(model.get_input_embeddings().weight.shape[-1])
 
 
+_FAMILY_ENCODERS = {
+    # family: (tokenizer pad id per encoder (None = EOS), embedding keys, default layer, final norm on it)
+    "sd1": ((None,), ("clip_l",), None, True),
+    "sd2": ((0,), ("clip_l",), -2, True),
+    "sdxl": ((None, 0), ("clip_l", "clip_g"), -2, False),
+    "sdxl_refiner": ((0,), ("clip_g",), -2, False),
+}
+
+
+def encoder_settings(clip: TextEncoder) -> tuple[int | None, list[tuple[Any, torch.nn.Module, int | None, str]],
+                                                 bool]:
+    """How ComfyUI encodes for ``clip.family``: ``(layer, [(tokenizer, model, pad id, embedding key)],
+    final LayerNorm on the selected layer)``. ``layer`` is CLIPSetLastLayer's value, else the family's default.
+
+    SD 2.x (ComfyUI's ``SD2ClipHModel``: ``layer="penultimate"``, ``SDClipModel``'s default
+    ``layer_norm_hidden_state=True``, ``special_tokens`` pad 0; ``SD2ClipHTokenizer`` with ``pad_with_end=False``
+    and the default embedding key): the penultimate layer through the final LayerNorm, padded with id 0. The
+    SDXL refiner encodes with bigG alone, as SDXL's bigG (penultimate, no final norm, pad 0)."""
+    if clip.family not in _FAMILY_ENCODERS:
+        raise ValueError(f"text encoding for model family {clip.family!r} is not supported "
+                         f"({', '.join(_FAMILY_ENCODERS)})")
+    pads, keys, default_layer, layer_norm_hidden = _FAMILY_ENCODERS[clip.family]
+    if len(clip.models) != len(pads) or len(clip.tokenizers) != len(pads):
+        raise ValueError(f"a {clip.family} text encoder needs {len(pads)} tokenizer(s) and model(s), not "
+                         f"{len(clip.tokenizers)} and {len(clip.models)}")
+    layer = getattr(clip, "layer", None)
+    effective = default_layer if layer is None else layer
+    encoders = list(zip(clip.tokenizers, clip.models, pads, keys, strict=True))
+    return effective, encoders, layer_norm_hidden
+
+
 def encode_prompt(clip: TextEncoder, text: str, *, context: Any = None) -> tuple[list[CondEntry], dict]:
     """CLIPTextEncode: ``text`` -> a one-entry CONDITIONING and an info dict (``warnings``,
     ``missing_embeddings``, ``embeddings``, ``token_count``, ``token_counts``, ``chunks``, ``layer``)."""
-    layer = getattr(clip, "layer", None)
-    if clip.family == "sdxl":
-        if len(clip.models) != 2 or len(clip.tokenizers) != 2:
-            raise ValueError("an SDXL text encoder needs two tokenizers and two models (CLIP-L, OpenCLIP-bigG)")
-        effective = -2 if layer is None else layer
-        encoders = [(clip.tokenizers[0], clip.models[0], None, "clip_l"),
-                    (clip.tokenizers[1], clip.models[1], 0, "clip_g")]
-        layer_norm_hidden = False
-    elif clip.family == "sd1":
-        effective = layer
-        encoders = [(clip.tokenizers[0], clip.models[0], None, "clip_l")]
-        layer_norm_hidden = True
-    else:
-        raise ValueError(f"text encoding for model family {clip.family!r} is not supported (sd1, sdxl)")
-
+    effective, encoders, layer_norm_hidden = encoder_settings(clip)
     outputs, tokenized = [], []
     for tokenizer, model, pad, key in encoders:
         tokens = tokenize_weighted(tokenizer, text, embeddings_dir=clip.embeddings_dir, embedding_key=key,

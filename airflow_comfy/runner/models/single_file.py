@@ -3,8 +3,10 @@
 Files are read with ``safetensors.safe_open``, and only the tensors of the requested components
 (``components`` ⊆ ``{"MODEL", "CLIP", "VAE"}``): a group that only decodes reads only ``first_stage_model.*``.
 The LDM tensors are converted with diffusers' own converters (``convert_ldm_unet_checkpoint``,
-``convert_ldm_vae_checkpoint``, ``convert_ldm_clip_checkpoint``, ``convert_open_clip_checkpoint``) and the
-modules built from the configs of :mod:`.config` (see there where they come from).
+``convert_ldm_vae_checkpoint``, ``convert_ldm_clip_checkpoint``, ``convert_open_clip_checkpoint``), except SD 2.x's
+OpenCLIP ViT-H, which :func:`.layout.open_clip_from_ldm` converts with all its 24 layers and its projection (as
+ComfyUI keeps them); the modules are built from the configs of :mod:`.config` (see there where they come from).
+Which family and variant a file holds is :mod:`.families`' business (refusals come before any tensor is read).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from airflow_comfy.runner.models.config import (
     embedded_config,
     shipped_config,
 )
-from airflow_comfy.runner.models.families import detect_family
+from airflow_comfy.runner.models.families import detect_family, detect_prediction
 from airflow_comfy.runner.models.files import ModelFileError, TensorReader, _label
 from airflow_comfy.runner.models.loaded import LoadedCheckpoint
 from airflow_comfy.runner.models.tokenizers import _token_text, load_tokenizer
@@ -85,11 +87,13 @@ def _load_single_file(path: Path, components: frozenset[str], *, name: str, mode
             config = configs.get("unet") or _unet_config(
                 {k[len(layout.UNET_PREFIX):]: reader.shape(k) for k in unet_keys}, family)
             raw = _read_prefixed(reader, layout.UNET_PREFIX)
+            prediction = detect_prediction(family, raw, in_channels=int(config["in_channels"]),
+                                           prefix=layout.UNET_PREFIX, v_pred_key="v_pred" in reader,
+                                           embedded=embedded.get("prediction"))
             converted = convert_ldm_unet_checkpoint(raw, config)
             del raw
             unet = build_unet(config, converted, label=label, device=device, dtype=dtype)
             del converted
-            prediction = "v" if ("v_pred" in reader or embedded.get("prediction") == "v") else "eps"
             model = DiffusionModel(unet=unet, family=family, latent_scale=LATENT_SCALE[family], recipe=recipe,
                                    prediction=prediction)
 
@@ -113,26 +117,36 @@ def _load_single_file(path: Path, components: frozenset[str], *, name: str, mode
                                 tensors_read=reader.tensors_read, tensors_total=len(reader.keys))
 
 
+def _clip_parts(family: str, keys: list[str]) -> list[tuple[str, str, bool]]:
+    """``(config role, key prefix, OpenCLIP layout)`` of each text encoder of ``family``."""
+    if family == "sd1":
+        return [("text_encoder", layout.SD1_CLIP_PREFIX, False)]
+    if family == "sd2":
+        sgm = any(k.startswith(layout.SD2_SGM_CLIP_PREFIX) for k in keys)
+        return [("text_encoder", layout.SD2_SGM_CLIP_PREFIX if sgm else layout.SD2_CLIP_PREFIX, True)]
+    if family == "sdxl":
+        return [("text_encoder", layout.SDXL_CLIP_L_PREFIX, False),
+                ("text_encoder_2", layout.SDXL_CLIP_G_PREFIX, True)]
+    return [("text_encoder_2", layout.REFINER_CLIP_G_PREFIX, True)]
+
+
 def _load_single_file_clip(reader: TensorReader, family: str, configs: Mapping[str, Any], *, path: Path,
                            models_root: Path | None, label: str, recipe: Recipe, device: torch.device | str,
                            dtype: torch.dtype) -> TextEncoder:
     models: list[torch.nn.Module] = []
     tokenizers: list[Any] = []
-    if family == "sd1":
-        parts = [("text_encoder", layout.SD1_CLIP_PREFIX, False)]
-    elif family == "sdxl":
-        parts = [("text_encoder", layout.SDXL_CLIP_L_PREFIX, False),
-                 ("text_encoder_2", layout.SDXL_CLIP_G_PREFIX, True)]
-    else:
-        parts = [("text_encoder_2", layout.REFINER_CLIP_G_PREFIX, True)]
-    for role, prefix, open_clip in parts:
+    for role, prefix, open_clip in _clip_parts(family, reader.keys):
         raw = _read_prefixed(reader, prefix)
         if not raw:
             raise ModelFileError(f"{label}: the checkpoint has no text encoder ({prefix}*)")
-        converted = _convert_clip_g(raw, prefix) if open_clip else _convert_clip_l(raw)
+        if family == "sd2":
+            converted = layout.open_clip_from_ldm(raw, prefix)
+        else:
+            converted = _convert_clip_g(raw, prefix) if open_clip else _convert_clip_l(raw)
         del raw
         config = configs.get(role) or _clip_config(_shapes(converted), family, role)
-        models.append(build_text_encoder(config, converted, with_projection=open_clip, label=label,
+        with_projection = open_clip and "text_projection.weight" in converted
+        models.append(build_text_encoder(config, converted, with_projection=with_projection, label=label,
                                          device=device, dtype=dtype))
         tokenizer_config = shipped_config(family, "tokenizer_2_config" if role == "text_encoder_2"
                                           else "tokenizer_config")
