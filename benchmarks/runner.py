@@ -352,7 +352,9 @@ def warm_path(workflows: dict[str, Any], paths: dict[str, Path], repeat: int, ve
     runtime = Path(tempfile.mkdtemp(prefix="acs-bench-", dir="/tmp"))
     config = ServiceConfig(python=sys.executable, directory=str(runtime))
     lines = [f"warm path: the same workflow run again, sliced; a runner subprocess per group vs the warm runner "
-             f"service (median of {repeat} runs after the first; threads {os.environ.get('COMFY_RUNNER_THREADS', 'default')}):"]
+             f"service (median of {repeat} runs after the first; threads "
+             f"{os.environ.get('COMFY_RUNNER_THREADS', 'default')}; the first workflow's first service run starts "
+             "the service):"]
     try:
         for name, compiled in workflows.items():
             first = {mode: timed_run(compiled, paths, f"warm-{mode}-0", config if mode == "service" else None)
@@ -382,10 +384,11 @@ def warm_lines(name: str, first: dict[str, dict[str, Any]], warm: dict[str, dict
     n = len(sub["groups"])
     lines = [f"{name}: {n} groups, second run wall: subprocess {sub['wall']:.2f} s vs service {svc['wall']:.2f} s: "
              f"ratio {sub['wall'] / svc['wall']:.1f}x (first run: subprocess {first['subprocess']['wall']:.2f} s, "
-             f"service {first['service']['wall']:.2f} s, which starts the service)"]
+             f"service {first['service']['wall']:.2f} s)"]
+    width = max(len(group) for group in sub["groups"])
     for group in sub["groups"]:
         a, b = sub["groups"][group], svc["groups"][group]
-        lines.append(f"  {group:12s} subprocess {a:6.2f} s   service {b:6.2f} s   ratio {a / b:5.1f}x")
+        lines.append(f"  {group:{width}s}  subprocess {a:6.2f} s   service {b:6.2f} s   ratio {a / b:5.1f}x")
     return lines
 
 
