@@ -328,11 +328,15 @@ class ComfyGroupLocalOperator(BaseOperator):
                 tail.append(line)
                 self.log.info("%s", line)
 
+        def on_started() -> None:
+            self.log.info("Running: %s", describe_command(command))
+            if self._killed:  # killed while the request was on its way: its cancel may not have been sent
+                session.cancel()
+
         lease = self._lease
         fds = (lease.fd,) if lease is not None and lease.fd is not None else ()
         try:
-            result: JobResult = session.run(argv, env, fds=fds, on_lines=on_lines,
-                                            on_started=lambda: self.log.info("Running: %s", describe_command(command)))
+            result: JobResult = session.run(argv, env, fds=fds, on_lines=on_lines, on_started=on_started)
         except ServiceDied as exc:
             raise AirflowException(f"{exc}. The next try starts a fresh runner service.") from None
         self.log.info("The runner %s", result.describe())

@@ -193,11 +193,16 @@ class ServiceSession:
             if len(str(path)) > MAX_SOCKET_PATH:
                 raise ServiceUnavailable(f"the socket path {path} is over {MAX_SOCKET_PATH} bytes: set a shorter "
                                          "[comfy] runner_service_dir")
-            busy = _try_lock(path.with_suffix(".busy"))
+            try:
+                busy = _try_lock(path.with_suffix(".busy"))
+            except OSError as exc:
+                raise ServiceUnavailable(f"cannot lock {path.with_suffix('.busy')}: {exc}") from None
             if busy is not None:
                 self._busy, self.socket_path = busy, path
                 break
         else:
+            if self.slot:
+                raise ServiceUnavailable(f"the runner service of {self.slot} is busy with another task")
             raise ServiceUnavailable(f"all {len(names)} runner service slot(s) for this worker are busy "
                                      f"({', '.join(names)}; [comfy] runner_service_cpu_slots)")
         try:
