@@ -21,6 +21,7 @@ from typing import Any
 from airflow_comfy.artifacts import layout
 from airflow_comfy.artifacts.manifest import GroupManifest, ImageRecord, OutputRecord
 from airflow_comfy.artifacts.store import ArtifactStore, BadArtifact
+from airflow_comfy.runner import cancel
 from airflow_comfy.runner.codecs import decode_value, encode_value
 from airflow_comfy.runner.context import BadInput, NodeContext, NodeOutOfMemory, RunContext, SavedImage, log
 from airflow_comfy.runner.memory import free_memory, is_out_of_memory
@@ -62,6 +63,7 @@ class GroupRun:
         boundary = _BoundaryReader(self.spec, self.input_manifests, self.context, self.store)
         order = execution_order(nodes)
         for index, node_id in enumerate(order):
+            cancel.check()  # a runner service's job stops between nodes when its task goes away
             node = nodes[node_id]
             node_context = NodeContext(self.context, node_id, node.class_type)
             kwargs = {}
