@@ -2,12 +2,15 @@
 
 The groups run one after another in topological order, each as ``python -m airflow_comfy.runner run ...``
 with the arguments the operators would give it (concrete values instead of Airflow templates). Used by people
-trying a workflow and by the tests (sliced vs ``--single-group``).
+trying a workflow and by the tests (sliced vs ``--single-group``). ``run_workflow(service=...)`` sends the same
+arguments to a warm runner service instead (:mod:`airflow_comfy.runner.service`; the runner benchmark compares
+the two).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -22,6 +25,7 @@ from airflow_comfy.artifacts.store import open_store
 from airflow_comfy.factory.compile import CompiledWorkflow, compile_workflow
 from airflow_comfy.factory.sidecar import load_sidecar, sidecar_path
 from airflow_comfy.operators.command import local_arguments, runner_arguments, runner_prefix
+from airflow_comfy.runner_service.client import ServiceConfig, ServiceDied, ServiceSession, ServiceUnavailable
 from airflow_comfy.workflow.catalog import load_catalog
 from airflow_comfy.workflow.errors import Problem, WorkflowError
 from airflow_comfy.workflow.groupspec import EXIT_BAD_INPUT, EXIT_INFRASTRUCTURE, GroupSpec
@@ -77,9 +81,11 @@ def parse_param_assignments(assignments: list[str], compiled: CompiledWorkflow) 
 
 def run_workflow(compiled: CompiledWorkflow, *, models: Path, input_dir: Path, store: str,
                  params: dict[str, Any] | None = None, run_id: str | None = None, python: str | None = None,
-                 extra_args: list[str] | None = None, echo=print, in_process: bool = False) -> LocalRunResult:
+                 extra_args: list[str] | None = None, echo=print, in_process: bool = False,
+                 service: ServiceConfig | None = None) -> LocalRunResult:
     """Run every group in order. ``in_process`` calls the runner's ``main`` with the same arguments instead of
-    starting a process per group (tests use it to save the interpreter start-up; the code path is the same)."""
+    starting a process per group (tests use it to save the interpreter start-up; the code path is the same).
+    ``service`` runs each group as a job of the runner service it names (started on demand, on a CPU slot)."""
     run_key = f"{compiled.dag_id}/{run_id or time.strftime('cli__%Y%m%dT%H%M%S')}"
     all_params = {p["name"]: p["default"] for p in compiled.params} | dict(params or {})
     result = LocalRunResult(run_key=run_key)
@@ -87,13 +93,13 @@ def run_workflow(compiled: CompiledWorkflow, *, models: Path, input_dir: Path, s
         for group in compiled.groups:
             _run_group(group, result, models=models, input_dir=input_dir, store=store, params=all_params,
                        python=python, extra_args=extra_args, scratch=Path(scratch), echo=echo,
-                       in_process=in_process)
+                       in_process=in_process, service=service)
     return result
 
 
 def _run_group(group: dict, result: LocalRunResult, *, models: Path, input_dir: Path, store: str,
                params: dict[str, Any], python: str | None, extra_args: list[str] | None, scratch: Path,
-               echo, in_process: bool) -> None:
+               echo, in_process: bool, service: ServiceConfig | None = None) -> None:
     spec = GroupSpec.from_dict(group["spec"])
     inputs = [result.manifests[g]["manifest_uri"] for g in group["upstream"]]
     try:
@@ -112,8 +118,23 @@ def _run_group(group: dict, result: LocalRunResult, *, models: Path, input_dir: 
         returncode = runner_main(argv)
         if returncode != 0:
             raise GroupFailed(spec.group, returncode, "(in-process run: see the log above)")
+    elif service is not None:
+        _run_in_service(spec.group, argv, service, echo)
     else:
         completed = subprocess.run(runner_prefix(python or sys.executable) + argv, capture_output=True, text=True)
         if completed.returncode != 0:
             raise GroupFailed(spec.group, completed.returncode, (completed.stdout + completed.stderr)[-4000:])
     result.manifests[spec.group] = json.loads(manifest_out.read_text(encoding="utf-8"))
+
+
+def _run_in_service(group: str, argv: list[str], config: ServiceConfig, echo) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    lines: list[str] = []
+    try:
+        with ServiceSession(config, env, log=echo) as session:
+            session.open()
+            result = session.run(argv, env, on_lines=lines.extend)
+    except (ServiceUnavailable, ServiceDied) as exc:
+        raise GroupFailed(group, EXIT_INFRASTRUCTURE, f"runner service: {exc}") from None
+    if result.code != 0:
+        raise GroupFailed(group, result.code, "\n".join(lines)[-4000:])

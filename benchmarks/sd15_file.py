@@ -98,27 +98,10 @@ def write_sd15_file(path: Path, *, seed: int = 0) -> Path:
     return path
 
 
-def write_tokenizer(folder: Path) -> Path:
-    """A CLIP-layout tokenizer of SD 1.5's vocabulary size (49,408): the 512 byte tokens, made-up filler tokens
-    and the two special tokens, no merges (the benchmark's prompts need no real BPE, only the right size)."""
-    from airflow_comfy.runner.models.tokenizers import CLIP_BOS, CLIP_EOS, bytes_to_unicode
-
-    chars = list(bytes_to_unicode().values())
-    tokens = chars + [c + "</w>" for c in chars]
-    tokens += [f"filler{i}</w>" for i in range(49408 - 2 - len(tokens))] + [CLIP_BOS, CLIP_EOS]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    return folder
-
-
 def sd15_models(cache: Path) -> Path:
-    """A models root under ``cache`` holding the file (``checkpoints/``) and its tokenizer (``tokenizers/``),
-    written first when missing; returns the models root."""
+    """A models root under ``cache`` holding the file in ``checkpoints/`` (written first when missing; the CLIP
+    tokenizer is the package's own); returns the models root."""
     path = cache / "checkpoints" / FILE_NAME
     if not path.is_file():
         write_sd15_file(path)
-    tokenizer = cache / "tokenizers" / path.stem
-    if not (tokenizer / "merges.txt").is_file():
-        write_tokenizer(tokenizer)
     return cache

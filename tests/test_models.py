@@ -187,6 +187,7 @@ def _previous_loader(path: Path, dtype: torch.dtype, vae_dtype: torch.dtype) -> 
 
     from airflow_comfy.runner.models.building import build_text_encoder, build_unet, build_vae
     from airflow_comfy.runner.models.config import _unet_config, _vae_config, embedded_config
+    from airflow_comfy.runner.models.single_file import _clip_parts
 
     def shapes(sd, prefix=""):
         return {k[len(prefix):]: tuple(v.shape) for k, v in sd.items() if k.startswith(prefix)}
@@ -200,19 +201,19 @@ def _previous_loader(path: Path, dtype: torch.dtype, vae_dtype: torch.dtype) -> 
         raw = reader.read(layout.VAE_PREFIX)
         config = configs.get("vae") or _vae_config(shapes(raw, layout.VAE_PREFIX), family)
         out["vae"] = build_vae(config, convert_ldm_vae_checkpoint(raw, config), dtype=vae_dtype).state_dict()
-        parts = [("text_encoder", layout.SD1_CLIP_PREFIX if family == "sd1" else layout.SDXL_CLIP_L_PREFIX, False)]
-        if family == "sdxl":
-            parts.append(("text_encoder_2", layout.SDXL_CLIP_G_PREFIX, True))
-        for role, prefix, open_clip in parts:
+        for role, prefix, open_clip in _clip_parts(family, reader.keys):
             raw = reader.read(prefix)
-            if open_clip:
+            if family == "sd2":  # the previous loader's own converter
+                converted = layout.open_clip_from_ldm(raw, prefix)
+            elif open_clip:
                 hidden = raw[prefix + "token_embedding.weight"].shape[1]
                 converted = convert_open_clip_checkpoint(_ShapeOnly(hidden), dict(raw), prefix=prefix)
                 converted = {k: v for k, v in converted.items() if v is not None}
             else:
                 converted = layout.hf_clip_keys(convert_ldm_clip_checkpoint(dict(raw)))
             config = configs.get(role) or _clip_config(shapes(converted), family, role)
-            out[role] = build_text_encoder(config, converted, with_projection=open_clip, dtype=dtype).state_dict()
+            projection = open_clip and "text_projection.weight" in converted
+            out[role] = build_text_encoder(config, converted, with_projection=projection, dtype=dtype).state_dict()
     return out
 
 
@@ -252,7 +253,7 @@ def _sd15_key_names() -> set[str]:
                 *layout.clip_to_ldm(clip.state_dict())}
 
 
-@pytest.mark.parametrize("which", ["demo-sd15", "demo-sdxl", "sd15-layout-fp16"])
+@pytest.mark.parametrize("which", ["demo-sd15", "demo-sdxl", "demo-sd2", "demo-sd2-inpaint", "sd15-layout-fp16"])
 def test_loader_is_bit_identical_to_the_previous_loader(which, models, tmp_path):
     """Our LDM key plans, each tensor read once into the run's dtype, give exactly the parameters that
     diffusers' converters gave (same names, dtypes, bits), in fp32 and, for the fp16 file, in fp16."""
@@ -261,6 +262,10 @@ def test_loader_is_bit_identical_to_the_previous_loader(which, models, tmp_path)
         keys = set(TensorReader(path).keys)
         assert keys == _sd15_key_names()  # the real SD 1.5 key layout
         dtypes = [torch.float32, torch.float16]
+    elif which.startswith("demo-sd2"):
+        demo.make_sd2_demo_models(tmp_path)
+        path = tmp_path / "checkpoints" / f"{which}-tiny.safetensors"
+        dtypes = [torch.float32]
     else:
         path = models / "checkpoints" / f"{which}-tiny.safetensors"
         dtypes = [torch.float32]
@@ -385,8 +390,7 @@ def test_family_detection_and_unsupported_families():
                           "cond_stage_model.transformer.text_model.final_layer_norm.weight"]) == "sd1"
     assert detect_family(["conditioner.embedders.1.model.ln_final.weight"]) == "sdxl"
     assert detect_family(["conditioner.embedders.0.model.ln_final.weight"]) == "sdxl_refiner"
-    with pytest.raises(ModelFileError, match="SD 2"):
-        detect_family(["cond_stage_model.model.ln_final.weight"])
+    assert detect_family(["cond_stage_model.model.ln_final.weight"]) == "sd2"
     with pytest.raises(ModelFileError, match="Flux"):
         detect_family(["model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale"])
     with pytest.raises(ModelFileError, match="not a Stable Diffusion"):

@@ -1,5 +1,5 @@
-"""Model configs: the shipped configs of each family (``configs/sd15``, ``configs/sdxl``), the config our writer
-embeds in a file, and UNet/VAE/CLIP configs derived from a checkpoint's tensor shapes.
+"""Model configs: the shipped configs of each family (``configs/sd15``, ``configs/sd2``, ``configs/sdxl``), the
+config our writer embeds in a file, and UNet/VAE/CLIP configs derived from a checkpoint's tensor shapes.
 
 Where a single file's configs come from, in order:
 
@@ -23,11 +23,12 @@ from typing import Any
 
 from airflow_comfy.runner.models import layout
 
-LATENT_SCALE = {"sd1": 0.18215, "sdxl": 0.13025, "sdxl_refiner": 0.13025}
+LATENT_SCALE = {"sd1": 0.18215, "sd2": 0.18215, "sdxl": 0.13025, "sdxl_refiner": 0.13025}
+"""The VAE latent scaling of each family (SD 2.x uses SD 1.x's VAE and latent format)."""
 META_KEY = "airflow_comfy"
 META_FORMAT = 1
 _CONFIG_DIR = Path(__file__).with_name("configs")
-_FAMILY_DIR = {"sd1": "sd15", "sdxl": "sdxl"}
+_FAMILY_DIR = {"sd1": "sd15", "sd2": "sd2", "sdxl": "sdxl"}
 
 
 @cache
@@ -43,7 +44,7 @@ def _shipped(family: str, name: str) -> dict:
 
 def shipped_config(family: str, name: str) -> dict:
     """A copy of a shipped config (``unet``, ``vae``, ``text_encoder``, ``text_encoder_2``, ``tokenizer_config``
-    ...) of ``sd1`` or ``sdxl``; ``{}`` when there is none."""
+    ...) of ``sd1``, ``sd2`` or ``sdxl``; ``{}`` when there is none."""
     return json.loads(json.dumps(_shipped(family, name)))
 
 
@@ -89,7 +90,10 @@ _CLIP_DROP = ("architectures", "model_type", "transformers_version", "torch_dtyp
 
 
 def _clip_config(shapes: Mapping[str, tuple[int, ...]], family: str, role: str) -> dict:
-    derived = layout.clip_config_from_hf(shapes, hidden_act="gelu" if role == "text_encoder_2" else "quick_gelu")
+    """OpenAI's CLIP-L (SD 1.x, SDXL's first encoder) uses quick_gelu; the OpenCLIP encoders (SD 2.x's ViT-H,
+    SDXL's bigG) use exact GELU."""
+    open_clip = role == "text_encoder_2" or family == "sd2"
+    derived = layout.clip_config_from_hf(shapes, hidden_act="gelu" if open_clip else "quick_gelu")
     base = {k: v for k, v in shipped_config(family, role).items() if k not in _CLIP_DROP}
     if base and all(base.get(k) == derived[k] for k in ("hidden_size", "num_hidden_layers", "vocab_size")):
         derived.pop("num_attention_heads")

@@ -1,5 +1,7 @@
 """Diffusers pipeline folders (``model_index.json`` + ``unet/``, ``vae/``, ``text_encoder[_2]/``,
-``tokenizer[_2]/``): single, fp16-variant or sharded safetensors per component."""
+``tokenizer[_2]/``): single, fp16-variant or sharded safetensors per component. SD 1.x, SD 2.x (UNet
+cross-attention 1024 wide), SDXL base and refiner pipelines; the family and the refusals come from
+``model_index.json`` and ``unet/config.json`` alone."""
 
 from __future__ import annotations
 
@@ -10,8 +12,10 @@ from typing import Any
 
 import torch
 
+from airflow_comfy.runner.models import layout
 from airflow_comfy.runner.models.building import build_text_encoder, build_unet, build_vae
 from airflow_comfy.runner.models.config import LATENT_SCALE, _public
+from airflow_comfy.runner.models.families import INPAINT_CHANNELS, V_PROBE, detect_prediction, unsupported
 from airflow_comfy.runner.models.files import ModelFileError, TensorReader, _label, is_pickle_file
 from airflow_comfy.runner.models.loaded import LoadedCheckpoint
 from airflow_comfy.runner.models.tokenizers import load_tokenizer, tokenizer_from_dir
@@ -65,26 +69,19 @@ def _load_diffusers_folder(path: Path, components: frozenset[str], *, name: str,
         entry = index.get(component)
         return isinstance(entry, list) and entry[0] is not None and (path / component).is_dir()
 
-    if "XL" in cls:
-        family = "sdxl" if present("text_encoder") else "sdxl_refiner"
-    elif cls.startswith("StableDiffusion") and "3" not in cls:
-        family = "sd1"
-    else:
-        raise ModelFileError(f"{label}: diffusers pipeline {cls or '?'} is not supported (SD 1.x and SDXL only)")
+    unet_config = _json(path / "unet" / "config.json") if (path / "unet" / "config.json").is_file() else {}
+    family = _folder_family(cls, present("text_encoder"), unet_config, label)
     recipe = Recipe("CheckpointLoaderSimple", name)
     read = 0
     model = clip = vae = None
     if "MODEL" in components:
-        config = _json(path / "unet" / "config.json")
+        config = _public(unet_config or _json(path / "unet" / "config.json"))
+        if family == "sd2":
+            config["upcast_attention"] = True  # ComfyUI computes SD 2.x attention in float32
         weights, n = read_component_weights(path / "unet", allow_pickle=allow_pickle)
         read += n
-        if family == "sd1" and config.get("cross_attention_dim") == 1024:
-            raise ModelFileError(f"{label}: SD 2.x models are not supported yet")
-        unet = build_unet(_public(config), weights, label=label, device=device, dtype=dtype)
-        scheduler = path / "scheduler" / "scheduler_config.json"
-        prediction = "eps"
-        if scheduler.is_file() and _json(scheduler).get("prediction_type") == "v_prediction":
-            prediction = "v"
+        prediction = _folder_prediction(path, family, config, weights)
+        unet = build_unet(config, weights, label=label, device=device, dtype=dtype)
         model = DiffusionModel(unet=unet, family=family, latent_scale=LATENT_SCALE[family], recipe=recipe,
                                prediction=prediction)
     if "VAE" in components:
@@ -107,8 +104,10 @@ def _load_diffusers_folder(path: Path, components: frozenset[str], *, name: str,
             architectures = config.get("architectures") or []
             with_projection = "CLIPTextModelWithProjection" in architectures or (
                 not architectures and role == "text_encoder_2")
-            models.append(build_text_encoder(config, weights, with_projection=with_projection, label=label,
-                                             device=device, dtype=dtype))
+            encoder = build_text_encoder(config, weights, with_projection=with_projection, label=label,
+                                         device=device, dtype=dtype)
+            _mark_dropped_layers(encoder, config, family)
+            models.append(encoder)
             tok_dir = path / role.replace("text_encoder", "tokenizer")
             max_len = int(config.get("max_position_embeddings", 77))
             if (tok_dir / "vocab.json").is_file() and (tok_dir / "merges.txt").is_file():
@@ -117,8 +116,9 @@ def _load_diffusers_folder(path: Path, components: frozenset[str], *, name: str,
                     raise ModelFileError(f"{label}: {tok_dir.name} has {len(tokenizer)} tokens, the text encoder "
                                          f"{config.get('vocab_size')}")
             else:
+                open_clip = role == "text_encoder_2" or family == "sd2"
                 tokenizer = load_tokenizer(path, models_root, vocab_size=int(config.get("vocab_size", 49408)),
-                                           pad_token="!" if role == "text_encoder_2" else None,
+                                           pad_token="!" if open_clip else None,
                                            model_max_length=max_len, label=label)
             tokenizers.append(tokenizer)
         embeddings = models_root / "embeddings" if models_root is not None else None
@@ -126,6 +126,49 @@ def _load_diffusers_folder(path: Path, components: frozenset[str], *, name: str,
                            embeddings_dir=str(embeddings) if embeddings is not None and embeddings.is_dir() else None)
     return LoadedCheckpoint(model=model, clip=clip, vae=vae, family=family, components=components, path=path,
                             tensors_read=read, tensors_total=read)
+
+
+SD2_TEXT_LAYERS = 24
+"""OpenCLIP ViT-H's text layers; diffusers' SD 2.x text encoders store the first 23."""
+
+
+def _folder_family(cls: str, has_text_encoder: bool, unet_config: Mapping[str, Any], label: str) -> str:
+    """The family of a diffusers pipeline folder, from ``model_index.json``'s class and the UNet config; the
+    UNet variants we do not run are refused here, before any weight is read."""
+    if "XL" in cls:
+        family = "sdxl" if has_text_encoder else "sdxl_refiner"
+    elif cls.startswith("StableDiffusion") and "3" not in cls and "UnCLIP" not in cls and "Upscale" not in cls:
+        sd2 = unet_config.get("cross_attention_dim") == 1024 or unet_config.get("use_linear_projection")
+        family = "sd2" if sd2 else "sd1"  # SD 1.x UNets: 768-wide cross-attention, convolutional projections
+    else:
+        raise unsupported(label, f"a diffusers {cls or 'pipeline of an unknown class'}")
+    channels = unet_config.get("in_channels", 4)
+    if channels not in (4, INPAINT_CHANNELS):
+        raise unsupported(label, f"a diffusers {cls} with {channels} UNet input channels")
+    if family in ("sd1", "sd2") and (unet_config.get("class_embed_type") or unet_config.get("addition_embed_type")):
+        raise unsupported(label, f"a diffusers {cls} whose UNet takes a class/image embedding")
+    return family
+
+
+def _folder_prediction(path: Path, family: str, config: Mapping[str, Any],
+                       weights: Mapping[str, torch.Tensor]) -> str:
+    """``v`` when the scheduler says ``v_prediction``; SD 2.x also by ComfyUI's weight test (:mod:`.families`)."""
+    scheduler = path / "scheduler" / "scheduler_config.json"
+    if scheduler.is_file() and _json(scheduler).get("prediction_type") == "v_prediction":
+        return "v"
+    probe = next((k for k, ldm in layout.unet_key_map(weights).items() if ldm == V_PROBE), None)
+    ldm = {V_PROBE: weights[probe]} if probe is not None else {}
+    return detect_prediction(family, ldm, in_channels=int(config.get("in_channels", 4)))
+
+
+def _mark_dropped_layers(encoder: torch.nn.Module, config: Mapping[str, Any], family: str) -> None:
+    """Diffusers' SD 2.x text encoder (1024 wide, 23 layers) lacks ViT-H's last layer: CLIP layer indices count
+    it all the same, as ComfyUI's do (:data:`airflow_comfy.runner.text.DROPPED_LAYERS_ATTR`)."""
+    from airflow_comfy.runner.text import DROPPED_LAYERS_ATTR
+
+    layers = int(config.get("num_hidden_layers", SD2_TEXT_LAYERS))
+    if family == "sd2" and config.get("hidden_size") == 1024 and layers < SD2_TEXT_LAYERS:
+        setattr(encoder, DROPPED_LAYERS_ATTR, SD2_TEXT_LAYERS - layers)
 
 
 def _rename_old_vae_attention(weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

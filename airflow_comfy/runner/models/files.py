@@ -134,7 +134,7 @@ def is_pickle_file(path: Path) -> bool:
     return path.name.lower().endswith(PICKLE_EXTENSIONS)
 
 
-def _pickle_refused(path: Path) -> ModelFileError:
+def pickle_refused(path: Path) -> ModelFileError:
     return ModelFileError(
         f"{_label(path)}: refusing to load a pickle-based model file ({path.suffix}): unpickling can run "
         f"arbitrary code. Convert it to .safetensors, or allow pickle files explicitly (allow_pickle / "
@@ -164,17 +164,18 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
 class TensorReader:
     """Reads the tensors of one model file, counting what it read (to check that only the needed parts are).
 
-    ``keys`` lists every tensor name; ``shape(key)`` costs no read; ``get(key)`` and ``read(prefix)`` read."""
+    ``keys`` lists every tensor name; ``shape(key)`` costs no read; ``get(key)`` and ``read(prefix)`` read.
+    ``tensors_read`` counts distinct tensors (one read twice counts once)."""
 
     def __init__(self, path: Path, *, allow_pickle: bool = False) -> None:
         self.path = path
-        self.tensors_read = 0
+        self._read_keys: set[str] = set()
         self._handle: Any = None
         self._pickled: dict[str, torch.Tensor] | None = None
         self.metadata: dict[str, str] = {}
         if is_pickle_file(path):
             if not allow_pickle:
-                raise _pickle_refused(path)
+                raise pickle_refused(path)
             try:
                 try:
                     obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -227,8 +228,12 @@ class TensorReader:
     def shapes(self, keys: Iterable[str] | None = None) -> dict[str, tuple[int, ...]]:
         return {k: self.shape(k) for k in (self.keys if keys is None else keys)}
 
+    @property
+    def tensors_read(self) -> int:
+        return len(self._read_keys)
+
     def get(self, key: str) -> torch.Tensor:
-        self.tensors_read += 1
+        self._read_keys.add(key)
         if self._pickled is not None:
             return self._pickled[key]
         try:

@@ -27,6 +27,9 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CONTROLNET_PREFIX = "control_model."
 SD1_CLIP_PREFIX = "cond_stage_model.transformer."
+SD2_CLIP_PREFIX = "cond_stage_model.model."
+SD2_SGM_CLIP_PREFIX = "conditioner.embedders.0.model."
+"""SD 2.x's OpenCLIP ViT-H in the SGM (SDXL-style) layout; the SDXL refiner keeps its bigG at the same place."""
 SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
 SDXL_CLIP_G_PREFIX = "conditioner.embedders.1.model."
 REFINER_CLIP_G_PREFIX = "conditioner.embedders.0.model."
@@ -230,6 +233,45 @@ def open_clip_to_ldm(state_dict: Mapping[str, torch.Tensor], prefix: str = SDXL_
     return out
 
 
+_OPEN_CLIP_TOP = {
+    "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+    "positional_embedding": "text_model.embeddings.position_embedding.weight",
+    "ln_final.weight": "text_model.final_layer_norm.weight",
+    "ln_final.bias": "text_model.final_layer_norm.bias",
+}
+_OPEN_CLIP_BLOCK = {
+    "attn.out_proj": "self_attn.out_proj",
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
+
+
+def open_clip_from_ldm(state_dict: Mapping[str, torch.Tensor], prefix: str = SD2_CLIP_PREFIX
+                       ) -> dict[str, torch.Tensor]:
+    """An OpenCLIP text transformer as stored in SD 2.x / SDXL checkpoints (``prefix`` + ``token_embedding``,
+    ``positional_embedding``, ``transformer.resblocks.N.{attn.in_proj_*, attn.out_proj, ln_1, ln_2, mlp.c_fc,
+    mlp.c_proj}``, ``ln_final``, ``text_projection``) -> transformers ``CLIPTextModelWithProjection`` keys
+    (``text_model.*``, ``text_projection.weight``): the packed ``in_proj`` split into equal q/k/v thirds, the
+    ``x @ P`` projection transposed into a Linear weight. Every layer is kept (diffusers' own converter drops
+    SD 2.x's last layer, which ComfyUI keeps for the pooled output). Other keys (``logit_scale``) are left out."""
+    sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    out = {hf: sd[ldm] for ldm, hf in _OPEN_CLIP_TOP.items() if ldm in sd}
+    if "text_projection" in sd:
+        out["text_projection.weight"] = sd["text_projection"].T.contiguous()
+    for key, value in sd.items():
+        if m := re.match(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$", key):
+            layer, kind = m.groups()
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0), strict=True):
+                out[f"text_model.encoder.layers.{layer}.self_attn.{name}.{kind}"] = part.contiguous()
+        elif (m := re.match(r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)$", key)) \
+                and m.group(2) in _OPEN_CLIP_BLOCK:
+            layer, module, kind = m.groups()
+            out[f"text_model.encoder.layers.{layer}.{_OPEN_CLIP_BLOCK[module]}.{kind}"] = value
+    return out
+
+
 # --- LDM -> module: what each parameter is read from -------------------------------------------------------
 
 
@@ -271,21 +313,19 @@ def clip_plan(model_keys: Iterable[str], *, nested: bool = True) -> dict[str, So
     return plan
 
 
-_OPEN_CLIP_LAYER = {"self_attn.out_proj": "attn.out_proj", "layer_norm1": "ln_1", "layer_norm2": "ln_2",
-                    "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
-_OPEN_CLIP_TOP = {"embeddings.token_embedding.weight": "token_embedding.weight",
-                  "embeddings.position_embedding.weight": "positional_embedding",
-                  "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
+_OPEN_CLIP_TOP_SOURCES = {hf: ldm for ldm, hf in _OPEN_CLIP_TOP.items()}
+_OPEN_CLIP_BLOCK_SOURCES = {hf: ldm for ldm, hf in _OPEN_CLIP_BLOCK.items()}
 
 
 def open_clip_plan(model_keys: Iterable[str]) -> dict[str, Source]:
-    """Sources of a transformers CLIPTextModelWithProjection's parameters in an OpenCLIP component (SDXL's
-    bigG): q/k/v are thirds of ``attn.in_proj_*``, ``text_projection`` is stored transposed."""
+    """Sources of a transformers CLIP text model's parameters in an OpenCLIP component (SD 2.x's ViT-H, SDXL's
+    bigG; the inverse of :func:`open_clip_to_ldm`, every layer): q/k/v are thirds of ``attn.in_proj_*``,
+    ``text_projection`` is stored transposed."""
     plan: dict[str, Source] = {}
     for key in model_keys:
         name = key[len("text_model."):] if key.startswith("text_model.") else key
-        if name in _OPEN_CLIP_TOP:
-            plan[key] = Source(_OPEN_CLIP_TOP[name])
+        if f"text_model.{name}" in _OPEN_CLIP_TOP_SOURCES:
+            plan[key] = Source(_OPEN_CLIP_TOP_SOURCES[f"text_model.{name}"])
         elif name == "text_projection.weight":
             plan[key] = Source("text_projection", transpose=True)
         elif m := re.match(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$", name):
@@ -293,8 +333,8 @@ def open_clip_plan(model_keys: Iterable[str]) -> dict[str, Source]:
             base = f"transformer.resblocks.{layer}."
             if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
                 plan[key] = Source(f"{base}attn.in_proj_{kind}", part="qkv".index(module[len("self_attn.")]))
-            elif module in _OPEN_CLIP_LAYER:
-                plan[key] = Source(f"{base}{_OPEN_CLIP_LAYER[module]}.{kind}")
+            elif module in _OPEN_CLIP_BLOCK_SOURCES:
+                plan[key] = Source(f"{base}{_OPEN_CLIP_BLOCK_SOURCES[module]}.{kind}")
     return plan
 
 
@@ -303,7 +343,7 @@ def clip_shapes_from_ldm(shapes: Shapes, *, open_clip: bool) -> dict[str, tuple[
     far as :func:`clip_config_from_hf` reads them (no tensor is read)."""
     if not open_clip:
         return {k if k.startswith("text_model.") else f"text_model.{k}": v for k, v in shapes.items()}
-    out = {f"text_model.{hf}": shapes[ldm] for hf, ldm in _OPEN_CLIP_TOP.items() if ldm in shapes}
+    out = {hf: shapes[ldm] for ldm, hf in _OPEN_CLIP_TOP.items() if ldm in shapes}
     for key, shape in shapes.items():
         if m := re.match(r"transformer\.resblocks\.(\d+)\.mlp\.c_fc\.weight$", key):
             out[f"text_model.encoder.layers.{m.group(1)}.mlp.fc1.weight"] = shape

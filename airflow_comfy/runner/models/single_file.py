@@ -4,7 +4,9 @@ Files are read with ``safetensors.safe_open`` (a memory map), and only the tenso
 (``components`` ⊆ ``{"MODEL", "CLIP", "VAE"}``): a group that only decodes reads only ``first_stage_model.*``.
 The modules are built on the meta device from the configs of :mod:`.config` (see there where they come from)
 and each parameter is read from its LDM tensor where :mod:`.layout`'s plans say, once, straight into the run's
-dtype (:mod:`.building`): no converted copy of the state dict is made.
+dtype (:mod:`.building`): no converted copy of the state dict is made. OpenCLIP encoders (SD 2.x's ViT-H,
+SDXL's bigG) keep all their layers and their projection, as ComfyUI does.
+Which family and variant a file holds is :mod:`.families`' business (refusals come before any tensor is read).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from airflow_comfy.runner.models.config import (
     embedded_config,
     shipped_config,
 )
-from airflow_comfy.runner.models.families import detect_family
+from airflow_comfy.runner.models.families import V_PROBE, detect_family, detect_prediction
 from airflow_comfy.runner.models.files import ModelFileError, TensorReader, _label
 from airflow_comfy.runner.models.loaded import LoadedCheckpoint
 from airflow_comfy.runner.models.tokenizers import _token_text, load_tokenizer
@@ -57,9 +59,11 @@ def _load_single_file(path: Path, components: frozenset[str], *, name: str, mode
                 raise ModelFileError(f"{label}: the checkpoint has no diffusion model (model.diffusion_model.*)")
             config = configs.get("unet") or _unet_config(
                 {k[len(layout.UNET_PREFIX):]: reader.shape(k) for k in unet_keys}, family)
-            unet = unet_from_ldm(config, layout.LdmSource.prefixed(reader, layout.UNET_PREFIX), label=label,
-                                 device=device, dtype=dtype)
-            prediction = "v" if ("v_pred" in reader or embedded.get("prediction") == "v") else "eps"
+            source = layout.LdmSource.prefixed(reader, layout.UNET_PREFIX)
+            prediction = detect_prediction(family, source.planned({V_PROBE: layout.Source(V_PROBE)}),
+                                           in_channels=int(config["in_channels"]), v_pred_key="v_pred" in reader,
+                                           embedded=embedded.get("prediction"))
+            unet = unet_from_ldm(config, source, label=label, device=device, dtype=dtype)
             model = DiffusionModel(unet=unet, family=family, latent_scale=LATENT_SCALE[family], recipe=recipe,
                                    prediction=prediction)
 
@@ -81,26 +85,33 @@ def _load_single_file(path: Path, components: frozenset[str], *, name: str, mode
                                 tensors_read=reader.tensors_read, tensors_total=len(reader.keys))
 
 
+def _clip_parts(family: str, keys: list[str]) -> list[tuple[str, str, bool]]:
+    """``(config role, key prefix, OpenCLIP layout)`` of each text encoder of ``family``."""
+    if family == "sd1":
+        return [("text_encoder", layout.SD1_CLIP_PREFIX, False)]
+    if family == "sd2":
+        sgm = any(k.startswith(layout.SD2_SGM_CLIP_PREFIX) for k in keys)
+        return [("text_encoder", layout.SD2_SGM_CLIP_PREFIX if sgm else layout.SD2_CLIP_PREFIX, True)]
+    if family == "sdxl":
+        return [("text_encoder", layout.SDXL_CLIP_L_PREFIX, False),
+                ("text_encoder_2", layout.SDXL_CLIP_G_PREFIX, True)]
+    return [("text_encoder_2", layout.REFINER_CLIP_G_PREFIX, True)]
+
+
 def _load_single_file_clip(reader: TensorReader, family: str, configs: Mapping[str, Any], *, path: Path,
                            models_root: Path | None, label: str, recipe: Recipe, device: torch.device | str,
                            dtype: torch.dtype) -> TextEncoder:
     models: list[torch.nn.Module] = []
     tokenizers: list[Any] = []
-    if family == "sd1":
-        parts = [("text_encoder", layout.SD1_CLIP_PREFIX, False)]
-    elif family == "sdxl":
-        parts = [("text_encoder", layout.SDXL_CLIP_L_PREFIX, False),
-                 ("text_encoder_2", layout.SDXL_CLIP_G_PREFIX, True)]
-    else:
-        parts = [("text_encoder_2", layout.REFINER_CLIP_G_PREFIX, True)]
-    for role, prefix, open_clip in parts:
+    for role, prefix, open_clip in _clip_parts(family, reader.keys):
         source = layout.LdmSource.prefixed(reader, prefix)
         if not source.keys:
             raise ModelFileError(f"{label}: the checkpoint has no text encoder ({prefix}*)")
         config = configs.get(role) or _clip_config(layout.clip_shapes_from_ldm(
             {k: reader.shape(prefix + k) for k in source.keys}, open_clip=open_clip), family, role)
-        models.append(text_encoder_from_ldm(config, source, open_clip=open_clip, label=label, device=device,
-                                            dtype=dtype))
+        with_projection = open_clip and "text_projection" in source.keys
+        models.append(text_encoder_from_ldm(config, source, open_clip=open_clip, with_projection=with_projection,
+                                            label=label, device=device, dtype=dtype))
         tokenizer_config = shipped_config(family, "tokenizer_2_config" if role == "text_encoder_2"
                                           else "tokenizer_config")
         pad = _token_text(tokenizer_config.get("pad_token")) or ("!" if role == "text_encoder_2" else None)

@@ -1,26 +1,32 @@
 """CLIP tokenizers: built in memory from a CLIP-layout vocabulary and BPE merges.
 
-Real checkpoints need CLIP's real BPE vocabulary (49,408 tokens), which is not shipped. It is looked up in
-``<models>/tokenizers/<checkpoint stem>/``, then a ``tokenizer/`` folder beside the checkpoint, then
-``<models>/tokenizers/clip/`` (each: ``vocab.json`` + ``merges.txt`` [+ ``tokenizer_config.json``]), then the
-BPE file of the ``openai-clip`` package if it is installed (not imported). A diffusers folder's own
-``tokenizer/`` comes first. The tokenizer's vocabulary size must match the text encoder's.
+CLIP's BPE merges (``data/bpe_simple_vocab_16e6.txt.gz``, OpenAI CLIP, MIT licence; provenance in
+``data/README.md``) ship with the package, so real SD 1.x/SDXL checkpoints (49,408-token vocabulary) need no
+extra files. A tokenizer folder (``vocab.json`` + ``merges.txt`` [+ ``tokenizer_config.json``]) overrides it;
+the folders looked at, in order: a diffusers folder's own ``tokenizer/``, ``<models>/tokenizers/<checkpoint
+stem>/``, a ``tokenizer/`` folder beside the checkpoint, ``<models>/tokenizers/clip/``. The tokenizer's
+vocabulary size must match the text encoder's.
 """
 
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import threading
 from collections.abc import Mapping
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow_comfy.runner.models.files import ModelFileError, _label, file_key
 
+if TYPE_CHECKING:  # importlib.resources.abc is Python 3.11+
+    from importlib.resources.abc import Traversable
+
 CLIP_BOS = "<|startoftext|>"
 CLIP_EOS = "<|endoftext|>"
+CLIP_VOCAB_SIZE = 49408
+CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -97,33 +103,33 @@ def tokenizer_from_dir(folder: Path, *, pad_token: str | None = None, model_max_
     return tokenizer
 
 
-def openai_clip_bpe_file() -> Path | None:
-    """``bpe_simple_vocab_16e6.txt.gz`` of the ``openai-clip`` package, when installed (never imported: its
-    ``__init__`` needs torchvision)."""
-    try:
-        spec = importlib.util.find_spec("clip")
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    for location in spec.submodule_search_locations:
-        candidate = Path(location) / "bpe_simple_vocab_16e6.txt.gz"
-        if candidate.is_file():
-            return candidate
-    return None
+def shipped_bpe_file() -> Traversable:
+    """CLIP's BPE merges file, shipped as package data (``data/``; see the README there)."""
+    return resources.files("airflow_comfy.runner.models") / "data" / CLIP_BPE_FILE
 
 
-def tokenizer_from_bpe_gz(path: Path, *, pad_token: str = CLIP_EOS, model_max_length: int = 77) -> Any:
-    """The real CLIP tokenizer (49,408 tokens) from OpenAI's BPE merges file."""
-    key = (file_key(path), pad_token, model_max_length)
+def clip_vocabulary(merges: list[tuple[str, str]]) -> dict[str, int]:
+    """CLIP's vocabulary from its merges: the 256 byte characters, the same with ``</w>``, one token per
+    merge, then the start and end tokens."""
+    chars = list(bytes_to_unicode().values())
+    tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + [CLIP_BOS, CLIP_EOS]
+    return {token: i for i, token in enumerate(tokens)}
+
+
+def shipped_merges() -> list[tuple[str, str]]:
+    """The merges CLIP uses: the first 49,408 - 256 * 2 - 2 lines after the file's version header."""
+    lines = gzip.decompress(shipped_bpe_file().read_bytes()).decode("utf-8").split("\n")
+    return [tuple(line.split()) for line in lines[1:CLIP_VOCAB_SIZE - 256 * 2 - 2 + 1]]
+
+
+def shipped_clip_tokenizer(*, pad_token: str = CLIP_EOS, model_max_length: int = 77) -> Any:
+    """The real CLIP tokenizer (49,408 tokens) from the shipped BPE merges file."""
+    key = ("shipped", CLIP_BPE_FILE, pad_token, model_max_length)
     with _TOKENIZER_LOCK:
         if key in _TOKENIZER_CACHE:
             return _TOKENIZER_CACHE[key]
-    lines = gzip.decompress(path.read_bytes()).decode("utf-8").split("\n")
-    merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
-    chars = list(bytes_to_unicode().values())
-    tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + [CLIP_BOS, CLIP_EOS]
-    tokenizer = make_clip_tokenizer({t: i for i, t in enumerate(tokens)}, merges, pad_token=pad_token,
+    merges = shipped_merges()
+    tokenizer = make_clip_tokenizer(clip_vocabulary(merges), merges, pad_token=pad_token,
                                     model_max_length=model_max_length)
     with _TOKENIZER_LOCK:
         _TOKENIZER_CACHE[key] = tokenizer
@@ -156,19 +162,15 @@ def load_tokenizer(path: Path, models_root: Path | None, *, vocab_size: int, pad
             tokenizer = tokenizer_from_dir(folder, pad_token=pad_token, model_max_length=model_max_length)
             source = str(folder)
             break
-    if tokenizer is None:
-        bpe = openai_clip_bpe_file()
-        if bpe is not None and vocab_size == 49408:
-            tokenizer = tokenizer_from_bpe_gz(bpe, pad_token=pad_token or CLIP_EOS,
-                                              model_max_length=model_max_length)
-            source = str(bpe)
+    if tokenizer is None and vocab_size == CLIP_VOCAB_SIZE:
+        tokenizer = shipped_clip_tokenizer(pad_token=pad_token or CLIP_EOS, model_max_length=model_max_length)
+        source = f"the shipped {CLIP_BPE_FILE}"
     if tokenizer is None:
         where = ", ".join(str(d) for d in searched)
         raise ModelFileError(
-            f"{label}: no CLIP tokenizer found (searched {where}). Real SD 1.x/SDXL checkpoints need CLIP's BPE "
-            f"vocabulary: put vocab.json and merges.txt (e.g. from the tokenizer/ folder of a diffusers SD 1.5 "
-            f"model) into <models>/tokenizers/clip/, or install the 'openai-clip' package, which ships "
-            f"bpe_simple_vocab_16e6.txt.gz")
+            f"{label}: no CLIP tokenizer found for a vocabulary of {vocab_size} tokens (searched {where}; the "
+            f"shipped CLIP BPE has {CLIP_VOCAB_SIZE}): put the text encoder's vocab.json and merges.txt into "
+            f"<models>/tokenizers/clip/")
     if len(tokenizer) != vocab_size:
         raise ModelFileError(
             f"{label}: the tokenizer from {source} has {len(tokenizer)} tokens but the text encoder has "
