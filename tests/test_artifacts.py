@@ -105,7 +105,11 @@ def test_layout_keys():
     assert layout.image_key(run_key, "", "ComfyUI_00001_.png") == f"{run}/outputs/ComfyUI_00001_.png"
     assert layout.image_key(run_key, "portraits/ComfyUI_00001_.png") == f"{run}/outputs/portraits/ComfyUI_00001_.png"
     assert layout.image_key(run_key, "portraits", "ComfyUI_00001_.png") == f"{run}/outputs/portraits/ComfyUI_00001_.png"
-    assert layout.snapshot_key(run_key, "post", 2) == f"{run}/outputs/snapshot.post.try-2.json"
+    assert layout.snapshot_key(run_key, "post") == f"{run}/outputs/snapshot.post.json"
+    assert layout.staged_image_key(run_key, "post", 2, "9", "sub", "x_00001_.png") == f"{run}/post/try-2/9/saved/sub/x_00001_.png"
+    assert layout.staged_image_key(run_key, "post", 2, "9", "", "x.png") == f"{run}/post/try-2/9/saved/x.png"
+    assert layout.published_key(run_key, "post", 2) == f"{run}/post/try-2/published.json"
+    assert layout.try_number_of("try-12") == 12 and layout.try_number_of("manifest.json") is None
     assert layout.extension_for("LATENT") == "safetensors" and layout.extension_for("INT") == "json"
     escaped = layout.image_key(run_key, "../../etc/passwd")
     assert escaped.startswith(f"{run}/outputs/") and ".." not in escaped.split("/")
@@ -125,7 +129,7 @@ def test_layout_keys():
     lambda: layout.output_key("d/r", "g", 1, "3", 0, "tar/gz"),
     lambda: layout.image_key("d/r", "/"),
     lambda: layout.image_key("d/r", "", ""),
-    lambda: layout.snapshot_key("d/r", "g", "one"),
+    lambda: layout.staged_image_key("d/r", "g", "one", "9", "x.png"),
 ])
 def test_layout_refuses_bad_parts(call):
     with pytest.raises(ValueError):

@@ -133,9 +133,10 @@ class ArtifactStore(ABC):
     def delete(self, key: str) -> None:
         """Remove the object at ``key`` (nothing happens if there is none)."""
 
-    def remove_temp(self, prefix: str = "", *, older_than: float = 0.0) -> list[str]:
+    def remove_temp(self, prefix: str = "", *, older_than: float = 0.0, dry_run: bool = False) -> list[str]:
         """Remove the temporary files that writers killed mid-write left under ``prefix`` (those not modified
-        for ``older_than`` seconds) and return their paths. Stores whose writes leave none return ``[]``."""
+        for ``older_than`` seconds) and return their paths (``dry_run``: only return them). Stores whose writes
+        leave none return ``[]``."""
         return []
 
     def put_json(self, key: str, value: Any, *, overwrite: bool = False) -> str:
@@ -293,21 +294,23 @@ class LocalStore(ArtifactStore):
                 return
             folder = folder.parent
 
-    def remove_temp(self, prefix: str = "", *, older_than: float = 0.0) -> list[str]:
+    def remove_temp(self, prefix: str = "", *, older_than: float = 0.0, dry_run: bool = False) -> list[str]:
         validate_prefix(prefix)
         base = self.root.joinpath(*prefix.rstrip("/").split("/")) if prefix else self.root
-        return bounded(lambda: self._remove_temp(base, older_than), self.limits, "clean", self.root_uri)
+        return bounded(lambda: self._remove_temp(base, older_than, dry_run), self.limits, "clean", self.root_uri)
 
-    def _remove_temp(self, base: Path, older_than: float) -> list[str]:
+    def _remove_temp(self, base: Path, older_than: float, dry_run: bool) -> list[str]:
         removed, now = [], time.time()
         for folder, _dirs, files in os.walk(base):
             for name in files:
                 path = Path(folder, name)
                 with suppress(OSError):
                     if name.startswith(TMP_PREFIX) and now - path.stat().st_mtime >= older_than:
-                        path.unlink()
+                        if not dry_run:
+                            path.unlink()
                         removed.append(path.relative_to(self.root).as_posix())
-                        self._prune(path.parent)
+                        if not dry_run:
+                            self._prune(path.parent)
         return sorted(removed)
 
 
