@@ -183,6 +183,7 @@ def collect(store: ArtifactStore, *, run_keys: Iterable[str] = (), unfinished: b
             result.unfinished.append(f"{run_key} {group}")
     result.removed += [f"{store.root_uri}/{path}"
                        for path in store.remove_temp(older_than=temp_older_than, dry_run=dry_run)]
+    result.removed = list(dict.fromkeys(result.removed))  # a dry run lists a temporary file twice
     return result
 
 
