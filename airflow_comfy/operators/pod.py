@@ -14,7 +14,7 @@ from kubernetes.client import models as k8s
 
 from airflow_comfy.config import ComfySettings
 from airflow_comfy.operators.command import EXIT_BAD_INPUT, RUNNER_MODULE, pod_arguments
-from airflow_comfy.operators.disruption import PodDisruptionMixin
+from airflow_comfy.operators.disruption import PodDisrupted, PodDisruptionMixin
 from airflow_comfy.operators.failure_text import runner_failure
 from airflow_comfy.operators.preemption_log import STOPPED_MESSAGE, log_preemptions
 from airflow_comfy.operators.spec_publish import publish_group_spec
@@ -170,7 +170,7 @@ class ComfyGroupPodOperator(PodDisruptionMixin, KubernetesPodOperator):
         """
         try:
             super().cleanup(pod=pod, remote_pod=remote_pod, xcom_result=xcom_result, context=context)
-        except (AirflowFailException, AirflowSkipException):
+        except (AirflowFailException, AirflowSkipException, PodDisrupted):  # PodDisrupted: a new pod in the try
             raise
         except AirflowException:
             code = container_exit_code(remote_pod, self.base_container_name)
