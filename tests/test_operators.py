@@ -731,8 +731,9 @@ def test_failure_text_takes_the_runners_last_failure_line():
     assert runner_sentence(["no such line"]) is None
     killed = runner_failure(-9, ["INFO node 5 (KSampler): start"]).splitlines()
     assert killed == ["the runner was killed by SIGKILL before it could say why (out of memory?)",
-                      "The runner was killed (SIGKILL); retried if the task has retries left. Its output, and any "
-                      "traceback, are in the task log above."]
+                      "The runner was killed (SIGKILL, exit code -9); retried if the task has retries left. Its "
+                      "output, and any traceback, are in the task log above."]
+    assert runner_failure(-15, []).startswith("the runner was killed by SIGTERM before it could say why\n")
     assert "(128 + 9: killed by SIGKILL" in runner_failure(137, ["last words"])
     assert runner_failure(1, []).startswith("the runner ended without a word\n")
 

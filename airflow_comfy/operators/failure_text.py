@@ -42,7 +42,8 @@ def runner_failure(returncode: int, lines: Iterable[str], *, where: str = "") ->
     if returncode == EXIT_BAD_INPUT:
         second = f"The runner{place} refused its input (exit code {EXIT_BAD_INPUT}; not retried)."
     elif returncode < 0:
-        second = f"The runner{place} was killed ({_signal(-returncode)}); retried if the task has retries left."
+        second = (f"The runner{place} was killed ({_signal(-returncode)}, exit code {returncode}); retried if the "
+                  "task has retries left.")
     else:
         killed = " (128 + 9: killed by SIGKILL, out of memory?)" if returncode == 137 else ""
         second = f"The runner{place} failed with exit code {returncode}{killed}; retried if the task has retries left."
@@ -51,7 +52,8 @@ def runner_failure(returncode: int, lines: Iterable[str], *, where: str = "") ->
 
 def _fallback(returncode: int, lines: list[str]) -> str:
     if returncode < 0:
-        return f"the runner was killed by {_signal(-returncode)} before it could say why (out of memory?)"
+        hint = " (out of memory?)" if -returncode == signal.SIGKILL else ""
+        return f"the runner was killed by {_signal(-returncode)} before it could say why{hint}"
     last = next((line.strip() for line in reversed(lines) if line.strip()), "")
     return last or "the runner ended without a word"
 
