@@ -57,7 +57,7 @@ demo: $(RUNNER_STAMP)
 
 bench: $(DEV_STAMP)
 	$(PY) benchmarks/parse.py
-	$(PY) benchmarks/runner.py --repeat 2
+	$(PY) benchmarks/runner.py --repeat 2 --warm-repeat 2
 
 # VIP latency with a real scheduler (LocalExecutor, PostgreSQL): 20 normal runs of ~60 s sampling saturate a
 # 2-slot pool, then a vip run; preemption off, then on. Long: about 2 x (21 x sampling time / 2) plus setup.

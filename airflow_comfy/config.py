@@ -40,6 +40,11 @@ class ComfySettings:
     local_gpus: str
     runners_per_gpu: int
     device_lock_dir: str
+    runner_service: bool
+    runner_service_dir: str
+    runner_service_idle_timeout: float
+    runner_service_cache_mb: float
+    runner_service_cpu_slots: int
     tiers: tuple[tuple[str, int], ...]
     """(tier, priority weight) pairs, in the order configured."""
     default_tier: str
@@ -141,6 +146,12 @@ def get_settings(**overrides) -> ComfySettings:
         raise ValueError(f"[comfy] store_* settings: {exc}") from None
     if values["backend"] not in ("local", "kubernetes"):
         raise ValueError(f"[comfy] backend must be 'local' or 'kubernetes', not {values['backend']!r}")
+    if values["runner_service_idle_timeout"] <= 0 or values["runner_service_cache_mb"] < 0:
+        raise ValueError("[comfy] runner_service_idle_timeout must be positive and runner_service_cache_mb not "
+                         "negative")
+    if values["runner_service_cpu_slots"] < 1:
+        raise ValueError(f"[comfy] runner_service_cpu_slots must be at least 1, not "
+                         f"{values['runner_service_cpu_slots']}")
     if values["runners_per_gpu"] < 1:
         raise ValueError(f"[comfy] runners_per_gpu must be at least 1, not {values['runners_per_gpu']}")
     from airflow_comfy.operators.devices import check_local_gpus

@@ -2,13 +2,16 @@
 
 The groups run one after another in topological order, each as ``python -m airflow_comfy.runner run ...``
 with the arguments the operators would give it (concrete values instead of Airflow templates). Used by people
-trying a workflow and by the tests (sliced vs ``--single-group``).
+trying a workflow and by the tests (sliced vs ``--single-group``). ``run_workflow(service=...)`` sends the same
+arguments to a warm runner service instead (:mod:`airflow_comfy.runner.service`; the runner benchmark compares
+the two).
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import os
 import secrets
 import subprocess
 import sys
@@ -24,6 +27,7 @@ from airflow_comfy.factory.compile import CompiledWorkflow, compile_workflow
 from airflow_comfy.factory.sidecar import load_sidecar, sidecar_path
 from airflow_comfy.operators.command import local_arguments, runner_arguments, runner_prefix
 from airflow_comfy.operators.failure_text import runner_failure
+from airflow_comfy.runner_service.client import ServiceConfig, ServiceDied, ServiceSession, ServiceUnavailable
 from airflow_comfy.workflow.catalog import load_catalog
 from airflow_comfy.workflow.errors import Problem, WorkflowError
 from airflow_comfy.workflow.groupspec import EXIT_BAD_INPUT, EXIT_INFRASTRUCTURE, GroupSpec
@@ -82,9 +86,11 @@ def parse_param_assignments(assignments: list[str], compiled: CompiledWorkflow) 
 
 def run_workflow(compiled: CompiledWorkflow, *, models: Path, input_dir: Path, store: str,
                  params: dict[str, Any] | None = None, run_id: str | None = None, python: str | None = None,
-                 extra_args: list[str] | None = None, echo=print, in_process: bool = False) -> LocalRunResult:
+                 extra_args: list[str] | None = None, echo=print, in_process: bool = False,
+                 service: ServiceConfig | None = None) -> LocalRunResult:
     """Run every group in order. ``in_process`` calls the runner's ``main`` with the same arguments instead of
-    starting a process per group (tests use it to save the interpreter start-up; the code path is the same)."""
+    starting a process per group (tests use it to save the interpreter start-up; the code path is the same).
+    ``service`` runs each group as a job of the runner service it names (started on demand, on a CPU slot)."""
     run_key = f"{compiled.dag_id}/{run_id or new_run_id()}"
     all_params = {p["name"]: p["default"] for p in compiled.params} | dict(params or {})
     result = LocalRunResult(run_key=run_key)
@@ -92,7 +98,7 @@ def run_workflow(compiled: CompiledWorkflow, *, models: Path, input_dir: Path, s
         for group in compiled.groups:
             _run_group(group, result, models=models, input_dir=input_dir, store=store, params=all_params,
                        python=python, extra_args=extra_args, scratch=Path(scratch), echo=echo,
-                       in_process=in_process)
+                       in_process=in_process, service=service)
     return result
 
 
@@ -105,7 +111,7 @@ def new_run_id() -> str:
 
 def _run_group(group: dict, result: LocalRunResult, *, models: Path, input_dir: Path, store: str,
                params: dict[str, Any], python: str | None, extra_args: list[str] | None, scratch: Path,
-               echo, in_process: bool) -> None:
+               echo, in_process: bool, service: ServiceConfig | None = None) -> None:
     spec = GroupSpec.from_dict(group["spec"])
     inputs = [result.manifests[g]["manifest_uri"] for g in group["upstream"]]
     try:
@@ -125,8 +131,23 @@ def _run_group(group: dict, result: LocalRunResult, *, models: Path, input_dir: 
         returncode = runner_main(argv)
         if returncode != 0:
             raise GroupFailed(spec.group, returncode, "(in-process run: its failure is in the log above)")
+    elif service is not None:
+        _run_in_service(spec.group, argv, service, echo)
     else:
         completed = subprocess.run(runner_prefix(python or sys.executable) + argv, capture_output=True, text=True)
         if completed.returncode != 0:
             raise GroupFailed(spec.group, completed.returncode, completed.stdout + completed.stderr)
     result.manifests[spec.group] = json.loads(manifest_out.read_text(encoding="utf-8"))
+
+
+def _run_in_service(group: str, argv: list[str], config: ServiceConfig, echo) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    lines: list[str] = []
+    try:
+        with ServiceSession(config, env, log=echo) as session:
+            session.open()
+            result = session.run(argv, env, on_lines=lines.extend)
+    except (ServiceUnavailable, ServiceDied) as exc:
+        raise GroupFailed(group, EXIT_INFRASTRUCTURE, f"runner service: {exc}") from None
+    if result.code != 0:
+        raise GroupFailed(group, result.code, "\n".join(lines))

@@ -113,6 +113,40 @@ CONFIG_OPTIONS: dict[str, tuple[str, str, str, str | None]] = {
         "Every worker on the machine must use the same folder, on a local file system (flock).",
         "/var/lock/airflow-comfy",
     ),
+    "runner_service": (
+        "boolean", "True",
+        "Local backend: run each group in a warm runner service (python -m airflow_comfy.runner serve) instead "
+        "of a fresh runner subprocess. One long-lived service per device slot (per local_gpus lock; for groups "
+        "without a managed GPU, per runner_service_cpu_slots slot), started by the first task that needs it, "
+        "keeps torch imported and the models it loaded in memory (up to runner_service_cache_mb), and runs one "
+        "job at a time, with the same outputs as the subprocess. A task falls back to the subprocess when the "
+        "service cannot be started, reached or used. Ignored by the kubernetes backend. Read by the worker when "
+        "the task runs.",
+        "False",
+    ),
+    "runner_service_dir": (
+        "string", "",
+        "Runtime folder of the runner services' sockets, busy locks and logs; this user's own, mode 0700. Empty: "
+        "$XDG_RUNTIME_DIR/airflow-comfy, else <tmp>/airflow-comfy-<uid>.",
+        "/run/airflow-comfy",
+    ),
+    "runner_service_idle_timeout": (
+        "float", "600",
+        "Seconds without a job after which a runner service exits, giving its memory (and GPU memory) back.",
+        "3600",
+    ),
+    "runner_service_cache_mb": (
+        "float", "8192",
+        "MiB of loaded models a runner service keeps between jobs (tensor bytes, on whatever device they are); "
+        "the least recently used model goes first, and a model larger than this is not kept. 0: none.",
+        "16384",
+    ),
+    "runner_service_cpu_slots": (
+        "integer", "1",
+        "Runner services for groups that run without a managed GPU (local_gpus empty, or a group without a "
+        "model node). A task finding all of them busy runs a subprocess.",
+        "2",
+    ),
     "tiers": (
         "string", "vip:10000,high:1000,normal:100,batch:1",
         "Priority tiers as tier:weight, comma-separated. A run's tier is its trigger conf's 'tier' (a dropdown "

@@ -32,6 +32,14 @@ How it measures (nothing is added to the package)
     The workflow's wall time is measured around ``run_workflow`` in this process, so it also includes the
     driver's work between groups (reading manifests, building the next command).
 
+Warm path (``--warm-repeat``, default 3; 0 skips it)
+    The same workflows, sliced, run again and again, each group once through a fresh runner subprocess and
+    once as a job of the warm runner service (``run_workflow(service=...)``: ``python -m airflow_comfy.runner
+    serve`` on a temporary socket, started by the first run, models kept between jobs). The first run of each
+    is reported apart (it starts the service); then the median wall time of the next runs, per workflow and per
+    group, and the ratio subprocess / service. Beside them: ComfyUI's own figures as issue 8 quotes them
+    (ComfyUI, GPL-3.0, is not installed here, so they are quoted, not measured).
+
 No timing is asserted: this is a report. It exits 0 unless a workflow fails to run.
 """
 
@@ -242,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs of each workflow and mode (default 3)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (printed)")
     parser.add_argument("--verbose", action="store_true", help="print every run's wall time")
+    parser.add_argument("--warm-repeat", type=int, default=3,
+                        help="warm runs (after the first) per workflow, subprocess vs runner service (0: skip)")
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="airflow-comfy-runner-bench-"))
     try:
@@ -297,7 +307,89 @@ def run(root: Path, args: argparse.Namespace) -> int:
     s_total = sum(medians[n, "sliced"]["wall"] for n in names)
     u_total = sum(medians[n, "single"]["wall"] for n in names)
     print(f"all: sliced/unsliced wall {s_total / u_total:.2f}x; benchmark took {time.perf_counter() - t0:.0f} s")
+    if args.warm_repeat > 0:
+        print()
+        try:
+            lines = warm_path({n: compiled[n, "sliced"] for n in names}, paths, args.warm_repeat, args.verbose)
+        except GroupFailed as exc:
+            print(f"error: {exc}")
+            return 1
+        print("\n".join(lines))
+        print(f"benchmark took {time.perf_counter() - t0:.0f} s in all")
     return 0
+
+
+# ---------------------------------------------------------------------------------------------------- warm path
+COMFYUI_QUOTED = (
+    "ComfyUI, quoted from issue 8 (not measured here: ComfyUI is GPL-3.0 and not installed): its next prompt on "
+    "a 2.1 GB SD1.5 fp16 checkpoint, 128 px, 4 steps, CPU takes 7-9 s, its models staying loaded; a runner "
+    "subprocess per group pays ~20 s of imports and checkpoint load on a full-size SD1.5 on CPU (issue 8)."
+)
+
+
+def timed_run(compiled, paths: dict[str, Path], run_id: str, service=None) -> dict[str, Any]:
+    """One run: its wall time and each group's (from one ``[group] running`` line to the next)."""
+    from airflow_comfy.local_run import run_workflow
+
+    marks: list[tuple[str, float]] = []
+
+    def echo(message: str) -> None:
+        if message.startswith("[") and "] running" in message:
+            marks.append((message[1:message.index("]")], time.perf_counter()))
+
+    began = time.perf_counter()
+    run_workflow(compiled, models=paths["models"], input_dir=paths["input"], store=paths["store"].as_uri(),
+                 run_id=run_id, python=sys.executable, echo=echo, in_process=False, service=service)
+    end = time.perf_counter()
+    ends = [t for _, t in marks[1:]] + [end]
+    return {"wall": end - began, "groups": {g: e - t for (g, t), e in zip(marks, ends, strict=True)}}
+
+
+def warm_path(workflows: dict[str, Any], paths: dict[str, Path], repeat: int, verbose: bool) -> list[str]:
+    """Second (and later) runs of each workflow: a runner subprocess per group vs the warm runner service."""
+    from airflow_comfy.runner_service.client import ServiceConfig, stop_all
+
+    runtime = Path(tempfile.mkdtemp(prefix="acs-bench-", dir="/tmp"))
+    config = ServiceConfig(python=sys.executable, directory=str(runtime))
+    lines = [f"warm path: the same workflow run again, sliced; a runner subprocess per group vs the warm runner "
+             f"service (median of {repeat} runs after the first; threads "
+             f"{os.environ.get('COMFY_RUNNER_THREADS', 'default')}; the first workflow's first service run starts "
+             "the service):"]
+    try:
+        for name, compiled in workflows.items():
+            first = {mode: timed_run(compiled, paths, f"warm-{mode}-0", config if mode == "service" else None)
+                     for mode in ("subprocess", "service")}
+            runs: dict[str, list[dict[str, Any]]] = {"subprocess": [], "service": []}
+            for rep in range(repeat):
+                for mode in (("subprocess", "service") if rep % 2 == 0 else ("service", "subprocess")):
+                    r = timed_run(compiled, paths, f"warm-{mode}-{rep + 1}", config if mode == "service" else None)
+                    runs[mode].append(r)
+                    if verbose:
+                        print(f"  warm run {rep + 1} {name:14s} {mode:10s} wall {r['wall']:6.2f} s")
+            lines += warm_lines(name, first, {mode: median_warm(value) for mode, value in runs.items()})
+    finally:
+        stop_all(runtime)
+        shutil.rmtree(runtime, ignore_errors=True)
+    lines.append(COMFYUI_QUOTED)
+    return lines
+
+
+def median_warm(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"wall": statistics.median(r["wall"] for r in runs),
+            "groups": {g: statistics.median(r["groups"][g] for r in runs) for g in runs[0]["groups"]}}
+
+
+def warm_lines(name: str, first: dict[str, dict[str, Any]], warm: dict[str, dict[str, Any]]) -> list[str]:
+    sub, svc = warm["subprocess"], warm["service"]
+    n = len(sub["groups"])
+    lines = [f"{name}: {n} groups, second run wall: subprocess {sub['wall']:.2f} s vs service {svc['wall']:.2f} s: "
+             f"ratio {sub['wall'] / svc['wall']:.1f}x (first run: subprocess {first['subprocess']['wall']:.2f} s, "
+             f"service {first['service']['wall']:.2f} s)"]
+    width = max(len(group) for group in sub["groups"])
+    for group in sub["groups"]:
+        a, b = sub["groups"][group], svc["groups"][group]
+        lines.append(f"  {group:{width}s}  subprocess {a:6.2f} s   service {b:6.2f} s   ratio {a / b:5.1f}x")
+    return lines
 
 
 if __name__ == "__main__":

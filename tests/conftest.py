@@ -3,7 +3,8 @@
 Airflow reads its configuration when it is first imported, so this file (which pytest loads before any test
 module) points every test, and every subprocess a test starts, at a throw-away ``AIRFLOW_HOME`` with its own
 SQLite database and no example DAGs, and drops ``AIRFLOW__COMFY__*`` settings inherited from the caller's
-shell so that the provider's documented defaults apply.
+shell so that the provider's documented defaults apply (but for the runner services' runtime folder: one of
+the session's own, whose services are stopped at the end).
 """
 
 from __future__ import annotations
@@ -21,6 +22,19 @@ import pytest
 
 AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="airflow-comfy-tests-"))
 atexit.register(shutil.rmtree, AIRFLOW_HOME, ignore_errors=True)
+#: The runner services' runtime folder of this session (short: socket paths are limited to 107 bytes); the services
+#: that local tasks start there are stopped at the end.
+RUNNER_SERVICES = Path(tempfile.mkdtemp(prefix="acs-", dir="/tmp"))
+
+
+def _stop_runner_services() -> None:
+    from airflow_comfy.runner_service.client import stop_all
+
+    stop_all(RUNNER_SERVICES)
+    shutil.rmtree(RUNNER_SERVICES, ignore_errors=True)
+
+
+atexit.register(_stop_runner_services)
 AIRFLOW_BIN = str(Path(sys.executable).with_name("airflow"))
 
 
@@ -32,6 +46,7 @@ def _airflow_env(home: Path, dags_folder: Path | None = None, **comfy: str) -> d
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__DAGS_FOLDER": str(dags_folder or home / "dags"),
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
+        "AIRFLOW__COMFY__RUNNER_SERVICE_DIR": str(RUNNER_SERVICES),
     })
     env.update({f"AIRFLOW__COMFY__{name.upper()}": value for name, value in comfy.items()})
     return env

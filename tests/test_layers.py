@@ -9,6 +9,7 @@ RUNNER_MODULES = [
     "airflow_comfy.runner.cli", "airflow_comfy.runner.executor", "airflow_comfy.runner.registry",
     "airflow_comfy.runner.codecs", "airflow_comfy.runner.text", "airflow_comfy.runner.models",
     "airflow_comfy.runner.sampling.ksampler", "airflow_comfy.runner.ops.save", "airflow_comfy.artifacts.store",
+    "airflow_comfy.runner.service",
 ]
 
 

@@ -41,8 +41,9 @@ from airflow_comfy.runner.models import (
     shipped_config,
     upscale_image,
 )
-from airflow_comfy.runner.models.checkpoint import _clip_config, _convert_clip_g, _convert_clip_l
+from airflow_comfy.runner.models.config import _clip_config
 from airflow_comfy.runner.models.files import TensorReader, list_model_files
+from airflow_comfy.runner.models.single_file import _convert_clip_g, _convert_clip_l
 
 CKPT = demo.DEMO_CHECKPOINT
 
@@ -243,7 +244,7 @@ def test_shipped_configs_agree_with_shape_derivation(family):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from airflow_comfy.runner.models.checkpoint import _unet_config, _vae_config
+    from airflow_comfy.runner.models.config import _unet_config, _vae_config
 
     for cls, name, to_ldm, derive in ((UNet2DConditionModel, "unet", layout.unet_to_ldm, _unet_config),
                                       (AutoencoderKL, "vae", layout.vae_to_ldm, _vae_config)):
@@ -274,8 +275,7 @@ def test_family_detection_and_unsupported_families():
                           "cond_stage_model.transformer.text_model.final_layer_norm.weight"]) == "sd1"
     assert detect_family(["conditioner.embedders.1.model.ln_final.weight"]) == "sdxl"
     assert detect_family(["conditioner.embedders.0.model.ln_final.weight"]) == "sdxl_refiner"
-    with pytest.raises(ModelFileError, match="SD 2"):
-        detect_family(["cond_stage_model.model.ln_final.weight"])
+    assert detect_family(["cond_stage_model.model.ln_final.weight"]) == "sd2"
     with pytest.raises(ModelFileError, match="Flux"):
         detect_family(["model.diffusion_model.double_blocks.0.img_attn.norm.key_norm.scale"])
     with pytest.raises(ModelFileError, match="not a Stable Diffusion"):

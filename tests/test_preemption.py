@@ -67,6 +67,7 @@ def deployment(postgres_server, demo_models: Path, demo_inputs: Path,
         "AIRFLOW__COMFY__INPUT_PATH": str(demo_inputs),
         "AIRFLOW__COMFY__CACHE_DIR": str(home / "comfy-cache"),
         "AIRFLOW__COMFY__RUNNER_PYTHON": sys.executable,
+        "AIRFLOW__COMFY__RUNNER_SERVICE_DIR": os.environ["AIRFLOW__COMFY__RUNNER_SERVICE_DIR"],  # conftest's
         "AIRFLOW__COMFY__PREEMPT_AFTER": str(PREEMPT_AFTER),
         "AIRFLOW__COMFY__PREEMPT_MAX": "1",
         "COMFY_RUNNER_THREADS": "1",

@@ -218,6 +218,15 @@ def test_prompt_param_changes_pixels_and_png_metadata(runs: Runner, demo_models:
     assert snapshot["prompt"]["2"]["inputs"]["text"] == text
 
 
+def test_prompt_embedding_is_recorded_with_its_sha256(runs: Runner, demo_models: Path):
+    """``embedding:name`` in a prompt is a model file like a checkpoint: its hash goes into the group manifest."""
+    run = runs(ROOT / "example_workflows" / "txt2img.json", params={"prompt": "a photo embedding:demo-embedding"})
+    embedding = demo_models / "embeddings" / "demo-embedding.safetensors"
+    sha = hashlib.sha256(embedding.read_bytes()).hexdigest()
+    assert run.result.manifests["inference"]["models"]["embeddings/demo-embedding.safetensors"] == sha
+    assert "embeddings/demo-embedding.safetensors" not in run.result.manifests["postprocess"]["models"]
+
+
 @pytest.mark.parametrize("workflow", EXAMPLES, ids=[p.stem for p in EXAMPLES])
 def test_png_text_chunks(runs: Runner, workflow: Path):
     run = runs(workflow)

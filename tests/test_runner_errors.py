@@ -177,6 +177,27 @@ def test_missing_input_image(run_group):
     assert_bad_input(failure, "node 10 (LoadImage)", "input 'image'", "'nowhere.png' not found")
 
 
+def test_missing_files_are_reported_before_any_model_is_loaded(run_group, models: Path):
+    """The checkpoint loader (node 1) runs before LoadImage (node 10); the checkpoint named here is not a
+    safetensors file, so reading it would fail with another message: the missing image is found first."""
+    (models / "checkpoints" / "unreadable.safetensors").write_bytes(b"never read by this test\n")
+
+    def change(spec: dict) -> None:
+        spec["nodes"]["1"]["inputs"]["ckpt_name"] = "unreadable.safetensors"
+        spec["nodes"]["10"]["inputs"]["image"] = "nowhere.png"
+
+    failure = run_group("img2img.json", change)
+    assert_bad_input(failure, "node 10 (LoadImage)", "input 'image'", "'nowhere.png' not found")
+    assert "not a valid safetensors file" not in failure.stderr and "CheckpointLoaderSimple" not in failure.stderr
+
+    def missing_lora(spec: dict) -> None:
+        spec["nodes"]["1"]["inputs"]["ckpt_name"] = "unreadable.safetensors"
+        spec["nodes"]["20"]["inputs"]["lora_name"] = "gone.safetensors"
+
+    failure = run_group("lora.json", missing_lora)
+    assert_bad_input(failure, "node 20 (LoraLoader)", "input 'lora_name'", "'gone.safetensors' not found")
+
+
 def test_input_that_is_not_an_image(run_group):
     failure = run_group("img2img.json", set_input("10", "image", "not-an-image.png"))
     assert_bad_input(failure, "node 10 (LoadImage)", "input 'image'", "not-an-image.png")

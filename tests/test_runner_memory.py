@@ -41,7 +41,7 @@ from airflow_comfy.operators.command import local_arguments, runner_arguments, r
 from airflow_comfy.runner import memory, registry
 from airflow_comfy.runner.context import NodeContext, RunContext
 from airflow_comfy.runner.models import load_checkpoint
-from airflow_comfy.runner.models.checkpoint import shipped_config
+from airflow_comfy.runner.models.config import shipped_config
 from airflow_comfy.runner.ops import vae as vae_ops
 from airflow_comfy.workflow.groupspec import GroupSpec
 

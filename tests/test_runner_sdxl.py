@@ -23,7 +23,7 @@ from airflow_comfy.local_run import LocalRunResult, compile_for_run, run_workflo
 from airflow_comfy.runner.codecs import decode_value
 from airflow_comfy.runner.context import RunContext
 from airflow_comfy.runner.models import demo, load_checkpoint
-from airflow_comfy.runner.models.checkpoint import detect_family
+from airflow_comfy.runner.models.families import detect_family
 from airflow_comfy.runner.models.files import TensorReader
 from airflow_comfy.workflow.catalog import Catalog
 

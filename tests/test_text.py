@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
-import importlib.util
 from dataclasses import replace
 from pathlib import Path
 
@@ -351,6 +349,19 @@ def test_missing_and_unusable_embeddings_are_dropped_and_reported(sd1, emb_dir, 
     assert any("size 16" in w for w in encode_prompt(sd1, "embedding:narrow")[1]["warnings"])
 
 
+def test_embedding_files_are_recorded_in_the_runs_snapshot(sd1, emb_dir):
+    import hashlib
+    from types import SimpleNamespace
+
+    _save(emb_dir / "sub" / "style.safetensors", emb_params=torch.ones(2, 32))
+    (emb_dir / "old.pt").write_bytes(b"not read unless the run allows pickle files")
+    run = SimpleNamespace(model_files={}, allow_pickle=False)
+    _, info = encode_prompt(sd1, "a embedding:style embedding:old cat", context=run)
+    assert info["embeddings"] == ["style"] and info["missing_embeddings"] == ["old"]
+    sha = hashlib.sha256((emb_dir / "sub" / "style.safetensors").read_bytes()).hexdigest()
+    assert run.model_files == {"embeddings/sub/style.safetensors": sha}  # unusable files are not recorded
+
+
 def test_sdxl_embedding_file_gives_each_encoder_its_vectors(sdxl, clip_l, clip_g, tok, emb_dir):
     cat = _ids(tok, "cat</w>")[0]
     _save(emb_dir / "xl.safetensors",
@@ -366,21 +377,8 @@ def test_unknown_family_is_refused(sd1):
         encode_prompt(replace(sd1, family="flux"), "a cat")
 
 
-# ------------------------------------------------------------------------------------------- real CLIP ids
-
-
-@pytest.mark.skipif(importlib.util.find_spec("clip") is None,
-                    reason="openai-clip (bpe_simple_vocab_16e6.txt.gz) is not installed")
-def test_real_clip_ids():
-    spec = importlib.util.find_spec("clip")  # locate the file only: importing clip pulls in torchvision
-    bpe = Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
-    with gzip.open(bpe, "rt", encoding="utf-8") as f:
-        lines = f.read().split("\n")[1:49152 - 256 - 2 + 1]
-    tok = _clip_tokenizer([tuple(line.split()) for line in lines])
-    assert len(tok.get_vocab()) == 49408
-    tokens = tokenize_weighted(tok, "a photo of a cat")
-    assert [t for t, _ in tokens.chunks[0][:7]] == [49406, 320, 1125, 539, 320, 2368, 49407]
-    assert tokens.chunks[0][7][0] == 49407  # SD 1.x pads with EOS
+# ------------------------------------------------------------------------------------------- CLIP's byte table
+# (the real CLIP vocabulary's ids: tests/test_tokenizers.py)
 
 
 def test_byte_table_is_in_clips_order_so_a_comma_is_token_267():
@@ -389,8 +387,8 @@ def test_byte_table_is_in_clips_order_so_a_comma_is_token_267():
     with ``</w>``), so the comma's end-of-word id must be 267 there too."""
     import json
 
-    from airflow_comfy.runner.models.checkpoint import bytes_to_unicode
     from airflow_comfy.runner.models.demo import demo_tokenizer_files
+    from airflow_comfy.runner.models.tokenizers import bytes_to_unicode
 
     table = bytes_to_unicode()
     assert list(table.values()).index(table[ord(",")]) == 11

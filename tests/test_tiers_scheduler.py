@@ -149,6 +149,7 @@ def deployment(postgres_server, tmp_path_factory: pytest.TempPathFactory) -> Ite
     deployment = AirflowDeployment(home, database, dags, env={
         "PYTHONPATH": os.pathsep.join(p for p in pythonpath if p),
         "AIRFLOW__COMFY__RUNNER_PYTHON": str(runner),
+        "AIRFLOW__COMFY__RUNNER_SERVICE": "false",  # a stand-in runner runs no service
         "AIRFLOW__COMFY__ARTIFACT_STORE": f"file://{home}/artifacts",
         "AIRFLOW__COMFY__CACHE_DIR": str(home / "comfy-cache"),
     })

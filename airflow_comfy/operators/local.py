@@ -1,4 +1,5 @@
-"""Run one group as a local subprocess: the very command a group pod runs, on the worker itself."""
+"""Run one group on the worker itself: the very command a group pod runs, as a subprocess or as a job of the
+worker's warm runner service (:mod:`airflow_comfy.runner.service`)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,14 @@ from airflow_comfy.operators.devices import (
 from airflow_comfy.operators.failure_text import runner_failure
 from airflow_comfy.operators.preemption_log import STOPPED_MESSAGE, log_preemptions
 from airflow_comfy.operators.spec_publish import publish_group_spec
+from airflow_comfy.runner_service.client import (
+    JobResult,
+    ServiceConfig,
+    ServiceDied,
+    ServiceSession,
+    ServiceUnavailable,
+    slot_name,
+)
 from airflow_comfy.workflow.groupspec import GroupSpec
 
 #: How many of the runner's last output lines are searched for its failure line (operators.failure_text).
@@ -61,11 +70,21 @@ class ComfyGroupLocalOperator(BaseOperator):
         None: the worker's setting, read when the task runs.
     :param runners_per_gpu: ``[comfy] runners_per_gpu``; None: the worker's setting.
     :param device_lock_dir: ``[comfy] device_lock_dir``; None: the worker's setting.
+    :param runner_service: ``[comfy] runner_service``: run the command as a job of the warm runner service;
+        None: the worker's setting. Never with ``runner_command``.
+    :param runner_service_dir: ``[comfy] runner_service_dir``; None: the worker's setting.
 
     With managed GPUs, a group that needs one waits for a free device slot (a lock file in
     ``device_lock_dir``, held by this task's process and inherited by its runner), runs its runner with
     ``CUDA_VISIBLE_DEVICES`` set to that device, and gives the slot back when the runner has exited, whatever
     the outcome (success, failure, timeout, kill). A group that needs none gets ``CUDA_VISIBLE_DEVICES=""``.
+
+    With the runner service on, the same arguments, environment and working folder go to the worker's runner
+    service for this device slot (started on demand), which runs them with its models already loaded; the
+    device lock goes with them and is held by the service until the job ends. Its log lines come back as
+    they are written, and the job's exit code counts as the subprocess's would. A service that cannot be used
+    (not startable, busy, unreachable, refusing) means a subprocess instead; one that dies during the job fails
+    the try (retried). A killed task cancels its job: it stops at the next node or sampler step.
 
     Returns the manifest the runner wrote (pushed as XCom ``return_value``). Exit code 2 (bad input) raises
     ``AirflowFailException`` (no retry); any other failure raises ``AirflowException`` (retried).
@@ -76,6 +95,8 @@ class ComfyGroupLocalOperator(BaseOperator):
     ui_color = "#e8f4fd"
     #: Seconds between two tries for a device slot while every slot is held.
     device_poll_seconds: float = 1.0
+    #: Seconds a cancelled job of the runner service has to stop before the service is ended.
+    service_cancel_grace: float = 5.0
 
     def __init__(
         self,
@@ -92,6 +113,8 @@ class ComfyGroupLocalOperator(BaseOperator):
         local_gpus: str | None = None,
         runners_per_gpu: int | None = None,
         device_lock_dir: str | None = None,
+        runner_service: bool | None = None,
+        runner_service_dir: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -109,7 +132,10 @@ class ComfyGroupLocalOperator(BaseOperator):
         self.local_gpus = local_gpus
         self.runners_per_gpu = runners_per_gpu
         self.device_lock_dir = device_lock_dir
+        self.runner_service = runner_service
+        self.runner_service_dir = runner_service_dir
         self._process: subprocess.Popen[str] | None = None
+        self._session: ServiceSession | None = None
         self._lease: DeviceLease | None = None
         self._killed = False
 
@@ -138,7 +164,9 @@ class ComfyGroupLocalOperator(BaseOperator):
             with tempfile.TemporaryDirectory(prefix="airflow-comfy-") as tmp:
                 manifest_out = os.path.join(tmp, "manifest.json")
                 env = {**self.subprocess_env(credentials), **device_env}
-                returncode, tail = self._run(self.command(manifest_out), env)
+                command = self.command(manifest_out)
+                warm = self._run_in_service(command, local_arguments(self.arguments, manifest_out), env)
+                returncode, tail = warm if warm is not None else self._run(command, env)
                 raise_for_exit(returncode, tail)
                 manifest = read_manifest(manifest_out)
         finally:
@@ -245,6 +273,76 @@ class ComfyGroupLocalOperator(BaseOperator):
             self._stop_process()  # still running only if we were interrupted (timeout, kill)
         return returncode, list(tail)
 
+    # --- the runner service ------------------------------------------------------------------------------------
+
+    def _service_config(self) -> ServiceConfig | None:
+        """How to reach the runner service; None when this task does not use one."""
+        if self.runner_command is not None:  # a command of its own: no service runs it
+            return None
+        enabled, directory = self.runner_service, self.runner_service_dir
+        from airflow_comfy.config import get_settings
+
+        try:
+            current = get_settings()
+        except ValueError as exc:
+            raise AirflowFailException(f"the [comfy] settings are invalid: {exc}") from None
+        if not (current.runner_service if enabled is None else enabled):
+            return None
+        return ServiceConfig(
+            python=self.runner_python or sys.executable,
+            directory=current.runner_service_dir if directory is None else directory,
+            idle_timeout=current.runner_service_idle_timeout, cache_budget_mb=current.runner_service_cache_mb,
+            cancel_grace=self.service_cancel_grace, cpu_slots=current.runner_service_cpu_slots)
+
+    def _run_in_service(self, command: list[str], argv: list[str],
+                        env: dict[str, str]) -> tuple[int, list[str]] | None:
+        """Run the job in the runner service: its exit code and last lines, or None when no service can run it
+        (the caller runs the subprocess)."""
+        config = self._service_config()
+        if config is None:
+            return None
+        lease = self._lease
+        session = ServiceSession(config, env, slot=slot_name(lease.device, lease.slot) if lease else None,
+                                 log=self.log.info)
+        self._session = session
+        try:
+            return self._run_session(session, command, argv, env)
+        except ServiceUnavailable as exc:
+            self.log.warning("The runner service cannot run this job (%s): running a runner subprocess instead", exc)
+            return None
+        finally:
+            try:
+                session.stop()  # the job still runs only if this task was interrupted (timeout, kill)
+            finally:
+                session.close()
+                self._session = None
+
+    def _run_session(self, session: ServiceSession, command: list[str], argv: list[str],
+                     env: dict[str, str]) -> tuple[int, list[str]]:
+        session.open()
+        if self._killed:
+            raise AirflowException("The task was killed before its runner started")
+        tail: collections.deque[str] = collections.deque(maxlen=ERROR_TAIL_LINES)
+
+        def on_lines(lines: list[str]) -> None:
+            for line in lines:
+                tail.append(line)
+                self.log.info("%s", line)
+
+        def on_started() -> None:
+            self.log.info("Running: %s", describe_command(command))
+            if self._killed:  # killed while the request was on its way: its cancel may not have been sent
+                session.cancel()
+
+        lease = self._lease
+        fds = (lease.fd,) if lease is not None and lease.fd is not None else ()
+        try:
+            result: JobResult = session.run(argv, env, fds=fds, on_lines=on_lines, on_started=on_started)
+        except ServiceDied as exc:
+            raise AirflowException(f"{exc}. The next try starts a fresh runner service.") from None
+        self.log.info("The runner %s", result.describe())
+        return result.code, list(tail)
+
     def _stop_process(self) -> None:
         process = self._process
         if process is None or process.poll() is not None:
@@ -259,6 +357,12 @@ class ComfyGroupLocalOperator(BaseOperator):
     def on_kill(self) -> None:
         self._killed = True
         self.log.warning(STOPPED_MESSAGE)
+        session = self._session
+        if session is not None:
+            # The job stops at its next node or sampler step; execute() then sees its end and gives the device
+            # back (the service holds the device lock until the job has stopped).
+            session.cancel()
+            return
         self._stop_process()
         self._release_device()
 

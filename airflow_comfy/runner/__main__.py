@@ -4,7 +4,7 @@ import sys
 
 from airflow_comfy.runner.cli import main
 
-code = main()
+code = main(process=True)
 if code != 0:
     # A failed runner leaves at once: tearing torch down takes seconds (more with a store call stuck past its
     # deadline in a daemon thread), and the task is waiting for the exit code.

@@ -1,5 +1,7 @@
 """``python -m airflow_comfy.runner run ...``: the command both operators run (see
 :mod:`airflow_comfy.operators.command` for the Airflow side of the contract). Never imports Airflow.
+``python -m airflow_comfy.runner serve ...`` runs the same jobs in a long-lived process that keeps its models
+loaded (:mod:`airflow_comfy.runner.service`).
 
 Exit codes: 0 success; 2 bad input (the spec, a param, a model file, an input image, a store that refuses for
 good, a run key taken by another spec: retrying cannot help); 1 anything else (infrastructure: a stalled or
@@ -32,23 +34,23 @@ from airflow_comfy.workflow.groupspec import (
 DEFAULT_THREADS = 4
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, process: bool = False) -> int:
+    """Run the command; ``process``: this is the runner process itself (``python -m airflow_comfy.runner``), whose
+    deadline (``--deadline``) may end it."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(message)s")
-    # diffusers/transformers report every dtype move ("modules ... should be kept in float32") at INFO/WARNING:
-    # noise in a task log. Their errors still show.
-    # (They configure their loggers on import, from these variables.)
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    for library in ("diffusers", "transformers"):
-        logging.getLogger(library).setLevel(logging.ERROR)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    if args.command == "serve":
+        from airflow_comfy.runner.service import serve
+
+        return serve(args.socket, cache_budget_mb=args.cache_budget_mb, idle_timeout=args.idle_timeout,
+                     cancel_grace=args.cancel_grace)
+    configure_process()
     from airflow_comfy.runner.deadline import start_watchdog
     from airflow_comfy.runner.failure import BAD_INPUT, FAILED, describe, report
 
     state: dict = {}
-    start_watchdog(args.deadline, lambda: getattr(state.get("context"), "current_node", None))
+    # In a runner process only: a runner service's job is bounded by its task (its timeout cancels the job).
+    watchdog = start_watchdog(args.deadline if process else None,
+                              lambda: getattr(state.get("context"), "current_node", None))
     try:
         manifest = run(args, state)
     except _BAD_INPUT_ERRORS() as exc:
@@ -62,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         report(FAILED, describe(exc, getattr(state.get("context"), "current_node", None), with_type=not store_error))
         return EXIT_INFRASTRUCTURE
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
     text = json.dumps(manifest, indent=2)
     for target in (args.xcom_path, args.manifest_out):
         if target:
@@ -69,6 +74,21 @@ def main(argv: list[str] | None = None) -> int:
             Path(target).write_text(text, encoding="utf-8")
     print(f"manifest: {manifest['manifest_uri']}", flush=True)
     return EXIT_OK
+
+
+def configure_process() -> None:
+    """Logging to stdout and the libraries' quiet defaults: what a runner process sets before its job (a runner
+    service once at start, and again, to the same effect, for each job)."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(message)s")
+    # diffusers/transformers report every dtype move ("modules ... should be kept in float32") at INFO/WARNING:
+    # noise in a task log. Their errors still show.
+    # (They configure their loggers on import, from these variables.)
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for library in ("diffusers", "transformers"):
+        logging.getLogger(library).setLevel(logging.ERROR)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -108,7 +128,26 @@ def _parser() -> argparse.ArgumentParser:
     run_.add_argument("--allow-pickle", action="store_true",
                       default=os.environ.get("COMFY_RUNNER_ALLOW_PICKLE") == "1",
                       help="allow .ckpt/.pt/.pth model files (loaded with torch.load(weights_only=True))")
+    serve = sub.add_parser("serve", help="keep models loaded and run group specs sent over a Unix socket "
+                                         "(the local backend's warm runner service)")
+    serve.add_argument("--socket", required=True, help="path of the Unix socket to listen on")
+    serve.add_argument("--cache-budget-mb", type=_cache_budget, default=8192.0,
+                       help="MiB of loaded models kept between jobs (least recently used go first; 0: none)")
+    serve.add_argument("--idle-timeout", type=float, default=600.0,
+                       help="seconds without a job after which the service exits")
+    serve.add_argument("--cancel-grace", type=float, default=5.0,
+                       help="seconds a cancelled job has to stop before the service exits")
     return parser
+
+
+def _cache_budget(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of MiB: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive number of MiB, got {text!r}")
+    return value
 
 
 def _budget(text: str) -> float:

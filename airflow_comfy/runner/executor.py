@@ -6,6 +6,9 @@ A node that runs out of memory (:func:`airflow_comfy.runner.memory.is_out_of_mem
 values no later node needs are dropped, memory is freed, and the node runs again in low-memory mode (tiled
 VAE, sliced attention). The manifest and the run snapshot record it under ``low_memory`` (its pixels may
 differ slightly from a normal run). Out of memory again: :class:`NodeOutOfMemory`, an infrastructure failure.
+
+Before the first node runs, the files the nodes name are checked (:func:`check_file_inputs`): a missing input
+image or model file is bad input at once, not after the checkpoint of an earlier node has been loaded.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 from airflow_comfy.artifacts import layout
 from airflow_comfy.artifacts.manifest import GroupManifest, ImageRecord, OutputRecord
 from airflow_comfy.artifacts.store import ArtifactStore, BadArtifact
+from airflow_comfy.runner import cancel
 from airflow_comfy.runner.codecs import decode_value, encode_value
 from airflow_comfy.runner.commit import TryOutputs
 from airflow_comfy.runner.context import BadInput, NodeContext, NodeOutOfMemory, RunContext, SavedImage, log
@@ -55,6 +59,7 @@ class GroupRun:
         if self.outputs is None:
             self.outputs = TryOutputs(self.store, self.run_key, self.spec.group, self.try_number)
         nodes = self._nodes_with_params()
+        check_file_inputs(nodes, self.context)
         self.context.prompt = self._metadata_prompt()
         self.context.extra_pnginfo = ({"workflow": self.spec.metadata["workflow"]}
                                       if self.spec.metadata.get("workflow") else None)
@@ -65,6 +70,7 @@ class GroupRun:
         boundary = _BoundaryReader(self.spec, self.input_manifests, self.context, self.store)
         order = execution_order(nodes)
         for index, node_id in enumerate(order):
+            cancel.check()  # a runner service's job stops between nodes when its task goes away
             node = nodes[node_id]
             node_context = NodeContext(self.context, node_id, node.class_type)
             kwargs = {}
@@ -264,6 +270,42 @@ class _BoundaryReader:
         from airflow_comfy.runner.models import load_control_net
 
         return load_control_net(self.context, recipe)
+
+
+def check_file_inputs(nodes: Mapping[str, Node], context: RunContext) -> None:
+    """Every file-name input given as a constant names a file that is there: images in the input folder, model
+    files in their models folder (and not a pickle file the run refuses). Cheap: nothing is read. Raises
+    :class:`BadInput` naming the node id, its class type and the input."""
+    catalog = Catalog.builtin()
+    for node_id in sorted_node_ids(nodes):
+        node = nodes[node_id]
+        for spec in catalog.get(node.class_type).inputs:
+            value = node.inputs.get(spec.name)
+            if spec.folder is not None and spec.folder != "output" and isinstance(value, str):
+                _check_file(NodeContext(context, node_id, node.class_type), spec.folder, spec.name, value)
+
+
+def _check_file(node_context: NodeContext, folder: str, input_name: str, name: str) -> None:
+    from airflow_comfy.runner.models.files import (
+        MODEL_FOLDERS,
+        is_pickle_file,
+        pickle_refused,
+        resolve_model_file,
+    )
+    from airflow_comfy.runner.nodes.image import input_file
+
+    if folder == "input":
+        input_file(node_context, name, input_name)
+        return
+    if folder not in MODEL_FOLDERS:
+        return
+    run = node_context.run
+    try:
+        path = resolve_model_file(run.models_root, folder, name, allow_dir=folder == "checkpoints")
+        if is_pickle_file(path) and not run.allow_pickle:
+            raise pickle_refused(path)
+    except ModelFileError as exc:
+        raise node_context.bad_input(str(exc), input_name) from exc
 
 
 def _file_input(node: Node, message: str) -> str | None:

@@ -1,7 +1,7 @@
-"""ComfyUI's prompt semantics for SD 1.x and SDXL text encoders (CLIPTextEncode).
+"""ComfyUI's prompt semantics for SD 1.x, SD 2.x and SDXL (base and refiner) text encoders (CLIPTextEncode).
 
-Written from ComfyUI 0.3.64's described behaviour (``comfy/sd1_clip.py``, ``comfy/sdxl_clip.py``,
-``comfy/sd.py``), not from its source text.
+Written from ComfyUI 0.3.64's described behaviour (``comfy/sd1_clip.py``, ``comfy/sd2_clip.py``,
+``comfy/sdxl_clip.py``, ``comfy/clip_model.py``, ``comfy/sd.py``), not from its source text.
 
 Prompt syntax (:func:`parse_weighted_prompt`)
     Only parentheses are special. ``(text)`` multiplies the weight by 1.1 per level (``((a))`` = 1.21);
@@ -15,15 +15,17 @@ Prompt syntax (:func:`parse_weighted_prompt`)
 Tokens (:func:`tokenize_weighted`)
     Each weighted segment is split before every ``embedding:`` that follows whitespace (or starts the
     segment). ``embedding:<name>`` (the name ends at the first whitespace, ``<`` or ``[``; ``name`` or
-    ``name.safetensors``; found in the embeddings folder or any folder below it) inserts the textual-inversion
-    vectors with the segment's weight; the rest of that piece is tokenized as text. A missing embedding is
-    dropped with a warning (ComfyUI logs ``embedding:<name> does not exist, ignoring``). Each text piece is
+    ``name.safetensors``; found in the embeddings folder or any folder below it, read by
+    :mod:`airflow_comfy.runner.models.embeddings`, which records its SHA-256 in the run's snapshot) inserts the
+    textual-inversion vectors with the segment's weight; the rest of that piece is tokenized as text. A missing
+    or unusable embedding is dropped with a warning (ComfyUI logs ``embedding:<name> does not exist, ignoring``). Each text piece is
     tokenized *as a whole* (without BOS/EOS) into one token group. Groups are packed into windows of
     ``[BOS] + 75 tokens + [EOS]`` padded to 77: a group shorter than 8 tokens that would cross the 75-token
     boundary starts the next window (the current one is closed with EOS and padding); a group of 8 tokens or
-    more is split at the boundary. SD 1.x and SDXL's CLIP-L pad with the EOS id (49407); SDXL's OpenCLIP-bigG
-    tokenizer pads with id 0 (ComfyUI's ``SDXLClipGTokenizer`` is built with ``pad_with_end=False`` and
-    ``SDXLClipG`` declares ``special_tokens={"start": 49406, "end": 49407, "pad": 0}``).
+    more is split at the boundary. SD 1.x and SDXL's CLIP-L pad with the EOS id (49407); the OpenCLIP tokenizers
+    (SDXL's bigG, SD 2.x's ViT-H) pad with id 0 (ComfyUI's ``SDXLClipGTokenizer`` and ``SD2ClipHTokenizer``
+    are built with ``pad_with_end=False``, and ``SDXLClipG`` / ``SD2ClipHModel`` declare
+    ``special_tokens={"start": 49406, "end": 49407, "pad": 0}``).
 
 Encoding (:func:`encode_prompt`)
     All windows (plus the empty prompt ``[BOS, EOS, pad...]`` when any weight is not 1) run as one batch with
@@ -42,15 +44,21 @@ Encoding (:func:`encode_prompt`)
         layer_norm_hidden_state=False`` and ``SDXLClipG`` with ``layer="penultimate"`` and no final norm):
         without CLIPSetLastLayer both encoders use the raw penultimate hidden state; a CLIPSetLastLayer value
         is applied to both, still without the final LayerNorm. CLIP-L and bigG are concatenated on the
-        channel axis (768 + 1280 = 2048), cut to the shorter token length.
-    :class:`~airflow_comfy.runner.values.TextEncoder` cannot tell "no CLIPSetLastLayer" from an explicit
-    ``-1`` (both are ``-1``); for SDXL ``-1`` (and ``None``) is therefore read as ComfyUI's default (``-2``).
+        channel axis (768 + 1280 = 2048), cut to the shorter token length. The SDXL refiner has bigG alone,
+        encoded the same way (its cond is 1280 wide).
+      * SD 2.x (``SD2ClipHModel``: OpenCLIP ViT-H, 24 layers, ``layer="penultimate"`` and the default
+        ``layer_norm_hidden_state=True``; pad id 0): without CLIPSetLastLayer the penultimate hidden state
+        *through the final LayerNorm* (unlike SDXL); a CLIPSetLastLayer value selects another layer, also
+        normalised (``-1``: the plain last hidden state). The pooled output is ViT-H's ``text_projection``
+        of the EOS position. Diffusers' SD 2.x text encoders store 23 layers; the indices still count 24
+        (``-2`` is their last stored layer), see :data:`DROPPED_LAYERS_ATTR`.
+    ``TextEncoder.layer`` is None without CLIPSetLastLayer: then each family's default applies (SD 1.x: the
+    last layer; SD 2.x, SDXL: ``-2``); see :func:`encoder_settings`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,8 +74,6 @@ MAX_LENGTH = 77
 MAX_WORD_LENGTH = 8
 """Token groups at least this long may be split across windows; shorter ones move to the next window."""
 EMBEDDING_PREFIX = "embedding:"
-EMBEDDING_EXTENSIONS = (".safetensors", ".pt", ".bin")
-"""The order ComfyUI tries extensions in; only safetensors are ever read (pickle files are refused)."""
 
 _ESC_CLOSE = "\0\1"
 _ESC_OPEN = "\0\2"
@@ -143,50 +149,14 @@ def parse_weighted_prompt(text: str) -> list[tuple[str, float]]:
 # ----------------------------------------------------------------------------------------------- embeddings
 
 
-def _embedding_folders(root: str) -> list[str]:
-    """``root`` and every folder below it (ComfyUI searches them all), root first, then in sorted order."""
-    found = []
-    for folder, subfolders, _files in os.walk(root, followlinks=True):
-        subfolders.sort()
-        found.append(folder)
-    return found or [root]
-
-
-def _find_embedding_file(name: str, root: str) -> str | None:
-    for folder in _embedding_folders(root):
-        folder = os.path.abspath(folder)
-        path = os.path.abspath(os.path.join(folder, name))
-        try:
-            if os.path.commonpath((folder, path)) != folder:
-                continue  # "../" and absolute names never leave the embeddings folder
-        except ValueError:
-            continue
-        if os.path.isfile(path):
-            return path
-        for ext in EMBEDDING_EXTENSIONS:
-            if os.path.isfile(path + ext):
-                return path + ext
-    return None
-
-
-def _select_embedding_tensor(tensors: dict[str, torch.Tensor], key: str) -> torch.Tensor | None:
-    """The vectors for one encoder: ``key`` (``clip_l`` / ``clip_g``), bundled-LoRA embeddings, else the first
-    tensor (``emb_params`` of A1111 files, or a single tensor)."""
-    if key in tensors:
-        return tensors[key]
-    for suffix in (".string_to_param.*", f".{key}"):
-        bundled = [t for k, t in tensors.items() if k.startswith("bundle_emb.") and k.endswith(suffix)]
-        if bundled:
-            return torch.cat(bundled, dim=0)
-    return next(iter(tensors.values()), None)
-
-
 @dataclass
 class _EmbeddingStore:
     root: str | None
     key: str
     dim: int | None
     warnings: list[str]
+    context: Any = None
+    """The run (``allow_pickle``; ``model_files`` records each embedding's SHA-256), or None."""
     cache: dict[str, torch.Tensor | None] = field(default_factory=dict)
 
     def load(self, name: str) -> torch.Tensor | None:
@@ -198,30 +168,18 @@ class _EmbeddingStore:
         return vectors
 
     def _load(self, name: str) -> torch.Tensor | None:
-        path = _find_embedding_file(name, self.root) if self.root and name else None
-        if path is None:
-            return None
-        if not path.lower().endswith(".safetensors"):
-            self.warnings.append(f"embedding:{name}: {os.path.basename(path)} is a pickle file; only "
-                                 f".safetensors embeddings are loaded, ignoring it")
-            return None
-        import safetensors.torch
+        from airflow_comfy.runner.models.embeddings import EmbeddingNotFoundError, load_embedding
+        from airflow_comfy.runner.models.files import ModelFileError
 
+        if not self.root or not name:
+            return None
         try:
-            tensors = safetensors.torch.load_file(path, device="cpu")
-        except Exception as exc:  # a damaged file is skipped like ComfyUI does, with the reason
-            self.warnings.append(f"embedding:{name}: cannot read {os.path.basename(path)} ({exc}), ignoring it")
+            return load_embedding(self.context, name, key=self.key, width=self.dim, embeddings_dir=self.root)
+        except EmbeddingNotFoundError:
             return None
-        vectors = _select_embedding_tensor(tensors, self.key)
-        if vectors is None or vectors.ndim == 0:
-            self.warnings.append(f"embedding:{name}: {os.path.basename(path)} holds no vectors, ignoring it")
+        except ModelFileError as exc:  # an unusable file is skipped like ComfyUI does, with the reason
+            self.warnings.append(f"embedding:{name}: {exc}; ignoring it")
             return None
-        vectors = vectors.reshape(-1, vectors.shape[-1]).float()
-        if self.dim is not None and vectors.shape[-1] != self.dim:
-            self.warnings.append(f"embedding:{name}: vectors of size {vectors.shape[-1]} do not fit this text "
-                                 f"encoder ({self.dim}), ignoring it")
-            return None
-        return vectors
 
     def lookup(self, text: str) -> tuple[torch.Tensor | None, str, str]:
         """``text`` follows ``embedding:``: ``(vectors, name, leftover text)``."""
@@ -271,18 +229,20 @@ def _token_ids(tokenizer: Any, text: str) -> list[int]:
 
 def tokenize_weighted(tokenizer: Any, text: str, *, embeddings_dir: str | None = None,
                       embedding_key: str = "clip_l", embedding_dim: int | None = None,
-                      pad_token: int | None = None, max_length: int = MAX_LENGTH) -> TokenizedPrompt:
+                      pad_token: int | None = None, max_length: int = MAX_LENGTH,
+                      context: Any = None) -> TokenizedPrompt:
     """Tokenize ``text`` with ComfyUI's weights, embeddings and window packing.
 
     ``tokenizer`` is a transformers CLIP tokenizer (adds BOS and EOS). ``pad_token`` None pads with the EOS id
     (SD 1.x, CLIP-L); SDXL's bigG passes 0. ``embedding_key`` picks the tensor of multi-encoder embedding files
     and ``embedding_dim`` rejects vectors of another size. ``embeddings_dir`` None behaves like an empty
-    embeddings folder (every ``embedding:`` name is missing).
+    embeddings folder (every ``embedding:`` name is missing). ``context``: the run, whose snapshot records each
+    embedding file's SHA-256 (and which may allow pickle files).
     """
     start, end = _special_tokens(tokenizer)
     pad = end if pad_token is None else int(pad_token)
     warnings: list[str] = []
-    store = _EmbeddingStore(embeddings_dir, embedding_key, embedding_dim, warnings)
+    store = _EmbeddingStore(embeddings_dir, embedding_key, embedding_dim, warnings, context)
     used: list[str] = []
     missing: list[str] = []
 
@@ -351,15 +311,24 @@ def _text_core(model: torch.nn.Module) -> torch.nn.Module:
     return _text_core(model.text_model)
 
 
+DROPPED_LAYERS_ATTR = "comfy_dropped_layers"
+"""Set on a text model whose last layer(s) its files leave out (diffusers' SD 2.x text encoders have 23 of
+OpenCLIP ViT-H's 24 layers): layer indices still count from the full stack, as ComfyUI's do."""
+
+
 def _num_layers(model: torch.nn.Module) -> int:
     return len(_text_core(model).encoder.layers)
 
 
 def _select_hidden(output: Any, model: torch.nn.Module, layer: int | None, layer_norm_hidden: bool) -> torch.Tensor:
-    num_layers = _num_layers(model)
+    present = _num_layers(model)
+    num_layers = present + int(getattr(model, DROPPED_LAYERS_ATTR, 0))
     if layer is None or abs(layer) > num_layers:
         return output.last_hidden_state
     index = layer if layer >= 0 else num_layers + layer
+    if index >= present and present < num_layers:
+        raise ValueError(f"CLIP layer {layer} is the text encoder's layer {index + 1} of {num_layers}, which its "
+                         f"files leave out (only {present} are stored)")
     if index >= num_layers:
         return output.last_hidden_state
     hidden = output.hidden_states[index + 1]  # hidden_states[0] is the embedding output
@@ -429,28 +398,45 @@ def _embedding_dim(model: torch.nn.Module) -> int:
     return int(model.get_input_embeddings().weight.shape[-1])
 
 
-def encode_prompt(clip: TextEncoder, text: str) -> tuple[list[CondEntry], dict]:
+_FAMILY_ENCODERS = {
+    # family: (tokenizer pad id per encoder (None = EOS), embedding keys, default layer, final norm on it)
+    "sd1": ((None,), ("clip_l",), None, True),
+    "sd2": ((0,), ("clip_l",), -2, True),
+    "sdxl": ((None, 0), ("clip_l", "clip_g"), -2, False),
+    "sdxl_refiner": ((0,), ("clip_g",), -2, False),
+}
+
+
+def encoder_settings(clip: TextEncoder) -> tuple[int | None, list[tuple[Any, torch.nn.Module, int | None, str]],
+                                                 bool]:
+    """How ComfyUI encodes for ``clip.family``: ``(layer, [(tokenizer, model, pad id, embedding key)],
+    final LayerNorm on the selected layer)``. ``layer`` is CLIPSetLastLayer's value, else the family's default.
+
+    SD 2.x (ComfyUI's ``SD2ClipHModel``: ``layer="penultimate"``, ``SDClipModel``'s default
+    ``layer_norm_hidden_state=True``, ``special_tokens`` pad 0; ``SD2ClipHTokenizer`` with ``pad_with_end=False``
+    and the default embedding key): the penultimate layer through the final LayerNorm, padded with id 0. The
+    SDXL refiner encodes with bigG alone, as SDXL's bigG (penultimate, no final norm, pad 0)."""
+    if clip.family not in _FAMILY_ENCODERS:
+        raise ValueError(f"text encoding for model family {clip.family!r} is not supported "
+                         f"({', '.join(_FAMILY_ENCODERS)})")
+    pads, keys, default_layer, layer_norm_hidden = _FAMILY_ENCODERS[clip.family]
+    if len(clip.models) != len(pads) or len(clip.tokenizers) != len(pads):
+        raise ValueError(f"a {clip.family} text encoder needs {len(pads)} tokenizer(s) and model(s), not "
+                         f"{len(clip.tokenizers)} and {len(clip.models)}")
+    layer = getattr(clip, "layer", None)
+    effective = default_layer if layer is None else layer
+    encoders = list(zip(clip.tokenizers, clip.models, pads, keys, strict=True))
+    return effective, encoders, layer_norm_hidden
+
+
+def encode_prompt(clip: TextEncoder, text: str, *, context: Any = None) -> tuple[list[CondEntry], dict]:
     """CLIPTextEncode: ``text`` -> a one-entry CONDITIONING and an info dict (``warnings``,
     ``missing_embeddings``, ``embeddings``, ``token_count``, ``token_counts``, ``chunks``, ``layer``)."""
-    layer = getattr(clip, "layer", None)
-    if clip.family == "sdxl":
-        if len(clip.models) != 2 or len(clip.tokenizers) != 2:
-            raise ValueError("an SDXL text encoder needs two tokenizers and two models (CLIP-L, OpenCLIP-bigG)")
-        effective = -2 if layer is None else layer
-        encoders = [(clip.tokenizers[0], clip.models[0], None, "clip_l"),
-                    (clip.tokenizers[1], clip.models[1], 0, "clip_g")]
-        layer_norm_hidden = False
-    elif clip.family == "sd1":
-        effective = layer
-        encoders = [(clip.tokenizers[0], clip.models[0], None, "clip_l")]
-        layer_norm_hidden = True
-    else:
-        raise ValueError(f"text encoding for model family {clip.family!r} is not supported (sd1, sdxl)")
-
+    effective, encoders, layer_norm_hidden = encoder_settings(clip)
     outputs, tokenized = [], []
     for tokenizer, model, pad, key in encoders:
         tokens = tokenize_weighted(tokenizer, text, embeddings_dir=clip.embeddings_dir, embedding_key=key,
-                                   embedding_dim=_embedding_dim(model), pad_token=pad)
+                                   embedding_dim=_embedding_dim(model), pad_token=pad, context=context)
         tokenized.append(tokens)
         outputs.append(encode_tokens(model, tokens, layer=effective, layer_norm_hidden=layer_norm_hidden))
 

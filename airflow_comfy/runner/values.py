@@ -84,9 +84,9 @@ class DiffusionModel:
 
     unet: torch.nn.Module
     family: str
-    """``sd1`` or ``sdxl``."""
+    """``sd1``, ``sd2``, ``sdxl`` or ``sdxl_refiner``."""
     latent_scale: float
-    """0.18215 (SD 1.x), 0.13025 (SDXL): applied by the sampler on the way in and out."""
+    """0.18215 (SD 1.x, 2.x), 0.13025 (SDXL): applied by the sampler on the way in and out."""
     recipe: Recipe
     prediction: str = "eps"
     """``eps`` or ``v``."""
@@ -102,7 +102,7 @@ class TextEncoder:
     recipe: Recipe
     layer: int | None = None
     """CLIPSetLastLayer's ``stop_at_clip_layer`` (-1 = last layer, -2 = "clip skip 2"); None = the model
-    family's default (SD 1.x: last layer; SDXL: penultimate)."""
+    family's default (SD 1.x: last layer; SD 2.x, SDXL: penultimate)."""
     embeddings_dir: str | None = None
 
 

@@ -18,19 +18,12 @@ from __future__ import annotations
 
 from airflow_comfy.runner.models.checkpoint import (
     ALL_COMPONENTS,
-    LATENT_SCALE,
     LoadedCheckpoint,
     clear_cache,
-    detect_family,
     load_checkpoint,
     load_checkpoint_file,
-    load_embedding,
-    load_embedding_file,
-    load_tokenizer,
-    load_vae,
-    load_vae_file,
-    shipped_config,
 )
+from airflow_comfy.runner.models.config import LATENT_SCALE, shipped_config
 from airflow_comfy.runner.models.controlnet import (
     control_residuals,
     load_control_net,
@@ -38,6 +31,7 @@ from airflow_comfy.runner.models.controlnet import (
     prepare_hint,
 )
 from airflow_comfy.runner.models.demo import make_demo_models
+from airflow_comfy.runner.models.embeddings import load_embedding, load_embedding_file
 from airflow_comfy.runner.models.esrgan import (
     RRDBNet,
     build_rrdbnet,
@@ -45,6 +39,7 @@ from airflow_comfy.runner.models.esrgan import (
     load_upscale_model_file,
     upscale_image,
 )
+from airflow_comfy.runner.models.families import detect_family
 from airflow_comfy.runner.models.files import (
     MODEL_FOLDERS,
     ModelFileError,
@@ -54,6 +49,8 @@ from airflow_comfy.runner.models.files import (
     sha256_of,
 )
 from airflow_comfy.runner.models.lora import apply_lora, apply_lora_file, apply_lora_state_dict
+from airflow_comfy.runner.models.tokenizers import load_tokenizer
+from airflow_comfy.runner.models.vae_file import load_vae, load_vae_file
 
 __all__ = [
     "ALL_COMPONENTS",

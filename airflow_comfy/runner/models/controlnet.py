@@ -21,13 +21,15 @@ from typing import Any
 import torch
 
 from airflow_comfy.runner.models import layout
+from airflow_comfy.runner.models.building import materialize
 from airflow_comfy.runner.models.cache import ModelCache
-from airflow_comfy.runner.models.checkpoint import embedded_config, materialize, record_model_file
+from airflow_comfy.runner.models.config import embedded_config
 from airflow_comfy.runner.models.files import (
     ModelFileError,
     TensorReader,
     _label,
     file_key,
+    record_model_file,
     resolve_model_file,
 )
 from airflow_comfy.runner.ops.image import common_upscale
@@ -58,7 +60,7 @@ def _family_of(shapes: dict[str, tuple[int, ...]]) -> str:
     cross = next((s[1] for k, s in shapes.items() if k.endswith("attn2.to_k.weight")), None)
     if "label_emb.0.0.weight" in shapes or cross == 2048:
         return "sdxl"
-    return "sd1"
+    return "sd2" if cross == 1024 else "sd1"  # SD 2.x ControlNets: 64-wide heads, not SD 1.x's 8 heads
 
 
 def load_controlnet_file(path: str | os.PathLike[str], *, name: str | None = None, allow_pickle: bool = False,

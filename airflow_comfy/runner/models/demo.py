@@ -26,6 +26,12 @@
   nearest-neighbour upscale so its output looks like the input), ``embeddings/demo-embedding.safetensors``
   (``emb_params`` ``[1, 32]``).
 
+:func:`make_sd2_demo_models` (separately) writes two SD 2.x-shaped checkpoints in LDM layout, under names of the
+caller's choice: a "768-v" one (marked v-prediction in its embedded config) and a 9-channel inpainting one
+(eps). UNet Down + CrossAttnDown, channels (32, 64), 1 layer per block, linear projections, cross-attention
+64 wide; OpenCLIP-layout text model at ``cond_stage_model.model.`` (width 64, 2 layers, GELU, 64-wide
+``text_projection``); VAE as the SD 1.x one.
+
 Everything is seeded: the same files (byte for byte) every time, with the same torch/diffusers/transformers.
 """
 
@@ -43,14 +49,8 @@ from typing import Any
 import torch
 
 from airflow_comfy.runner.models import layout
-from airflow_comfy.runner.models.checkpoint import (
-    CLIP_BOS,
-    CLIP_EOS,
-    META_FORMAT,
-    META_KEY,
-    bytes_to_unicode,
-    make_clip_tokenizer,
-)
+from airflow_comfy.runner.models.config import META_FORMAT, META_KEY
+from airflow_comfy.runner.models.tokenizers import CLIP_BOS, CLIP_EOS, bytes_to_unicode, make_clip_tokenizer
 
 DEMO_CHECKPOINT = "demo-sd15-tiny.safetensors"
 DEMO_SDXL_CHECKPOINT = "demo-sdxl-tiny.safetensors"
@@ -107,6 +107,23 @@ TINY_SDXL_UNET: dict[str, Any] = {
     "norm_num_groups": 32,
 }
 TINY_SDXL_VAE: dict[str, Any] = dict(TINY_VAE, scaling_factor=0.13025)
+DEMO_SD2_CHECKPOINT = "demo-sd2-tiny.safetensors"
+DEMO_SD2_INPAINT_CHECKPOINT = "demo-sd2-inpaint-tiny.safetensors"
+TINY_SD2_CLIP_WIDTH = 64
+TINY_SD2_UNET: dict[str, Any] = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+    "block_out_channels": [32, 64],
+    "layers_per_block": 1,
+    "attention_head_dim": [2, 4],
+    "cross_attention_dim": TINY_SD2_CLIP_WIDTH,
+    "use_linear_projection": True,
+    "upcast_attention": True,
+    "norm_num_groups": 32,
+}
 
 _CORPUS = """
 a photo of a cat sitting on a chair in the sun
@@ -254,12 +271,16 @@ _CLIP_KEEP = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_laye
 
 def save_ldm_checkpoint(path: str | os.PathLike[str], *, unet: torch.nn.Module | None = None,
                         vae: torch.nn.Module | None = None, text_encoders: Iterable[torch.nn.Module] = (),
-                        family: str = "sd1", embed_config: bool = True) -> Path:
+                        family: str = "sd1", embed_config: bool = True, prediction: str | None = None,
+                        extra_tensors: Mapping[str, torch.Tensor] | None = None) -> Path:
     """Write diffusers/transformers modules as one ComfyUI-style single-file checkpoint (LDM layout).
 
-    ``family="sd1"``: one CLIP text model at ``cond_stage_model.transformer.``; ``"sdxl"``: CLIP-L at
+    ``family="sd1"``: one CLIP text model at ``cond_stage_model.transformer.``; ``"sd2"``: a
+    CLIPTextModelWithProjection at ``cond_stage_model.model.`` (OpenCLIP layout); ``"sdxl"``: CLIP-L at
     ``conditioner.embedders.0.transformer.`` and a CLIPTextModelWithProjection at ``conditioner.embedders.1.model.``
-    (OpenCLIP layout). ``embed_config`` stores the modules' configs in ``__metadata__``."""
+    (OpenCLIP layout); ``"sdxl_refiner"``: the latter alone at ``conditioner.embedders.0.model.``.
+    ``embed_config`` stores the modules' configs (and ``prediction``, when given) in ``__metadata__``;
+    ``extra_tensors`` are written as they are (e.g. ``model_ema.*``)."""
     tensors: dict[str, torch.Tensor] = {}
     configs: dict[str, Any] = {}
     if unet is not None:
@@ -275,6 +296,12 @@ def save_ldm_checkpoint(path: str | os.PathLike[str], *, unet: torch.nn.Module |
         if family == "sd1":
             tensors.update(layout.clip_to_ldm(state, layout.SD1_CLIP_PREFIX))
             configs["text_encoder"] = clip_config
+        elif family == "sd2":
+            tensors.update(layout.open_clip_to_ldm(state, layout.SD2_CLIP_PREFIX))
+            configs["text_encoder"] = clip_config
+        elif family == "sdxl_refiner":
+            tensors.update(layout.open_clip_to_ldm(state, layout.REFINER_CLIP_G_PREFIX))
+            configs["text_encoder_2"] = clip_config
         elif family == "sdxl" and index == 0:
             tensors.update(layout.clip_to_ldm(state, layout.SDXL_CLIP_L_PREFIX))
             configs["text_encoder"] = clip_config
@@ -283,7 +310,9 @@ def save_ldm_checkpoint(path: str | os.PathLike[str], *, unet: torch.nn.Module |
             configs["text_encoder_2"] = clip_config
         else:
             raise ValueError(f"cannot write text encoders of family {family!r}")
-    return _save(Path(path), tensors, _metadata(family, configs) if embed_config else None)
+    tensors.update(extra_tensors or {})
+    extra = {"prediction": prediction} if prediction else {}
+    return _save(Path(path), tensors, _metadata(family, configs, **extra) if embed_config else None)
 
 
 def save_ldm_vae(path: str | os.PathLike[str], vae: torch.nn.Module, *, family: str = "sd1") -> Path:
@@ -339,6 +368,53 @@ def build_tiny_sdxl(seed: int = SEED + 10) -> dict[str, Any]:
     for module in (unet, vae, clip_l, clip_g):
         module.eval().requires_grad_(False)
     return {"unet": unet, "vae": vae, "text_encoder": clip_l, "text_encoder_2": clip_g, "tokenizer": tokenizer}
+
+
+def tiny_sd2_clip_config(vocab_size: int) -> dict[str, Any]:
+    """A 64-wide, 2-layer OpenCLIP-style text model (GELU, square projection, as ViT-H's 1024 -> 1024)."""
+    return dict(tiny_clip_config(vocab_size), hidden_size=TINY_SD2_CLIP_WIDTH, intermediate_size=4 * TINY_SD2_CLIP_WIDTH,
+                hidden_act="gelu", projection_dim=TINY_SD2_CLIP_WIDTH)
+
+
+def build_tiny_sd2(seed: int = SEED + 20, *, inpaint: bool = False) -> dict[str, Any]:
+    """An SD 2.x-shaped model (``unet`` with linear projections and 64-wide cross-attention, 9 input channels
+    when ``inpaint``; ``vae`` as SD 1.x's; ``text_encoder`` a CLIPTextModelWithProjection in OpenCLIP's
+    shape) and ``tokenizer`` (the demo tokenizer), in memory."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    tokenizer = demo_tokenizer()
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config(dict(TINY_SD2_UNET, in_channels=9 if inpaint else 4))
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL.from_config(TINY_VAE)
+    torch.manual_seed(seed + 2)
+    text = CLIPTextModelWithProjection(CLIPTextConfig(**tiny_sd2_clip_config(len(tokenizer)),
+                                                      attn_implementation="eager"))
+    for module in (unet, vae, text):
+        module.eval().requires_grad_(False)
+    return {"unet": unet, "vae": vae, "text_encoder": text, "tokenizer": tokenizer}
+
+
+def make_sd2_demo_models(folder: str | os.PathLike[str], *, checkpoint: str = DEMO_SD2_CHECKPOINT,
+                         inpaint_checkpoint: str = DEMO_SD2_INPAINT_CHECKPOINT) -> list[Path]:
+    """Two SD 2.x-shaped checkpoints under ``folder/checkpoints`` (not part of :func:`make_demo_models`):
+    ``checkpoint``, marked v-prediction like the 768-v models, and ``inpaint_checkpoint``, a 9-channel
+    inpainting UNet (eps, like the 512 inpainting model); each with the demo tokenizer in
+    ``tokenizers/<stem>/``. The names can be those of the real files a workflow asks for."""
+    root = Path(folder)
+    written: list[Path] = []
+    for name, inpaint in ((checkpoint, False), (inpaint_checkpoint, True)):
+        parts = build_tiny_sd2(SEED + 20 + 10 * inpaint, inpaint=inpaint)
+        tok_dir = root / "tokenizers" / Path(name).stem
+        tok_dir.mkdir(parents=True, exist_ok=True)
+        for file_name, text in demo_tokenizer_files().items():
+            (tok_dir / file_name).write_text(text, encoding="utf-8")
+            written.append(tok_dir / file_name)
+        written.append(save_ldm_checkpoint(root / "checkpoints" / name, unet=parts["unet"], vae=parts["vae"],
+                                           text_encoders=[parts["text_encoder"]], family="sd2",
+                                           prediction="eps" if inpaint else "v"))
+    return written
 
 
 def build_tiny_controlnet(unet: torch.nn.Module, seed: int = SEED + 3) -> torch.nn.Module:

@@ -188,7 +188,7 @@ def load_upscale_model_file(path: str | os.PathLike[str], *, name: str | None = 
 
 def load_upscale_model(context: Any, model_name: str) -> UpscaleModel:
     """UpscaleModelLoader for a run: ``model_name`` in ``<models_root>/upscale_models``."""
-    from airflow_comfy.runner.models.checkpoint import record_model_file
+    from airflow_comfy.runner.models.files import record_model_file
 
     path = resolve_model_file(Path(context.models_root), "upscale_models", model_name)
     record_model_file(context, "upscale_models", model_name, path)

@@ -134,7 +134,7 @@ def is_pickle_file(path: Path) -> bool:
     return path.name.lower().endswith(PICKLE_EXTENSIONS)
 
 
-def _pickle_refused(path: Path) -> ModelFileError:
+def pickle_refused(path: Path) -> ModelFileError:
     return ModelFileError(
         f"{_label(path)}: refusing to load a pickle-based model file ({path.suffix}): unpickling can run "
         f"arbitrary code. Convert it to .safetensors, or allow pickle files explicitly (allow_pickle / "
@@ -174,7 +174,7 @@ class TensorReader:
         self.metadata: dict[str, str] = {}
         if is_pickle_file(path):
             if not allow_pickle:
-                raise _pickle_refused(path)
+                raise pickle_refused(path)
             try:
                 try:
                     obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -311,3 +311,25 @@ def sha256_of(path: str | os.PathLike[str]) -> str:
 def write_json(path: Path, data: Any) -> None:
     """Deterministic JSON (sorted keys, trailing newline): used for shipped configs and the demo files."""
     path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+# --- run contexts -----------------------------------------------------------------------------------------
+
+
+def run_settings(context: Any) -> tuple[Path, bool, torch.device | str, torch.dtype, torch.dtype]:
+    """``(models_root, allow_pickle, device, dtype, vae_dtype)`` of a run context: the VAE runs in fp32, or in
+    bf16 when the run is bf16."""
+    root = Path(context.models_root)
+    allow_pickle = bool(getattr(context, "allow_pickle", False))
+    device = getattr(context, "device", "cpu")
+    dtype = getattr(context, "dtype", torch.float32) or torch.float32
+    vae_dtype = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+    return root, allow_pickle, device, dtype, vae_dtype
+
+
+def record_model_file(context: Any, folder: str, name: str, path: Path) -> None:
+    """Add ``folder/name -> sha256`` to the run's snapshot (``context.model_files``), when it keeps one."""
+    files = getattr(context, "model_files", None)
+    if files is not None:
+        files[f"{folder}/{name}"] = sha256_of(path)
+

@@ -23,6 +23,9 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CONTROLNET_PREFIX = "control_model."
 SD1_CLIP_PREFIX = "cond_stage_model.transformer."
+SD2_CLIP_PREFIX = "cond_stage_model.model."
+SD2_SGM_CLIP_PREFIX = "conditioner.embedders.0.model."
+"""SD 2.x's OpenCLIP ViT-H in the SGM (SDXL-style) layout; the SDXL refiner keeps its bigG at the same place."""
 SDXL_CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
 SDXL_CLIP_G_PREFIX = "conditioner.embedders.1.model."
 REFINER_CLIP_G_PREFIX = "conditioner.embedders.0.model."
@@ -223,6 +226,45 @@ def open_clip_to_ldm(state_dict: Mapping[str, torch.Tensor], prefix: str = SDXL_
             out[f"{dst}ln_2.{kind}"] = sd[f"{src}layer_norm2.{kind}"]
             out[f"{dst}mlp.c_fc.{kind}"] = sd[f"{src}mlp.fc1.{kind}"]
             out[f"{dst}mlp.c_proj.{kind}"] = sd[f"{src}mlp.fc2.{kind}"]
+    return out
+
+
+_OPEN_CLIP_TOP = {
+    "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+    "positional_embedding": "text_model.embeddings.position_embedding.weight",
+    "ln_final.weight": "text_model.final_layer_norm.weight",
+    "ln_final.bias": "text_model.final_layer_norm.bias",
+}
+_OPEN_CLIP_BLOCK = {
+    "attn.out_proj": "self_attn.out_proj",
+    "ln_1": "layer_norm1",
+    "ln_2": "layer_norm2",
+    "mlp.c_fc": "mlp.fc1",
+    "mlp.c_proj": "mlp.fc2",
+}
+
+
+def open_clip_from_ldm(state_dict: Mapping[str, torch.Tensor], prefix: str = SD2_CLIP_PREFIX
+                       ) -> dict[str, torch.Tensor]:
+    """An OpenCLIP text transformer as stored in SD 2.x / SDXL checkpoints (``prefix`` + ``token_embedding``,
+    ``positional_embedding``, ``transformer.resblocks.N.{attn.in_proj_*, attn.out_proj, ln_1, ln_2, mlp.c_fc,
+    mlp.c_proj}``, ``ln_final``, ``text_projection``) -> transformers ``CLIPTextModelWithProjection`` keys
+    (``text_model.*``, ``text_projection.weight``): the packed ``in_proj`` split into equal q/k/v thirds, the
+    ``x @ P`` projection transposed into a Linear weight. Every layer is kept (diffusers' own converter drops
+    SD 2.x's last layer, which ComfyUI keeps for the pooled output). Other keys (``logit_scale``) are left out."""
+    sd = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    out = {hf: sd[ldm] for ldm, hf in _OPEN_CLIP_TOP.items() if ldm in sd}
+    if "text_projection" in sd:
+        out["text_projection.weight"] = sd["text_projection"].T.contiguous()
+    for key, value in sd.items():
+        if m := re.match(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$", key):
+            layer, kind = m.groups()
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0), strict=True):
+                out[f"text_model.encoder.layers.{layer}.self_attn.{name}.{kind}"] = part.contiguous()
+        elif (m := re.match(r"transformer\.resblocks\.(\d+)\.(.+)\.(weight|bias)$", key)) \
+                and m.group(2) in _OPEN_CLIP_BLOCK:
+            layer, module, kind = m.groups()
+            out[f"text_model.encoder.layers.{layer}.{_OPEN_CLIP_BLOCK[module]}.{kind}"] = value
     return out
 
 

@@ -250,7 +250,7 @@ def apply_lora_file(model: DiffusionModel | None, clip: TextEncoder | None, path
 def apply_lora(context: Any, model: DiffusionModel | None, clip: TextEncoder | None, lora_name: str,
                strength_model: float, strength_clip: float) -> tuple[DiffusionModel | None, TextEncoder | None]:
     """LoraLoader for a run: ``lora_name`` in ``<models_root>/loras``."""
-    from airflow_comfy.runner.models.checkpoint import record_model_file
+    from airflow_comfy.runner.models.files import record_model_file
 
     if strength_model == 0 and strength_clip == 0:
         return model, clip

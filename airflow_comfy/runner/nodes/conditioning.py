@@ -16,7 +16,7 @@ def clip_text_encode(ctx: NodeContext, text: str, clip: TextEncoder) -> tuple:
     from airflow_comfy.runner.text import encode_prompt
 
     with torch.inference_mode():
-        entries, info = encode_prompt(clip, text)
+        entries, info = encode_prompt(clip, text, context=ctx.run)
     for warning in info.get("warnings", []):
         ctx.progress(f"warning: {warning}")
     return (entries,)

@@ -6,6 +6,8 @@ import logging
 import time
 from collections.abc import Callable
 
+from airflow_comfy.runner import cancel
+
 logger = logging.getLogger("airflow_comfy.runner.sampling")
 
 
@@ -24,6 +26,8 @@ class StepProgress:
 
     The clock starts at construction (or at the first :meth:`reset`); the ETA assumes the remaining steps take
     as long as the mean step so far. ``every`` writes only every n-th step (the last one is always written).
+    Each call first checks whether the runner service cancelled the job (:func:`airflow_comfy.runner.cancel.check`),
+    so that a cancelled job stops after the step that is running.
     """
 
     def __init__(self, label: str = "sampling", write: Callable[[str], None] | None = None, *, every: int = 1,
@@ -44,6 +48,7 @@ class StepProgress:
         return f"{self.label}: step {step}/{total}, elapsed {_fmt(elapsed)}, ETA {_fmt(eta)}"
 
     def __call__(self, step: int, total: int) -> None:
+        cancel.check()
         if step % self.every and step != total:
             return
         text = self.line(step, total)
