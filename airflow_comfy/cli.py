@@ -1,4 +1,4 @@
-"""``airflow-comfy``: the command line for people (convert, slice, check, render-pods, pools sync).
+"""``airflow-comfy``: the command line for people (convert, slice, check, render-pods, pools sync, run, gc).
 
 Each command imports only what it needs: ``convert`` and ``slice`` touch neither Airflow nor torch.
 Exit codes: 0 success, 2 the workflow (or sidecar) is invalid — the error names file, node, class and input.
@@ -86,7 +86,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--store", default=None, help="artifact store URI (default: file://<--output>)")
     run.add_argument("--single-group", action="store_true", help="run the whole workflow as one group")
     run.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="set a trigger param")
-    run.add_argument("--run-id", default=None)
+    run.add_argument("--run-id", default=None,
+                     help="the run's id (default: cli__<UTC time to the microsecond>_<random>). Reusing one with "
+                          "the same workflow and params returns what that run committed without computing; with "
+                          "another workflow version or other params it is refused (exit 2)")
     _sidecar_arg(run)
     _object_info_arg(run)
     run.set_defaults(func=_run)
@@ -96,6 +99,19 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--inputs", type=Path, default=None,
                       help="also write the example workflows' input images (demo-input.png, demo-mask.png) here")
     demo.set_defaults(func=_make_demo_models)
+
+    gc = sub.add_parser("gc", help="remove what tries that never committed left in the artifact store (values, "
+                                   "staged and orphan images, temporary files)")
+    gc.add_argument("--store", default=None, help="artifact store URI (default: [comfy] artifact_store)")
+    gc.add_argument("--run", action="append", default=[], metavar="DAG_ID/RUN_ID",
+                    help="only this run (repeatable; default: every run in the store)")
+    gc.add_argument("--unfinished", action="store_true",
+                    help="also clean groups that never committed: only for runs that are over (a running "
+                         "try's files would go too)")
+    gc.add_argument("--temp-older-than", type=float, default=3600.0, metavar="SECONDS",
+                    help="remove temporary files not modified for this long (default 3600)")
+    gc.add_argument("--dry-run", action="store_true", help="print what would be removed, remove nothing")
+    gc.set_defaults(func=_gc)
 
     check = sub.add_parser("check", help="load every workflow of a folder as the DAG factory does and report")
     check.add_argument("folder", type=Path)
@@ -258,6 +274,28 @@ def _pools_sync(args) -> int:
     return 0
 
 
+def _gc(args) -> int:
+    from airflow_comfy.artifacts.garbage import collect
+    from airflow_comfy.artifacts.store import open_store
+
+    if args.store:
+        store = open_store(args.store)
+    else:
+        from airflow_comfy.config import get_settings
+
+        settings = get_settings()
+        store = open_store(settings.artifact_store, limits=settings.store_limits)
+    result = collect(store, run_keys=args.run, unfinished=args.unfinished, temp_older_than=args.temp_older_than,
+                     dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for uri in result.removed:
+        print(f"{verb} {uri}")
+    for group in result.unfinished:
+        print(f"left alone (never committed; --unfinished cleans it): {group}")
+    print(f"{verb} {len(result.removed)} object(s) from {store.root_uri}")
+    return 0
+
+
 def _run(args) -> int:
     from airflow_comfy.local_run import GroupFailed, compile_for_run, parse_param_assignments, run_workflow
 
@@ -270,6 +308,7 @@ def _run(args) -> int:
         result = run_workflow(compiled, models=args.models.resolve(), input_dir=input_dir, store=store,
                               params=parse_param_assignments(args.param, compiled), run_id=args.run_id)
     except GroupFailed as exc:
+        print(exc.output.rstrip("\n"), file=sys.stderr)  # the runner's log, once; the error says what failed
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID if exc.returncode == EXIT_INVALID else 1
     for image in result.images:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, fields
 
+from airflow_comfy.artifacts.limits import StoreLimits
 from airflow_comfy.provider_info import CONFIG_OPTIONS
 from airflow_comfy.scheduling.tiers import check_default_tier, parse_priority_classes, parse_tiers
 
@@ -64,6 +65,18 @@ class ComfySettings:
     max_retry_delay: float | None
     pod_disruption_restarts: int
     avoid_failed_nodes: bool
+    #: seconds; None: no limit
+    execution_timeout: float | None
+    store_connect_timeout: float
+    store_read_timeout: float
+    store_operation_timeout: float
+    store_attempts: int
+
+    @property
+    def store_limits(self) -> StoreLimits:
+        """The ``store_*`` settings as the stores take them."""
+        return StoreLimits(connect_timeout=self.store_connect_timeout, read_timeout=self.store_read_timeout,
+                           operation_timeout=self.store_operation_timeout, attempts=self.store_attempts)
 
     @property
     def tier_weights(self) -> dict[str, int]:
@@ -107,7 +120,7 @@ def get_settings(**overrides) -> ComfySettings:
             values[f.name] = raw  # parsed below, once the tiers are known
         elif f.name == "retry_exponential_backoff":
             values[f.name] = parse_backoff(raw)
-        elif f.name == "max_retry_delay":
+        elif f.name in ("max_retry_delay", "execution_timeout"):
             values[f.name] = float(raw) if raw.strip() else None
         elif CONFIG_OPTIONS[f.name][0] == "integer":
             values[f.name] = int(raw)
@@ -123,6 +136,14 @@ def get_settings(**overrides) -> ComfySettings:
     for name in ("retry_delay", "max_retry_delay"):
         if values[name] is not None and values[name] < 0:
             raise ValueError(f"[comfy] {name} must not be negative, not {values[name]}")
+    if values["execution_timeout"] is not None and not values["execution_timeout"] > 0:
+        raise ValueError(f"[comfy] execution_timeout must be a positive number of seconds or empty, not "
+                         f"{values['execution_timeout']}")
+    try:
+        StoreLimits(connect_timeout=values["store_connect_timeout"], read_timeout=values["store_read_timeout"],
+                    operation_timeout=values["store_operation_timeout"], attempts=values["store_attempts"])
+    except ValueError as exc:
+        raise ValueError(f"[comfy] store_* settings: {exc}") from None
     if values["backend"] not in ("local", "kubernetes"):
         raise ValueError(f"[comfy] backend must be 'local' or 'kubernetes', not {values['backend']!r}")
     if values["runner_service_idle_timeout"] <= 0 or values["runner_service_cache_mb"] < 0:

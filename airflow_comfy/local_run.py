@@ -9,22 +9,24 @@ the two).
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from airflow_comfy.artifacts.errors import ArtifactError
+from airflow_comfy.artifacts.errors import ArtifactError, StoreRefused
 from airflow_comfy.artifacts.specs import publish_spec
 from airflow_comfy.artifacts.store import open_store
 from airflow_comfy.factory.compile import CompiledWorkflow, compile_workflow
 from airflow_comfy.factory.sidecar import load_sidecar, sidecar_path
 from airflow_comfy.operators.command import local_arguments, runner_arguments, runner_prefix
+from airflow_comfy.operators.failure_text import runner_failure
 from airflow_comfy.runner_service.client import ServiceConfig, ServiceDied, ServiceSession, ServiceUnavailable
 from airflow_comfy.workflow.catalog import load_catalog
 from airflow_comfy.workflow.errors import Problem, WorkflowError
@@ -44,10 +46,13 @@ class LocalRunResult:
 
 
 class GroupFailed(RuntimeError):
-    def __init__(self, group: str, returncode: int, tail: str):
+    """A group's runner failed: the message says what failed (the runner's own sentence), then how it ended."""
+
+    def __init__(self, group: str, returncode: int, output: str):
         self.group, self.returncode = group, returncode
-        kind = "bad input" if returncode == EXIT_BAD_INPUT else "failure"
-        super().__init__(f"group {group!r} failed ({kind}, exit code {returncode}):\n{tail}")
+        self.output = output
+        """The runner's whole output (the log: its traceback, if any, is there)."""
+        super().__init__(f"group {group!r}: {runner_failure(returncode, output.splitlines())}")
 
 
 def compile_for_run(workflow: Path, *, sidecar: Path | None = None, single_group: bool = False,
@@ -86,7 +91,7 @@ def run_workflow(compiled: CompiledWorkflow, *, models: Path, input_dir: Path, s
     """Run every group in order. ``in_process`` calls the runner's ``main`` with the same arguments instead of
     starting a process per group (tests use it to save the interpreter start-up; the code path is the same).
     ``service`` runs each group as a job of the runner service it names (started on demand, on a CPU slot)."""
-    run_key = f"{compiled.dag_id}/{run_id or time.strftime('cli__%Y%m%dT%H%M%S')}"
+    run_key = f"{compiled.dag_id}/{run_id or new_run_id()}"
     all_params = {p["name"]: p["default"] for p in compiled.params} | dict(params or {})
     result = LocalRunResult(run_key=run_key)
     with tempfile.TemporaryDirectory(prefix="airflow-comfy-run-") as scratch:
@@ -97,6 +102,13 @@ def run_workflow(compiled: CompiledWorkflow, *, models: Path, input_dir: Path, s
     return result
 
 
+def new_run_id() -> str:
+    """``cli__<UTC time to the microsecond>_<4 random hex>``: two runs started in the same microsecond, on two
+    machines, still get different run keys."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return f"cli__{now:%Y%m%dT%H%M%S.%f}_{secrets.token_hex(2)}"
+
+
 def _run_group(group: dict, result: LocalRunResult, *, models: Path, input_dir: Path, store: str,
                params: dict[str, Any], python: str | None, extra_args: list[str] | None, scratch: Path,
                echo, in_process: bool, service: ServiceConfig | None = None) -> None:
@@ -104,8 +116,9 @@ def _run_group(group: dict, result: LocalRunResult, *, models: Path, input_dir: 
     inputs = [result.manifests[g]["manifest_uri"] for g in group["upstream"]]
     try:
         publish_spec(open_store(store), spec.to_bytes(), group["spec_sha256"])
-    except ArtifactError as exc:  # as the operators do: the store failed, the task is retried
-        raise GroupFailed(spec.group, EXIT_INFRASTRUCTURE, f"could not write the group spec: {exc}") from None
+    except ArtifactError as exc:  # as the operators do: retried, unless the store refuses for good
+        code = EXIT_BAD_INPUT if isinstance(exc, StoreRefused) else EXIT_INFRASTRUCTURE
+        raise GroupFailed(spec.group, code, f"could not write the group spec: {exc}") from None
     arguments = runner_arguments(
         spec, store=store, models_path=str(models), input_path=str(input_dir), spec_sha256=group["spec_sha256"],
         run_key=result.run_key, try_number="1", params=json.dumps(params), input_uris=inputs)
@@ -117,13 +130,13 @@ def _run_group(group: dict, result: LocalRunResult, *, models: Path, input_dir: 
 
         returncode = runner_main(argv)
         if returncode != 0:
-            raise GroupFailed(spec.group, returncode, "(in-process run: see the log above)")
+            raise GroupFailed(spec.group, returncode, "(in-process run: its failure is in the log above)")
     elif service is not None:
         _run_in_service(spec.group, argv, service, echo)
     else:
         completed = subprocess.run(runner_prefix(python or sys.executable) + argv, capture_output=True, text=True)
         if completed.returncode != 0:
-            raise GroupFailed(spec.group, completed.returncode, (completed.stdout + completed.stderr)[-4000:])
+            raise GroupFailed(spec.group, completed.returncode, completed.stdout + completed.stderr)
     result.manifests[spec.group] = json.loads(manifest_out.read_text(encoding="utf-8"))
 
 
@@ -137,4 +150,4 @@ def _run_in_service(group: str, argv: list[str], config: ServiceConfig, echo) ->
     except (ServiceUnavailable, ServiceDied) as exc:
         raise GroupFailed(group, EXIT_INFRASTRUCTURE, f"runner service: {exc}") from None
     if result.code != 0:
-        raise GroupFailed(group, result.code, "\n".join(lines)[-4000:])
+        raise GroupFailed(group, result.code, "\n".join(lines))

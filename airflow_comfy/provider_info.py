@@ -229,6 +229,36 @@ CONFIG_OPTIONS: dict[str, tuple[str, str, str, str | None]] = {
         "'kubernetes.io/hostname NotIn'). Turn off on clusters with a single node of the kind a group needs.",
         None,
     ),
+    "execution_timeout": (
+        "string", "7200",
+        "Seconds a group task may run (Airflow's execution_timeout), unless the sidecar sets 'execution_timeout'. "
+        "The runner gets a deadline a little under it (env COMFY_RUNNER_DEADLINE_S: the timeout less 10%, at most "
+        "30 s less), so that it says what it was doing and exits with code 1 (retried) before Airflow kills it. "
+        "Empty: no limit.",
+        "3600",
+    ),
+    "store_connect_timeout": (
+        "float", "5",
+        "Seconds one attempt to reach an s3:// artifact store may wait to connect.",
+        None,
+    ),
+    "store_read_timeout": (
+        "float", "20",
+        "Seconds one attempt of an s3:// artifact store operation may wait for each answer.",
+        None,
+    ),
+    "store_operation_timeout": (
+        "float", "45",
+        "Seconds one artifact store operation (a read, a write, a listing) may take in all, retries included; "
+        "past it the task fails with a retryable error naming the object. 0: no deadline.",
+        None,
+    ),
+    "store_attempts": (
+        "integer", "4",
+        "How many times an artifact store operation is tried when it fails in a way that may pass (a timeout, a "
+        "cut connection, HTTP 5xx, throttling), with pauses of 0.5, 1, 2 ... s, within store_operation_timeout.",
+        None,
+    ),
     "max_workflow_bytes": ("integer", "5000000", "Workflow files larger than this are refused.", None),
     "max_workflow_nodes": ("integer", "2000", "Workflows with more nodes than this are refused.", None),
 }

@@ -121,3 +121,17 @@ def postgres_server():
         yield server
     finally:
         server.stop()
+
+
+# --- the fault suite's table (tests/test_faults.py) ----------------------------------------------------------------
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """Print the fault suite's cases and outcomes, when it ran (visible with ``-q`` too)."""
+    import fault_table
+
+    lines = fault_table.lines()
+    if lines:
+        terminalreporter.section("fault suite: cases and outcomes")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -105,7 +105,11 @@ def test_layout_keys():
     assert layout.image_key(run_key, "", "ComfyUI_00001_.png") == f"{run}/outputs/ComfyUI_00001_.png"
     assert layout.image_key(run_key, "portraits/ComfyUI_00001_.png") == f"{run}/outputs/portraits/ComfyUI_00001_.png"
     assert layout.image_key(run_key, "portraits", "ComfyUI_00001_.png") == f"{run}/outputs/portraits/ComfyUI_00001_.png"
-    assert layout.snapshot_key(run_key, "post", 2) == f"{run}/outputs/snapshot.post.try-2.json"
+    assert layout.snapshot_key(run_key, "post") == f"{run}/outputs/snapshot.post.json"
+    assert layout.staged_image_key(run_key, "post", 2, "9", "sub", "x_00001_.png") == f"{run}/post/try-2/9/saved/sub/x_00001_.png"
+    assert layout.staged_image_key(run_key, "post", 2, "9", "", "x.png") == f"{run}/post/try-2/9/saved/x.png"
+    assert layout.published_key(run_key, "post", 2) == f"{run}/post/try-2/published.json"
+    assert layout.try_number_of("try-12") == 12 and layout.try_number_of("manifest.json") is None
     assert layout.extension_for("LATENT") == "safetensors" and layout.extension_for("INT") == "json"
     escaped = layout.image_key(run_key, "../../etc/passwd")
     assert escaped.startswith(f"{run}/outputs/") and ".." not in escaped.split("/")
@@ -125,7 +129,7 @@ def test_layout_keys():
     lambda: layout.output_key("d/r", "g", 1, "3", 0, "tar/gz"),
     lambda: layout.image_key("d/r", "/"),
     lambda: layout.image_key("d/r", "", ""),
-    lambda: layout.snapshot_key("d/r", "g", "one"),
+    lambda: layout.staged_image_key("d/r", "g", "one", "9", "x.png"),
 ])
 def test_layout_refuses_bad_parts(call):
     with pytest.raises(ValueError):
@@ -462,7 +466,7 @@ def test_s3_overwrite_refusal(s3_env: str, bucket: str):
 def test_s3_conditional_write_stops_a_concurrent_writer(s3_env: str, bucket: str, monkeypatch: pytest.MonkeyPatch):
     store = open_store(f"s3://{bucket}/p", endpoint_url=s3_env)
     store.put_bytes("k", b"winner")
-    monkeypatch.setattr(store, "exists", lambda key: False)  # as if both writers checked before either wrote
+    monkeypatch.setattr(store, "_head", lambda key: False)  # as if both writers checked before either wrote
     with pytest.raises(ArtifactExistsError, match="written concurrently"):
         store.put_bytes("k", b"loser")
     monkeypatch.undo()
@@ -550,3 +554,113 @@ def test_s3_store_without_conditional_writes_falls_back(monkeypatch: pytest.Monk
 def test_s3_uri_validation(uri: str):
     with pytest.raises(ValueError):
         open_store(uri)
+
+
+# --- bounded waiting, copies, deletes, temporary files --------------------------------------------------------
+
+
+def test_store_limits_text_round_trip(monkeypatch: pytest.MonkeyPatch):
+    from airflow_comfy.artifacts.limits import ENV, StoreLimits
+
+    limits = StoreLimits.parse("connect=1.5, read=3,operation=9,attempts=2")
+    assert (limits.connect_timeout, limits.read_timeout, limits.operation_timeout, limits.attempts) == (1.5, 3, 9, 2)
+    assert StoreLimits.parse(limits.to_text()) == limits
+    assert StoreLimits.parse("read=7") == StoreLimits(read_timeout=7)
+    monkeypatch.setenv(ENV, "operation=0")
+    assert StoreLimits.from_env().operation_timeout == 0 and open_store("/tmp").limits.operation_timeout == 0
+    for bad in ("speed=3", "read=fast", "read=0", "attempts=0", "operation=-1"):
+        with pytest.raises(ValueError):
+            StoreLimits.parse(bad)
+
+
+def test_bounded_retries_what_may_pass_and_gives_up_in_time():
+    import time
+
+    from airflow_comfy.artifacts.errors import StoreUnavailable
+    from airflow_comfy.artifacts.limits import StoreLimits, Transient, bounded
+
+    calls: list[int] = []
+
+    def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:
+            raise Transient("connection reset")
+        return "ok"
+
+    limits = StoreLimits(attempts=3, backoff=0.01, operation_timeout=5)
+    assert bounded(flaky, limits, "read", "s3://b/k") == "ok" and len(calls) == 3
+    calls.clear()
+    with pytest.raises(StoreUnavailable, match=r"cannot read s3://b/k: gave up after 2 attempt\(s\).*reset") as raised:
+        bounded(flaky, limits.with_values(attempts=2), "read", "s3://b/k")
+    assert raised.value.uri == "s3://b/k"
+    with pytest.raises(KeyError):  # anything else: at once, as it is
+        bounded(lambda: {}["x"], limits, "read", "s3://b/k")
+    began = time.monotonic()
+    with pytest.raises(StoreUnavailable, match=r"cannot write s3://b/k: no answer within 0.5 s"):
+        bounded(lambda: time.sleep(30), limits.with_values(operation_timeout=0.5), "write", "s3://b/k")
+    assert time.monotonic() - began < 2
+
+
+def test_local_copy_delete_and_temp_files(tmp_path: Path):
+    store = LocalStore(tmp_path)
+    store.put_bytes("a/src.png", b"png")
+    assert store.copy("a/src.png", "out/x.png") == store.uri("out/x.png")
+    assert store.get_bytes("out/x.png") == b"png"
+    with pytest.raises(ArtifactExistsError):
+        store.copy("a/src.png", "out/x.png")
+    store.put_bytes("a/other.png", b"other")
+    store.copy("a/other.png", "out/x.png", overwrite=True)
+    assert store.get_bytes("out/x.png") == b"other"
+    with pytest.raises(ArtifactNotFound):
+        store.copy("a/missing.png", "out/y.png")
+    store.delete("a/src.png")
+    store.delete("a/src.png")  # nothing there: nothing happens
+    store.delete("a/other.png")
+    assert not (tmp_path / "a").exists()  # emptied folders go too
+    (tmp_path / "out" / f"{TMP_PREFIX}abc.tmp").write_bytes(b"half")
+    assert store.remove_temp("out/", older_than=3600) == []
+    assert store.remove_temp("out/") == [f"out/{TMP_PREFIX}abc.tmp"]
+    assert store.list() == ["out/x.png"]
+
+
+def test_local_refusals_and_full_disks_are_told_apart(tmp_path: Path):
+    import errno as errnos
+
+    from airflow_comfy.artifacts.errors import StoreRefused
+    from airflow_comfy.artifacts.store import os_failure
+
+    with pytest.raises(StoreRefused, match="cannot write file:///proc/forbidden/k"):
+        open_store("file:///proc/forbidden").put_bytes("k", b"x")
+    full = os_failure("write", "file:///x", OSError(errnos.ENOSPC, "No space left on device"))
+    assert type(full) is ArtifactError and "No space left on device" in str(full)
+    assert isinstance(os_failure("write", "file:///x", OSError(errnos.EROFS, "Read-only file system")), StoreRefused)
+
+
+def test_s3_store_that_never_answers_fails_within_its_deadline():
+    """A listening socket that accepts and never answers (what a paused server looks like)."""
+    import socket
+    import time
+
+    from airflow_comfy.artifacts.errors import StoreUnavailable
+    from airflow_comfy.artifacts.limits import StoreLimits
+    from airflow_comfy.artifacts.s3 import S3Store
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        endpoint = f"http://127.0.0.1:{server.getsockname()[1]}"
+        # (a PUT first waits up to 1 s for "100 Continue", then read_timeout for the answer)
+        limits = StoreLimits(connect_timeout=1, read_timeout=0.5, operation_timeout=8, attempts=3, backoff=0.1)
+        store = S3Store("bucket", "p", endpoint_url=endpoint, limits=limits,
+                        credentials={"aws_access_key_id": "AKIAFAKE", "aws_secret_access_key": "fake"})
+        began = time.monotonic()
+        with pytest.raises(StoreUnavailable, match=r"cannot write s3://bucket/p/k: gave up after 3 attempt") as raised:
+            store.put_bytes("k", b"x", overwrite=True)
+        assert time.monotonic() - began < 8
+        assert "Read timeout" in str(raised.value) and endpoint in str(raised.value)
+        store.limits = limits.with_values(read_timeout=5, operation_timeout=1)
+        store._client = None  # noqa: SLF001 - a client with the new read timeout
+        began = time.monotonic()
+        with pytest.raises(StoreUnavailable, match=r"cannot read s3://bucket/p/k: no answer within 1 s"):
+            store.get_bytes("k")
+        assert time.monotonic() - began < 1.5

@@ -122,3 +122,50 @@ def test_check_lists_good_and_bad_workflows(tmp_path):
     assert "Import errors:\n  comfy_workflow_errors.py: ComfyWorkflowImportError: airflow-comfy: 1 workflow" in result.stdout
     assert "bad.json: node 3 (KSampler): input 'sampler_name'" in result.stdout
     assert "1 DAG(s); 1 workflow file(s) named in the import error of comfy_workflow_errors.py" in result.stdout
+
+
+def test_gc_removes_what_uncommitted_tries_left(tmp_path: Path, capsys):
+    """A store as killed tries leave it: try 1 of group g died after publishing (its values, an image it published
+    and try 2 did not publish again, a temporary file, its failure record); try 2 committed, but died before
+    removing its staging copies. Group h never committed."""
+    import hashlib
+    import time
+
+    from airflow_comfy.artifacts import layout
+    from airflow_comfy.artifacts.manifest import GroupManifest, ImageRecord
+    from airflow_comfy.artifacts.store import TMP_PREFIX, open_store
+
+    store, run = open_store(tmp_path), "wf/r1"
+    png, old = b"png bytes", b"an image only try 1 made"
+    store.put_bytes(layout.output_key(run, "g", 1, "5", 0, "safetensors"), b"latent")
+    store.put_json(layout.published_key(run, "g", 1), {"images": {"x_00001_.png": hashlib.sha256(png).hexdigest(),
+                                                                  "old_00001_.png": hashlib.sha256(old).hexdigest()}})
+    store.put_bytes(layout.try_failure_key(run, "g", 1), b"{}")
+    store.put_bytes(layout.image_key(run, "old_00001_.png"), old)
+    store.put_bytes(layout.image_key(run, "x_00001_.png"), png)
+    store.put_bytes(layout.staged_image_key(run, "g", 2, "7", "", "x_00001_.png"), png)
+    store.put_json(layout.published_key(run, "g", 2), {"images": {"x_00001_.png": hashlib.sha256(png).hexdigest()}})
+    image = ImageRecord(node="7", uri=store.uri(layout.image_key(run, "x_00001_.png")), filename="x_00001_.png",
+                        width=8, height=8, sha256=hashlib.sha256(png).hexdigest())
+    manifest = GroupManifest(workflow_name="wf", workflow_sha256="", group="g", run_key=run, try_number=2,
+                             images=[image])
+    store.put_json(layout.manifest_key(run, "g", 2), manifest.to_dict())
+    store.put_bytes(layout.output_key(run, "h", 1, "3", 0, "json"), b"1")
+    stale = tmp_path / "runs" / "wf" / "r1" / "g" / "try-1" / f"{TMP_PREFIX}x.tmp"
+    stale.write_bytes(b"half")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    before = store.list()
+
+    assert main(["gc", "--store", tmp_path.as_uri(), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "would remove 6 object(s)" in out and store.list() == before and stale.exists()
+    assert main(["gc", "--store", tmp_path.as_uri()]) == 0
+    out = capsys.readouterr().out
+    assert "removed 6 object(s)" in out and "left alone (never committed; --unfinished cleans it): wf/r1 h" in out
+    assert store.list() == sorted([layout.try_failure_key(run, "g", 1), layout.manifest_key(run, "g", 2),
+                                   layout.image_key(run, "x_00001_.png"),
+                                   layout.output_key(run, "h", 1, "3", 0, "json")])
+    assert not stale.exists()
+    assert main(["gc", "--store", tmp_path.as_uri(), "--run", run, "--unfinished"]) == 0
+    assert "removed 1 object(s)" in capsys.readouterr().out
+    assert not store.exists(layout.output_key(run, "h", 1, "3", 0, "json"))

@@ -89,7 +89,7 @@ def test_airflow_dags_test(big_workflow: Path, demo_models: Path, demo_inputs: P
     (image,) = (store / "runs" / "big_notes").glob("*/outputs/*.png")
     # the run's params: the trigger's steps over the DAG's defaults (the tasks carry no copy of the DAG's params;
     # Airflow merges them in when the task runs)
-    snapshot = json.loads((image.parent / "snapshot.postprocess.try-1.json").read_text())
+    snapshot = json.loads((image.parent / "snapshot.postprocess.json").read_text())
     assert snapshot["params"]["steps"] == 4
     assert snapshot["params"]["prompt"] == "a lighthouse on a cliff at dawn, oil painting"
     assert snapshot["params"]["seed"] == 42

@@ -366,8 +366,8 @@ def test_dag_with_group_tasks_serializes():
 # --- exit code 2 in a pod: not retried ----------------------------------------------------------------------
 
 
-def finished_pod(exit_code: int) -> k8s.V1Pod:
-    terminated = k8s.V1ContainerStateTerminated(exit_code=exit_code, message="bad input: node 3 (KSampler)")
+def finished_pod(exit_code: int, message: str = "bad input: node 3 (KSampler)") -> k8s.V1Pod:
+    terminated = k8s.V1ContainerStateTerminated(exit_code=exit_code, message=message)
     return k8s.V1Pod(
         metadata=k8s.V1ObjectMeta(name="txt2img-sample-abc", namespace="comfy"),
         spec=k8s.V1PodSpec(containers=[k8s.V1Container(name="base")]),
@@ -383,10 +383,10 @@ def finished_pod(exit_code: int) -> k8s.V1Pod:
     )
 
 
-def cleanup_with_fake_cluster(exit_code: int) -> None:
+def cleanup_with_fake_cluster(exit_code: int, message: str = "bad input: node 3 (KSampler)") -> None:
     """Run KPO's own cleanup of a finished pod; only the API calls (read/patch/delete pod) are faked."""
     task = pod_task()
-    pod = finished_pod(exit_code)
+    pod = finished_pod(exit_code, message)
     task.__dict__["client"] = mock.MagicMock()  # cached_property: patch_namespaced_pod
     task.__dict__["pod_manager"] = mock.MagicMock(read_pod=mock.MagicMock(return_value=pod))
     task.cleanup(pod=pod, remote_pod=pod, context=None)
@@ -402,6 +402,23 @@ def test_pod_other_failures_are_retried():
         cleanup_with_fake_cluster(1)
     assert not isinstance(raised.value, AirflowFailException)
     cleanup_with_fake_cluster(0)  # success: no exception
+
+
+@pytest.mark.parametrize(("exit_code", "line"), [
+    (1, "airflow-comfy runner: failed: cannot write s3://b/c/runs/d/r/g/try-1/5/0.safetensors: no answer within "
+        "45 s (3 attempt(s), connect/read timeouts 5/20 s)"),
+    (2, "airflow-comfy runner: bad input: node 3 (KSampler): input 'seed': -1 is below the minimum 0"),
+])
+def test_pod_failure_message_starts_with_the_runners_sentence(exit_code: int, line: str):
+    """The container's termination message (the runner's failure line, after some log lines when the kubelet
+    fell back to the log) becomes the first line of the task's error; KPO's pod dump is not repeated."""
+    with pytest.raises(AirflowException) as raised:
+        cleanup_with_fake_cluster(exit_code, f"INFO node 5 (KSampler): start\n{line}\n")
+    assert isinstance(raised.value, AirflowFailException) == (exit_code == EXIT_BAD_INPUT)
+    first, second = str(raised.value).splitlines()
+    assert first == line.split(": ", 2)[2]
+    assert "in pod txt2img-sample-abc" in second and f"exit code {exit_code}" in second
+    assert raised.value.__cause__ is None and raised.value.__suppress_context__
 
 
 def test_container_exit_code():
@@ -441,6 +458,8 @@ print(f"fake runner: group {spec['group']} starting", flush=True)
 code = int(os.environ.get("FAKE_EXIT", "0"))
 if code:
     print("error: node 3 (KSampler), input 'seed': must be an integer", file=sys.stderr)
+    if os.environ.get("FAKE_LAST_LINE"):
+        print(os.environ["FAKE_LAST_LINE"], file=sys.stderr)
     sys.exit(code)
 manifest = os.environ.get("FAKE_MANIFEST")
 if manifest is None:
@@ -508,6 +527,31 @@ def test_local_exit_2_is_not_retried(fake_runner: list[str], tmp_path: Path):
     with pytest.raises(AirflowFailException, match="refused its input") as raised:
         task.execute(context={})
     assert "node 3 (KSampler), input 'seed'" in str(raised.value)  # the runner's last error lines
+
+
+def test_local_failure_message_is_one_sentence_then_how_it_ended(fake_runner: list[str], tmp_path: Path):
+    line = "airflow-comfy runner: failed: node 6 (VAEDecode): RuntimeError: mat1 and mat2 shapes cannot be multiplied"
+    task = local_task(fake_runner, tmp_path, FAKE_EXIT="1", FAKE_LAST_LINE=line)
+    with pytest.raises(AirflowException) as raised:
+        task.execute(context={})
+    first, second = str(raised.value).splitlines()
+    assert first == "node 6 (VAEDecode): RuntimeError: mat1 and mat2 shapes cannot be multiplied"
+    assert second.startswith("The runner failed with exit code 1; retried") and "task log above" in second
+
+
+def test_runner_gets_its_store_bounds_and_deadline(tmp_path: Path):
+    from airflow_comfy.operators.build import runner_deadline
+
+    config = GroupTaskConfig(execution_timeout_seconds=600, env={"COMFY_STORE_TIMEOUTS": "read=9"})
+    local = build_group_task(sample_spec(), task_config=config, settings=settings(tmp_path), upstream_task_ids=[])
+    assert local.env == {"COMFY_STORE_TIMEOUTS": "read=9", "COMFY_RUNNER_DEADLINE_S": "570"}  # the sidecar's env wins
+    assert local.execution_timeout.total_seconds() == 600
+    pod = build_group_task(sample_spec(), task_config=GroupTaskConfig(backend="kubernetes"),
+                           settings=settings(tmp_path, store_read_timeout=7.0), upstream_task_ids=[])
+    env = dict(pod.env_vars)  # a dict until the pod is built
+    assert env["COMFY_STORE_TIMEOUTS"] == "connect=5,read=7,operation=45,attempts=4"
+    assert "COMFY_RUNNER_DEADLINE_S" not in env  # no execution_timeout here
+    assert (runner_deadline(7200), runner_deadline(60), runner_deadline(5)) == (7170, 54, 4.5)
 
 
 @pytest.mark.parametrize("exit_code", [1, 3, 137])
@@ -676,3 +720,31 @@ def test_airflow_run_does_not_retry_bad_input(airflow_run: dict[str, Any]):
     assert tasks["bad_input"] == {"state": "failed", "try_number": 1}
     assert tasks["fails_once"]["state"] == "failed" and tasks["fails_once"]["try_number"] == 2
     assert airflow_run["state"] == "failed"
+
+
+def test_failure_text_takes_the_runners_last_failure_line():
+    from airflow_comfy.operators.failure_text import runner_failure, runner_sentence
+
+    lines = ["Traceback (most recent call last):", "airflow-comfy runner: failed: an earlier one", "noise",
+             "2026-11-27 INFO airflow-comfy runner: bad input: node 1 (LoadImage): input 'image': 'x.png' not found"]
+    assert runner_sentence(lines) == "node 1 (LoadImage): input 'image': 'x.png' not found"
+    assert runner_sentence(["no such line"]) is None
+    killed = runner_failure(-9, ["INFO node 5 (KSampler): start"]).splitlines()
+    assert killed == ["the runner was killed by SIGKILL before it could say why (out of memory?)",
+                      "The runner was killed (SIGKILL, exit code -9); retried if the task has retries left. Its "
+                      "output, and any traceback, are in the task log above."]
+    assert runner_failure(-15, []).startswith("the runner was killed by SIGTERM before it could say why\n")
+    assert "(128 + 9: killed by SIGKILL" in runner_failure(137, ["last words"])
+    assert runner_failure(1, []).startswith("the runner ended without a word\n")
+
+
+def test_store_and_timeout_settings(monkeypatch: pytest.MonkeyPatch):
+    assert get_settings().execution_timeout == 7200
+    assert get_settings().store_limits.to_text() == "connect=5,read=20,operation=45,attempts=4"
+    monkeypatch.setenv("AIRFLOW__COMFY__STORE_OPERATION_TIMEOUT", "12")
+    monkeypatch.setenv("AIRFLOW__COMFY__EXECUTION_TIMEOUT", "")
+    current = get_settings()
+    assert current.store_limits.operation_timeout == 12 and current.execution_timeout is None
+    monkeypatch.setenv("AIRFLOW__COMFY__STORE_ATTEMPTS", "0")
+    with pytest.raises(ValueError, match=r"\[comfy\] store_\* settings: store attempts must be at least 1"):
+        get_settings()

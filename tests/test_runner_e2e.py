@@ -207,7 +207,7 @@ def test_prompt_param_changes_pixels_and_png_metadata(runs: Runner, demo_models:
 
     # The run snapshot beside the images: params, package version, model hashes.
     snapshots = sorted(path.parent.glob("snapshot.*.json"))
-    assert [p.name for p in snapshots] == ["snapshot.postprocess.try-1.json"]
+    assert [p.name for p in snapshots] == ["snapshot.postprocess.json"]
     snapshot = json.loads(snapshots[0].read_text(encoding="utf-8"))
     defaults = {p["name"]: p["default"] for p in changed.compiled.params}
     assert snapshot["params"] == defaults | {"prompt": text}
@@ -333,7 +333,7 @@ def test_airflow_comfy_run_through_runner_subprocesses(runs: Runner, demo_models
     assert path.is_file() and path.parent == tmp_path / "out" / "runs" / "txt2img" / "cli" / "outputs"
     assert path.name == "txt2img_00001_.png"
     assert set(_png_text(path)) == {"prompt", "workflow"}
-    assert (path.parent / "snapshot.postprocess.try-1.json").is_file()
+    assert (path.parent / "snapshot.postprocess.json").is_file()
     for group in ("inference", "postprocess"):
         assert (tmp_path / "out" / "runs" / "txt2img" / "cli" / group / "try-1" / "manifest.json").is_file()
     # The same bits as the in-process run (and so as the single-group run).

@@ -326,10 +326,15 @@ def test_damaged_or_missing_spec_is_an_infrastructure_failure(run_group, tmp_pat
 
 
 
-def test_unwritable_store_is_an_infrastructure_failure(run_group):
+def test_unwritable_store_is_refused_before_anything_is_computed(run_group):
+    """A location that cannot be written (here: one that cannot exist) fails the preflight probe, in one
+    sentence; no retry can make it writable, so it is not retried."""
     failure = run_group("txt2img_api.json", store="file:///proc/forbidden")
-    assert failure.returncode == INFRASTRUCTURE, failure.stderr[-3000:]
-    assert "airflow-comfy runner: failed: ArtifactError: cannot write file:///proc/forbidden/" in failure.stderr
+    assert failure.returncode == BAD_INPUT, failure.stderr[-3000:]
+    [line] = failure.stderr.strip().splitlines()
+    assert line.startswith("airflow-comfy runner: bad input: the artifact store file:///proc/forbidden cannot be "
+                           "written (cannot write file:///proc/forbidden/runs/"), line
+    assert "No such file or directory" in line and "Traceback" not in failure.stderr
 
 
 # --- through a real process ----------------------------------------------------------------------------------
@@ -352,13 +357,15 @@ def test_runner_process_exit_codes(models: Path, inputs: Path, tmp_path: Path):
     assert proc.returncode == BAD_INPUT, proc.stderr[-3000:]
     assert "node 10 (LoadImage): input 'image'" in proc.stderr and "Traceback" not in proc.stderr
 
-    # The preprocess group (LoadImage, LoadImageMask, VAEEncodeForInpaint) writes its latent: into a store it cannot write.
+    # The preprocess group (LoadImage, LoadImageMask, VAEEncodeForInpaint) would write its latent into a store it
+    # cannot write: the preflight probe finds out first, before torch is even imported.
     compiled = compile_for_run(EXAMPLES / "inpaint.json")
     assert compiled.groups[0]["task_id"] == "preprocess"
     spec = GroupSpec.from_dict(compiled.groups[0]["spec"])
     proc = _subprocess_run(spec, store="file:///proc/forbidden", models=models, inputs=inputs, tmp_path=tmp_path)
-    assert proc.returncode == INFRASTRUCTURE, proc.stderr[-3000:]
-    assert "failed: ArtifactError" in proc.stderr
+    assert proc.returncode == BAD_INPUT, proc.stderr[-3000:]
+    assert "bad input: the artifact store file:///proc/forbidden cannot be written" in proc.stderr
+    assert "node 10" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "manifest.json").exists()
 
 

@@ -210,7 +210,7 @@ def _pixels(result) -> np.ndarray:
 
 def _snapshot(result, group: str) -> dict:
     (image,) = result.images
-    path = Path(file_uri_path(image["uri"])).parent / f"snapshot.{group}.try-1.json"
+    path = Path(file_uri_path(image["uri"])).parent / f"snapshot.{group}.json"
     return json.loads(path.read_text(encoding="utf-8"))
 
 

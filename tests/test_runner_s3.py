@@ -123,7 +123,7 @@ def test_images_are_in_the_bucket_with_png_metadata(s3_run: S3Run):
         assert set(image.text) == {"prompt", "workflow"}
         assert json.loads(image.text["prompt"])["5"]["class_type"] == "KSampler"
         assert json.loads(image.text["workflow"])["nodes"]
-    snapshot = json.loads(s3_run.get(s3_run.run_prefix + "outputs/snapshot.postprocess.try-1.json"))
+    snapshot = json.loads(s3_run.get(s3_run.run_prefix + "outputs/snapshot.postprocess.json"))
     assert snapshot["images"] == [images[0]["uri"]]
     assert set(snapshot["models"]) == {"checkpoints/demo-sd15-tiny.safetensors"}
 
@@ -139,7 +139,7 @@ def test_boundary_artifacts_and_manifests_are_under_runs(s3_run: S3Run):
         prefix + "inference/try-1/manifest.json",
         prefix + "postprocess/try-1/manifest.json",
         prefix + "outputs/txt2img_00001_.png",
-        prefix + "outputs/snapshot.postprocess.try-1.json",
+        prefix + "outputs/snapshot.postprocess.json",
     ])
     inference, postprocess = s3_run.result.manifests["inference"], s3_run.result.manifests["postprocess"]
     assert inference["manifest_uri"] == f"s3://{s3_run.bucket}/{prefix}inference/try-1/manifest.json"
@@ -182,15 +182,16 @@ def test_credentials_never_appear_in_manifests_objects_or_logs(s3_run: S3Run):
         _assert_no_secret(log, "runner log")
 
 
-def test_store_failure_is_retryable_and_its_log_has_no_credentials(s3_endpoint: str, demo_models: Path,
-                                                                  demo_inputs: Path):
+def test_missing_bucket_is_refused_and_its_log_has_no_credentials(s3_endpoint: str, demo_models: Path,
+                                                                 demo_inputs: Path):
+    """No bucket: no retry makes one, so the task is not retried (exit code 2)."""
     compiled = compile_for_run(WORKFLOW)
     compiled.groups = compiled.groups[:1]  # the inference group: its spec cannot be written to the store
     with pytest.raises(GroupFailed) as failed:
         run_workflow(compiled, models=demo_models, input_dir=demo_inputs,
                      store=f"s3://missing-{uuid.uuid4().hex[:12]}/comfy", run_id="no-bucket", extra_args=THREADS,
                      in_process=False, echo=lambda _line: None)
-    assert failed.value.returncode == 1
+    assert failed.value.returncode == 2
     message = str(failed.value)
     assert "NoSuchBucket" in message
     _assert_no_secret(message, "the failed runner's output")

@@ -2,9 +2,11 @@
 
 Two families, because the runner maps them to different exit codes:
 
-* :class:`ArtifactError` (and its subclasses :class:`ArtifactNotFound`, :class:`ArtifactExistsError`): the store
-  could not do what was asked (network, permissions, a missing or already written object). Infrastructure:
-  trying the task again may help.
+* :class:`ArtifactError` (and its subclasses :class:`ArtifactNotFound`, :class:`ArtifactExistsError`,
+  :class:`StoreUnavailable`): the store could not do what was asked (network, a stalled or full store, a missing
+  or already written object). Infrastructure: trying the task again may help.
+* :class:`StoreRefused` (an :class:`ArtifactError` too): the store said no in a way that no retry changes (a
+  read-only or missing folder, permission denied, no such bucket). The runner exits with code 2.
 * :class:`BadArtifact`: an object was read but its content is corrupt or not what it claims to be. Bad input:
   trying again reads the same bytes.
 
@@ -36,3 +38,13 @@ class BadArtifact(ValueError):
     def __init__(self, message: str, *, uri: str | None = None) -> None:
         super().__init__(message)
         self.uri = uri
+
+
+class StoreUnavailable(ArtifactError):
+    """The store did not answer in time, or kept failing in ways that may pass (timeouts, cut connections, HTTP
+    5xx, throttling): the operation gave up after its attempts or its deadline. Retryable."""
+
+
+class StoreRefused(ArtifactError):
+    """The store refused the operation for good: permission denied, a read-only or missing folder, no such
+    bucket. Retrying the task cannot help (the runner exits with code 2); the configuration must change."""

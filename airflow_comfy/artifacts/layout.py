@@ -3,14 +3,21 @@
 ::
 
     runs/<dag_id>/<run_id>/<group>/try-<n>/<node>/<output>.<ext>   a boundary value written by try n
+    runs/<dag_id>/<run_id>/<group>/try-<n>/<node>/saved/<sub>/<f>   an image of try n, staged until it commits
+    runs/<dag_id>/<run_id>/<group>/try-<n>/snapshot.json            the snapshot of try n, staged likewise
+    runs/<dag_id>/<run_id>/<group>/try-<n>/published.json           the images try n is publishing (before it does)
+    runs/<dag_id>/<run_id>/<group>/try-<n>/write-probe              the runner's preflight write (removed at once)
     runs/<dag_id>/<run_id>/<group>/try-<n>/manifest.json            try n's manifest, written last by try n
     runs/<dag_id>/<run_id>/<group>/try-<n>/failure.json             why try n's pod failed (written by the worker)
     runs/<dag_id>/<run_id>/<group>/manifest.json                    the group's final manifest (if published)
     runs/<dag_id>/<run_id>/outputs/<subfolder>/<filename>           SaveImage's files
-    runs/<dag_id>/<run_id>/outputs/snapshot.<group>.try-<n>.json    what made them (workflow, params, version)
+    runs/<dag_id>/<run_id>/outputs/snapshot.<group>.json            what made them (workflow, params, version)
     specs/sha256/<hex>.json                                         a group spec, named by its content's sha256
 
-Per-try keys mean a retry (or a cleared and re-run task) writes beside, never over, what an earlier try wrote.
+Per-try keys mean a retry (or a cleared and re-run task) writes beside, never over, what an earlier try wrote;
+a try's manifest (written last) commits it. Images and snapshots get their final names under ``outputs/`` only
+when their try commits (:mod:`airflow_comfy.runner.commit`); what a try that never committed left behind is
+removed by the try that commits (:mod:`airflow_comfy.artifacts.garbage`).
 
 Every part is sanitized by :func:`~airflow_comfy.artifacts.keys.sanitize_part` (Airflow run ids such as
 ``manual__2026-11-25T12:00:00+00:00`` contain ``:`` and ``+``). A group whose name would be ``outputs``
@@ -32,6 +39,11 @@ _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 OUTPUTS = "outputs"
 MANIFEST = "manifest.json"
 FAILURE = "failure.json"
+PUBLISHED = "published.json"
+STAGED_SNAPSHOT = "snapshot.json"
+PROBE = "write-probe"
+SAVED = "saved"
+_TRY = re.compile(r"^try-(\d+)$")
 SCALAR_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 _EXTENSION = re.compile(r"^[A-Za-z0-9]{1,16}$")
 
@@ -104,6 +116,37 @@ def manifest_key(run_key: str, group: str, try_number: int | str | None = None) 
     return f"{group_prefix(run_key, group)}/{MANIFEST}"
 
 
+def try_number_of(segment: str) -> int | None:
+    """``"try-3"`` -> 3; None for any other segment."""
+    match = _TRY.match(segment)
+    return int(match.group(1)) if match else None
+
+
+def published_key(run_key: str, group: str, try_number: int | str) -> str:
+    """``runs/<dag_id>/<run_id>/<group>/try-<n>/published.json``: the output names (and sha256s) try ``n`` is
+    about to publish, written before it does, so that a later try can tell its own leftovers from others'."""
+    return f"{try_prefix(run_key, group, try_number)}/{PUBLISHED}"
+
+
+def probe_key(run_key: str, group: str, try_number: int | str) -> str:
+    """``runs/<dag_id>/<run_id>/<group>/try-<n>/write-probe``: the runner's preflight write."""
+    return f"{try_prefix(run_key, group, try_number)}/{PROBE}"
+
+
+def staged_snapshot_key(run_key: str, group: str, try_number: int | str) -> str:
+    """``runs/<dag_id>/<run_id>/<group>/try-<n>/snapshot.json``: try ``n``'s snapshot until it commits."""
+    return f"{try_prefix(run_key, group, try_number)}/{STAGED_SNAPSHOT}"
+
+
+def staged_image_key(run_key: str, group: str, try_number: int | str, node: str, *path: str) -> str:
+    """``runs/<dag_id>/<run_id>/<group>/try-<n>/<node>/saved/<subfolder>/<filename>``: an image of try ``n``
+    until the try commits (then it is copied to :func:`image_key` of the same path)."""
+    parts = _output_parts(path)
+    if not parts:
+        raise ValueError(f"invalid output file name {'/'.join(map(str, path))!r}")
+    return validate_key("/".join([try_prefix(run_key, group, try_number), sanitize_part(node), SAVED, *parts]))
+
+
 def _output_parts(path: tuple[str, ...]) -> list[str]:
     return [sanitize_filename(part) for item in path for part in str(item).split("/") if part]
 
@@ -124,11 +167,10 @@ def image_key(run_key: str, *path: str) -> str:
     return validate_key("/".join([run_prefix(run_key), OUTPUTS, *parts]))
 
 
-def snapshot_key(run_key: str, group: str, try_number: int | str) -> str:
-    """``runs/<dag_id>/<run_id>/outputs/snapshot.<group>.try-<n>.json``: beside the images, the exact workflow,
-    params and package version that made them."""
-    name = f"snapshot.{sanitize_part(group)}.{try_segment(try_number)}.json"
-    return validate_key(f"{run_prefix(run_key)}/{OUTPUTS}/{name}")
+def snapshot_key(run_key: str, group: str) -> str:
+    """``runs/<dag_id>/<run_id>/outputs/snapshot.<group>.json``: beside the images, the exact workflow, params
+    and package version that made them (published with them when the group's try commits)."""
+    return validate_key(f"{run_prefix(run_key)}/{OUTPUTS}/snapshot.{sanitize_part(group)}.json")
 
 
 def extension_for(type_name: str) -> str:

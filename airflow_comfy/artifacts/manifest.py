@@ -7,6 +7,7 @@ Shape (version 1)::
       "schema": "airflow-comfy/group-manifest", "version": 1,
       "workflow": {"name": "txt2img", "sha256": "<64 hex>"},
       "group": "inference", "run_key": "txt2img/manual__...", "try": 1,
+      "spec_sha256": "<64 hex>", "params": {"seed": 7},
       "outputs": [{"node": "3", "output": 0, "type": "LATENT", "uri": "s3://...", "sha256": "...",
                    "bytes": 16472, "shape": [1, 4, 64, 64], "dtype": "float32", "meta": {}}],
       "images": [{"node": "9", "uri": "...", "filename": "ComfyUI_00001_.png", "subfolder": "",
@@ -22,6 +23,11 @@ Shape (version 1)::
 ``low_memory`` lists the nodes that ran out of memory and were retried in low-memory mode (tiled VAE, sliced
 attention), so their values may differ slightly from a normal run: this group's, and those its input manifests
 list (each entry names its group). Older manifests have none.
+
+``spec_sha256`` (the group spec's) and ``params`` (the run's values of the params this group binds) say what
+committed the group: a later try, or a rerun under the same run key, with the same spec and params returns this
+manifest instead of computing again; one with another spec or other params is a run key collision (see
+:mod:`airflow_comfy.runner.preflight`). Older manifests have neither.
 """
 
 from __future__ import annotations
@@ -103,6 +109,10 @@ class GroupManifest:
     package_version: str = ""
     low_memory: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Node id -> how it ran in low-memory mode (``group``, ``class_type``, ``error``, what the mode did)."""
+    spec_sha256: str = ""
+    """sha256 of the group spec that made it ("" in manifests from before this field)."""
+    params: dict[str, Any] = field(default_factory=dict)
+    """The run's values of the params this group binds."""
 
     def __post_init__(self) -> None:
         if isinstance(self.timings, dict):
@@ -131,6 +141,8 @@ class GroupManifest:
             "package_version": self.package_version,
             "low_memory": {node: dict(entry) for node, entry in self.low_memory.items()},
             "manifest_uri": self.manifest_uri,
+            "spec_sha256": self.spec_sha256,
+            "params": dict(self.params),
         }
 
     def to_json(self, *, indent: int | None = 2) -> str:
@@ -282,4 +294,10 @@ def _parse(data: Any) -> GroupManifest:
         package_version=_str(_get(data, "package_version", "", default=""), "package_version", empty=True),
         low_memory={_str(k, "low_memory key"): dict(_dict(v, f"low_memory[{k!r}]"))
                     for k, v in _dict(_get(data, "low_memory", "", default={}), "low_memory").items()},
+        spec_sha256=_optional_sha256(_get(data, "spec_sha256", "", default=""), "spec_sha256"),
+        params=dict(_dict(_get(data, "params", "", default={}), "params")),
     )
+
+
+def _optional_sha256(value: Any, where: str) -> str:
+    return "" if value == "" else _sha256(value, where)

@@ -13,6 +13,12 @@ most S3-compatible stores expect).
 PUT is atomic in S3. No-clobber writes check the key first and then send ``If-None-Match: *`` (a conditional
 write: a concurrent writer of the same key loses with :class:`ArtifactExistsError`); against a store that does
 not implement conditional writes the check alone remains.
+
+Every operation runs under :class:`~airflow_comfy.artifacts.limits.StoreLimits`: boto3's own retries are off
+(one HTTP attempt per call, with the connect and read timeouts), and the operation (a check and a PUT, or a
+whole paginated listing, is one) is retried here on timeouts, cut connections, HTTP 5xx and throttling, within
+its total deadline. Refusals that no retry changes (AccessDenied, NoSuchBucket, bad credentials) raise
+:class:`~airflow_comfy.artifacts.errors.StoreRefused`.
 """
 
 from __future__ import annotations
@@ -22,14 +28,19 @@ import re
 from typing import Any
 from urllib.parse import urlsplit
 
-from airflow_comfy.artifacts.errors import ArtifactError, ArtifactExistsError, ArtifactNotFound
+from airflow_comfy.artifacts.errors import ArtifactError, ArtifactExistsError, ArtifactNotFound, StoreRefused
 from airflow_comfy.artifacts.keys import validate_key, validate_prefix
+from airflow_comfy.artifacts.limits import StoreLimits, Transient, bounded
 from airflow_comfy.artifacts.store import ArtifactStore, Data, guess_content_type, join_chunks, redact_uri
 
 _BUCKET = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,254}$")
 _MISSING = {"404", "NoSuchKey", "NotFound"}
 _EXISTS = {"412", "PreconditionFailed", "ConditionalRequestConflict"}
 _UNSUPPORTED = {"501", "NotImplemented"}
+_REFUSED = {"AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket",
+            "InvalidBucketName", "AccountProblem", "403"}
+_TRANSIENT = {"RequestTimeout", "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+              "InternalError", "ServiceUnavailable", "RequestTimeTooSkewed", "BadDigest", "IncompleteBody"}
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -65,9 +76,11 @@ class S3Store(ArtifactStore):
         region_name: str | None = None,
         client: Any = None,
         credentials: dict[str, str] | None = None,
+        limits: StoreLimits | None = None,
     ) -> None:
         """``credentials``: ``aws_access_key_id``, ``aws_secret_access_key`` and optionally
-        ``aws_session_token`` for this store only; None: boto3's default chain (environment, config, role)."""
+        ``aws_session_token`` for this store only; None: boto3's default chain (environment, config, role).
+        ``limits``: timeouts, deadline and attempts of each operation (default: :meth:`StoreLimits.from_env`)."""
         if not _BUCKET.match(bucket or ""):
             raise ValueError(f"invalid S3 bucket name {bucket!r}")
         prefix = prefix.strip("/")
@@ -79,6 +92,7 @@ class S3Store(ArtifactStore):
         self._client = client
         self._credentials = dict(credentials) if credentials else None
         self._conditional_writes = True
+        self.limits = limits or StoreLimits.from_env()
 
     @classmethod
     def from_uri(cls, uri: str, **options: Any) -> S3Store:
@@ -123,8 +137,10 @@ class S3Store(ArtifactStore):
             from botocore.config import Config
         except ImportError as err:  # pragma: no cover - depends on the installation
             raise ArtifactError("an s3:// artifact store needs boto3: pip install 'airflow-comfy[runner]'") from err
-        options: dict[str, Any] = {"retries": {"max_attempts": 5, "mode": "standard"},
-                                   "connect_timeout": 10, "read_timeout": 120}
+        # one HTTP attempt per call: the retries, and their deadline, are ours (artifacts.limits)
+        options: dict[str, Any] = {"retries": {"total_max_attempts": 1, "mode": "standard"},
+                                   "connect_timeout": self.limits.connect_timeout,
+                                   "read_timeout": self.limits.read_timeout}
         if self.endpoint_url:
             options["s3"] = {"addressing_style": "path"}
             if "request_checksum_calculation" in Config.OPTION_DEFAULTS:  # botocore >= 1.36
@@ -145,8 +161,8 @@ class S3Store(ArtifactStore):
             values += [frozen.access_key, frozen.secret_key, frozen.token]
         return [value for value in values if value and len(value) >= 4]
 
-    def _failure(self, action: str, uri: str, err: Exception, kind: type[ArtifactError] = ArtifactError) -> ArtifactError:
-        """An :class:`ArtifactError` describing a boto3/botocore failure, with no credential in it."""
+    def _describe(self, err: Exception) -> str:
+        """What went wrong, from a boto3/botocore failure, with no credential in it."""
         response = getattr(err, "response", None) or {}
         error = response.get("Error", {})
         status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
@@ -162,28 +178,47 @@ class S3Store(ArtifactStore):
             detail = detail.replace(secret, "***")
         if self.endpoint_url:
             detail += f" [endpoint {redact_uri(self.endpoint_url)}]"
+        return detail
+
+    def _failure(self, action: str, uri: str, err: Exception) -> Exception:
+        """The exception for a boto3/botocore failure: :class:`Transient` (retried within the operation's
+        deadline), :class:`StoreRefused` (no retry can help) or a plain :class:`ArtifactError`."""
+        detail = self._describe(err)
+        if _is_transient(err):
+            return Transient(detail)
+        kind = StoreRefused if self._code(err) in _REFUSED else ArtifactError
         return kind(f"cannot {action} {uri}: {detail}", uri=uri)
 
     @staticmethod
     def _code(err: Exception) -> str:
         return str((getattr(err, "response", None) or {}).get("Error", {}).get("Code", ""))
 
+    def _bounded(self, action: str, uri: str, call: Any) -> Any:
+        """``call()`` as one operation: boto3 failures translated (:meth:`_failure`), retried and bounded."""
+        def attempt() -> Any:
+            try:
+                return call()
+            except (ArtifactError, Transient):
+                raise
+            except Exception as err:
+                raise self._failure(action, uri, err) from None
+
+        return bounded(attempt, self.limits, action, uri)
+
     # -- operations --
 
     def put_bytes(self, key: str, data: Data, *, content_type: str | None = None, overwrite: bool = False) -> str:
         uri, body = self.uri(key), join_chunks(data)
-        if not overwrite and self.exists(key):
-            raise ArtifactExistsError(f"{uri} already exists (artifacts are never overwritten)", uri=uri)
         request = {"Bucket": self.bucket, "Key": self.object_key(key), "Body": body,
                    "ContentType": content_type or guess_content_type(key)}
-        conditional = not overwrite and self._conditional_writes
-        try:
-            self._put(request, conditional=conditional, uri=uri)
-        except ArtifactError:
-            raise
-        except Exception as err:
-            raise self._failure("write", uri, err) from None
-        return uri
+
+        def write() -> str:
+            if not overwrite and self._head(key):
+                raise ArtifactExistsError(f"{uri} already exists (artifacts are never overwritten)", uri=uri)
+            self._put(request, conditional=not overwrite and self._conditional_writes, uri=uri)
+            return uri
+
+        return self._bounded("write", uri, write)
 
     def _put(self, request: dict[str, Any], *, conditional: bool, uri: str) -> None:
         from botocore.exceptions import ClientError, ParamValidationError
@@ -206,36 +241,74 @@ class S3Store(ArtifactStore):
 
     def get_bytes(self, key: str) -> bytes:
         uri = self.uri(key)
+        return self._bounded("read", uri, lambda: self._get(key, uri))
+
+    def _get(self, key: str, uri: str) -> bytes:
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=self.object_key(key))
             data = response["Body"].read()
         except Exception as err:
             if self._code(err) in _MISSING:
                 raise ArtifactNotFound(f"no artifact at {uri}", uri=uri) from None
-            raise self._failure("read", uri, err) from None
+            raise
         expected = response.get("ContentLength")
         if expected is not None and expected != len(data):
-            raise ArtifactError(f"cannot read {uri}: got {len(data)} of {expected} bytes", uri=uri)
+            raise Transient(f"got {len(data)} of {expected} bytes")
         return data
 
-    def exists(self, key: str) -> bool:
-        uri = self.uri(key)
+    def _head(self, key: str) -> bool:
         try:
             self.client.head_object(Bucket=self.bucket, Key=self.object_key(key))
         except Exception as err:
             if self._code(err) in _MISSING:
                 return False
-            raise self._failure("check", uri, err) from None
+            raise
         return True
+
+    def exists(self, key: str) -> bool:
+        return self._bounded("check", self.uri(key), lambda: self._head(key))
 
     def list(self, prefix: str = "") -> list[str]:
         validate_prefix(prefix)
         head = f"{self.prefix}/" if self.prefix else ""
-        keys: list[str] = []
-        try:
+
+        def listing() -> list[str]:
             pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=head + prefix)
-            for page in pages:
-                keys += [item["Key"][len(head):] for item in page.get("Contents", [])]
-        except Exception as err:
-            raise self._failure("list", f"{self.root_uri}/{prefix}", err) from None
-        return sorted(keys)
+            return sorted(item["Key"][len(head):] for page in pages for item in page.get("Contents", []))
+
+        return self._bounded("list", f"{self.root_uri}/{prefix}", listing)
+
+    def copy(self, source: str, target: str, *, overwrite: bool = False) -> str:
+        uri, source_uri = self.uri(target), self.uri(source)
+
+        def copy() -> str:
+            if not overwrite and self._head(target):
+                raise ArtifactExistsError(f"{uri} already exists (artifacts are never overwritten)", uri=uri)
+            try:
+                self.client.copy_object(Bucket=self.bucket, Key=self.object_key(target),
+                                        CopySource={"Bucket": self.bucket, "Key": self.object_key(source)})
+            except Exception as err:
+                if self._code(err) in _MISSING:
+                    raise ArtifactNotFound(f"no artifact at {source_uri}", uri=source_uri) from None
+                raise
+            return uri
+
+        return self._bounded("write", uri, copy)
+
+    def delete(self, key: str) -> None:
+        self._bounded("delete", self.uri(key),
+                      lambda: self.client.delete_object(Bucket=self.bucket, Key=self.object_key(key)))
+
+
+def _is_transient(err: Exception) -> bool:
+    """A failure that may pass: a timeout, a cut or refused connection, a short read, HTTP 5xx or throttling."""
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import HTTPClientError, IncompleteReadError
+    from urllib3.exceptions import HTTPError as Urllib3Error
+
+    if isinstance(err, (BotoConnectionError, HTTPClientError, IncompleteReadError, Urllib3Error, OSError)):
+        return True
+    response = getattr(err, "response", None) or {}
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+    code = str(response.get("Error", {}).get("Code", ""))
+    return code in _TRANSIENT or status >= 500 or status in (408, 429)

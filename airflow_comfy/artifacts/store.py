@@ -9,16 +9,21 @@
   credentials come only from the standard AWS chain (environment, config files, instance/pod roles).
 
 Writes are atomic (an object appears whole or not at all) and, unless ``overwrite=True``, refuse to replace an
-existing object (:class:`ArtifactExistsError`): a retried task writes under its own try's keys and never
-overwrites what a finished task wrote.
+existing object (:class:`ArtifactExistsError`): a group's manifest, once written, is never replaced.
+
+Every operation is bounded in time (:mod:`airflow_comfy.artifacts.limits`): it answers, or raises
+:class:`StoreUnavailable`, within its deadline. A store that refuses for good (read-only or missing folder,
+permission denied, no such bucket) raises :class:`StoreRefused`.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import mimetypes
 import os
 import tempfile
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from contextlib import suppress
@@ -26,12 +31,21 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
-from airflow_comfy.artifacts.errors import ArtifactError, ArtifactExistsError, ArtifactNotFound, BadArtifact
+from airflow_comfy.artifacts.errors import (
+    ArtifactError,
+    ArtifactExistsError,
+    ArtifactNotFound,
+    BadArtifact,
+    StoreRefused,
+    StoreUnavailable,
+)
 from airflow_comfy.artifacts.keys import key_for, validate_key, validate_prefix
+from airflow_comfy.artifacts.limits import StoreLimits, bounded
 
 __all__ = [
     "ArtifactError", "ArtifactExistsError", "ArtifactNotFound", "ArtifactStore", "BadArtifact", "Data", "LocalStore",
-    "key_for", "open_store", "read_uri", "redact_uri", "split_uri", "validate_key",
+    "StoreLimits", "StoreRefused", "StoreUnavailable", "key_for", "open_store", "read_uri", "redact_uri",
+    "split_uri", "validate_key",
 ]
 
 Data = bytes | bytearray | memoryview | Iterable[bytes]
@@ -74,7 +88,10 @@ def redact_uri(uri: str) -> str:
 
 
 class ArtifactStore(ABC):
-    """A key -> bytes store with atomic, no-clobber writes. Keys: see :mod:`airflow_comfy.artifacts.keys`."""
+    """A key -> bytes store with atomic, no-clobber writes. Keys: see :mod:`airflow_comfy.artifacts.keys`.
+    Every operation is bounded by ``limits`` (:class:`~airflow_comfy.artifacts.limits.StoreLimits`)."""
+
+    limits: StoreLimits = StoreLimits()
 
     @property
     @abstractmethod
@@ -106,6 +123,22 @@ class ArtifactStore(ABC):
     def list(self, prefix: str = "") -> list[str]:
         """Keys that start with ``prefix`` (a plain string prefix, as in S3), sorted."""
 
+    @abstractmethod
+    def copy(self, source: str, target: str, *, overwrite: bool = False) -> str:
+        """Make the object at ``source`` appear whole at ``target`` too (a hard link or a server-side copy: the
+        bytes are not sent again) and return the target's URI. :class:`ArtifactExistsError` if ``target``
+        exists and ``overwrite`` is false; :class:`ArtifactNotFound` if ``source`` does not exist."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove the object at ``key`` (nothing happens if there is none)."""
+
+    def remove_temp(self, prefix: str = "", *, older_than: float = 0.0, dry_run: bool = False) -> list[str]:
+        """Remove the temporary files that writers killed mid-write left under ``prefix`` (those not modified
+        for ``older_than`` seconds) and return their paths (``dry_run``: only return them). Stores whose writes
+        leave none return ``[]``."""
+        return []
+
     def put_json(self, key: str, value: Any, *, overwrite: bool = False) -> str:
         data = json.dumps(value, indent=2, sort_keys=True).encode("utf-8") + b"\n"
         return self.put_bytes(key, data, content_type="application/json", overwrite=overwrite)
@@ -136,8 +169,9 @@ class LocalStore(ArtifactStore):
     into place (``os.link`` when overwriting is refused, so two writers cannot both win; ``os.replace``
     otherwise)."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, limits: StoreLimits | None = None) -> None:
         self.root = Path(os.path.abspath(os.fspath(root)))
+        self.limits = limits or StoreLimits.from_env()
 
     @property
     def root_uri(self) -> str:
@@ -163,18 +197,21 @@ class LocalStore(ArtifactStore):
 
     def put_bytes(self, key: str, data: Data, *, content_type: str | None = None, overwrite: bool = False) -> str:
         path, uri = self.path(key), self.uri(key)
+        return bounded(lambda: self._put(path, uri, data, overwrite), self.limits, "write", uri)
+
+    def _put(self, path: Path, uri: str, data: Data, overwrite: bool) -> str:
         if not overwrite and path.exists():
             raise ArtifactExistsError(f"{uri} already exists (artifacts are never overwritten)", uri=uri)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX, suffix=".tmp")
         except OSError as err:
-            raise ArtifactError(f"cannot write {uri}: {err.strerror or err}", uri=uri) from err
+            raise os_failure("write", uri, err) from None
         try:
             _write_file(fd, tmp, data)
             _publish(Path(tmp), path, overwrite=overwrite, uri=uri)
         except OSError as err:
-            raise ArtifactError(f"cannot write {uri}: {err.strerror or err}", uri=uri) from err
+            raise os_failure("write", uri, err) from None
         finally:
             with suppress(OSError):
                 os.unlink(tmp)
@@ -183,18 +220,26 @@ class LocalStore(ArtifactStore):
 
     def get_bytes(self, key: str) -> bytes:
         path, uri = self.path(key), self.uri(key)
+        return bounded(lambda: self._get(path, uri), self.limits, "read", uri)
+
+    @staticmethod
+    def _get(path: Path, uri: str) -> bytes:
         try:
             return path.read_bytes()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ArtifactNotFound(f"no artifact at {uri}", uri=uri) from None
         except OSError as err:
-            raise ArtifactError(f"cannot read {uri}: {err.strerror or err}", uri=uri) from err
+            raise os_failure("read", uri, err) from None
 
     def exists(self, key: str) -> bool:
-        return self.path(key).is_file()
+        path = self.path(key)
+        return bounded(path.is_file, self.limits, "check", self.uri(key))
 
     def list(self, prefix: str = "") -> list[str]:
         validate_prefix(prefix)
+        return bounded(lambda: self._list(prefix), self.limits, "list", f"{self.root_uri}/{prefix}")
+
+    def _list(self, prefix: str) -> list[str]:
         base = self.root.joinpath(*prefix.split("/")[:-1]) if "/" in prefix else self.root
         keys = []
         for folder, _dirs, files in os.walk(base):
@@ -204,6 +249,80 @@ class LocalStore(ArtifactStore):
                 if key.startswith(prefix) and not name.startswith(TMP_PREFIX):
                     keys.append(key)
         return sorted(keys)
+
+    def copy(self, source: str, target: str, *, overwrite: bool = False) -> str:
+        src, dst, uri = self.path(source), self.path(target), self.uri(target)
+        return bounded(lambda: self._copy(src, dst, uri, overwrite, source), self.limits, "write", uri)
+
+    def _copy(self, src: Path, dst: Path, uri: str, overwrite: bool, source: str) -> str:
+        if not src.is_file():
+            raise ArtifactNotFound(f"no artifact at {self.uri(source)}", uri=self.uri(source))
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if overwrite:
+                with suppress(FileNotFoundError):
+                    os.unlink(dst)
+            os.link(src, dst)  # fails if the target exists: no two writers both "win"
+        except FileExistsError:
+            raise ArtifactExistsError(f"{uri} already exists (artifacts are never overwritten)", uri=uri) from None
+        except OSError as err:
+            if err.errno not in _NO_HARD_LINKS:
+                raise os_failure("write", uri, err) from None
+            return self._put(dst, uri, src.read_bytes(), overwrite)
+        _fsync_dir(dst.parent)
+        return uri
+
+    def delete(self, key: str) -> None:
+        path = self.path(key)
+        bounded(lambda: self._delete(path, self.uri(key)), self.limits, "delete", self.uri(key))
+
+    def _delete(self, path: Path, uri: str) -> None:
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        except OSError as err:
+            raise os_failure("delete", uri, err) from None
+        self._prune(path.parent)
+
+    def _prune(self, folder: Path) -> None:
+        """Remove ``folder`` and its parents while they are empty (never the store's root)."""
+        while folder != self.root and self.root in folder.parents:
+            try:
+                folder.rmdir()
+            except OSError:
+                return
+            folder = folder.parent
+
+    def remove_temp(self, prefix: str = "", *, older_than: float = 0.0, dry_run: bool = False) -> list[str]:
+        validate_prefix(prefix)
+        base = self.root.joinpath(*prefix.rstrip("/").split("/")) if prefix else self.root
+        return bounded(lambda: self._remove_temp(base, older_than, dry_run), self.limits, "clean", self.root_uri)
+
+    def _remove_temp(self, base: Path, older_than: float, dry_run: bool) -> list[str]:
+        removed, now = [], time.time()
+        for folder, _dirs, files in os.walk(base):
+            for name in files:
+                path = Path(folder, name)
+                with suppress(OSError):
+                    if name.startswith(TMP_PREFIX) and now - path.stat().st_mtime >= older_than:
+                        if not dry_run:
+                            path.unlink()
+                        removed.append(path.relative_to(self.root).as_posix())
+                        if not dry_run:
+                            self._prune(path.parent)
+        return sorted(removed)
+
+
+_NO_HARD_LINKS = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP}
+_REFUSED_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR, errno.EISDIR}
+
+
+def os_failure(action: str, uri: str, err: OSError) -> ArtifactError:
+    """An :class:`ArtifactError` for a failed file operation: :class:`StoreRefused` when no retry can help (a
+    read-only, missing or forbidden folder), a plain (retryable) one otherwise (a full disk, an I/O error)."""
+    kind = StoreRefused if err.errno in _REFUSED_ERRNOS else ArtifactError
+    return kind(f"cannot {action} {uri}: {err.strerror or err}", uri=uri)
 
 
 def _write_file(fd: int, tmp: str, data: Data) -> None:
@@ -260,7 +379,8 @@ def file_uri_path(uri: str) -> str:
 
 def open_store(uri: str | os.PathLike[str], **options: Any) -> ArtifactStore:
     """The store for ``uri``: ``file:///abs/path`` or a bare path -> :class:`LocalStore`; ``s3://bucket/prefix``
-    -> :class:`~airflow_comfy.artifacts.s3.S3Store` (``options``: ``endpoint_url``, ``region_name``, ``client``)."""
+    -> :class:`~airflow_comfy.artifacts.s3.S3Store` (``options``: ``endpoint_url``, ``region_name``, ``client``,
+    ``credentials``). Both take ``limits`` (default: :meth:`StoreLimits.from_env`)."""
     text = os.fspath(uri)
     if not text:
         raise ValueError("artifact store URI is empty")
@@ -279,10 +399,11 @@ def open_store(uri: str | os.PathLike[str], **options: Any) -> ArtifactStore:
 
 
 def _local(path: str, options: dict[str, Any]) -> LocalStore:
+    limits = options.pop("limits", None)
     unused = sorted(name for name, value in options.items() if value is not None)
     if unused:
-        raise TypeError(f"a local artifact store takes no options (got {', '.join(unused)})")
-    return LocalStore(path)
+        raise TypeError(f"a local artifact store takes no options but limits (got {', '.join(unused)})")
+    return LocalStore(path, limits=limits)
 
 
 def split_uri(uri: str, **options: Any) -> tuple[ArtifactStore, str]:

@@ -8,10 +8,12 @@ from typing import Any
 
 from airflow.sdk import BaseOperator
 
+from airflow_comfy.artifacts.limits import ENV as STORE_LIMITS_ENV
 from airflow_comfy.config import ComfySettings
 from airflow_comfy.operators.command import runner_arguments
 from airflow_comfy.operators.task_config import GroupTaskConfig
 from airflow_comfy.scheduling.tiers import WEIGHT_RULE
+from airflow_comfy.workflow.groupspec import RUNNER_DEADLINE_ENV as DEADLINE_ENV
 from airflow_comfy.workflow.groupspec import GroupSpec
 
 
@@ -70,6 +72,21 @@ def task_kwargs(
     return kwargs
 
 
+def runner_env(settings: ComfySettings, execution_timeout_seconds: float | None) -> dict[str, str]:
+    """The runner's bounds, as its environment: ``COMFY_STORE_TIMEOUTS`` (the ``[comfy] store_*`` settings) and
+    ``COMFY_RUNNER_DEADLINE_S`` (:func:`runner_deadline` of the task's execution_timeout)."""
+    env = {STORE_LIMITS_ENV: settings.store_limits.to_text()}
+    if execution_timeout_seconds:
+        env[DEADLINE_ENV] = f"{runner_deadline(execution_timeout_seconds):g}"
+    return env
+
+
+def runner_deadline(execution_timeout_seconds: float) -> float:
+    """A little under the task's execution_timeout (10% less, at most 30 s less): the runner reports its own
+    timeout, naming what it was doing, before Airflow kills it."""
+    return round(execution_timeout_seconds - min(30.0, execution_timeout_seconds / 10), 3)
+
+
 def build_group_task(
     spec: GroupSpec,
     *,
@@ -116,6 +133,7 @@ def _pod_task(
     )
     dag_id = dag.dag_id if dag is not None else spec.workflow_name
     pod_kwargs = group_pod_kwargs(spec, task_config=task_config, settings=settings, dag_id=dag_id)
+    pod_kwargs["env_vars"] = {**runner_env(settings, task_config.execution_timeout_seconds), **pod_kwargs["env_vars"]}
     return ComfyGroupPodOperator(arguments=arguments, group_spec=spec, spec_sha256=spec_sha256,
                                  store=settings.artifact_store, aws_conn_id=settings.aws_conn_id or None,
                                  **pod_kwargs, **common)
@@ -145,7 +163,7 @@ def _local_task(
         arguments=arguments,
         runner_python=settings.runner_python or None,
         runner_command=runner_command,
-        env=dict(task_config.env),
+        env={**runner_env(settings, task_config.execution_timeout_seconds), **task_config.env},
         aws_conn_id=settings.aws_conn_id or None,
         group_spec=spec,
         spec_sha256=spec_sha256,

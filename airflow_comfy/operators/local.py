@@ -29,6 +29,7 @@ from airflow_comfy.operators.devices import (
     group_needs_gpu,
     resolve_gpus,
 )
+from airflow_comfy.operators.failure_text import runner_failure
 from airflow_comfy.operators.preemption_log import STOPPED_MESSAGE, log_preemptions
 from airflow_comfy.operators.spec_publish import publish_group_spec
 from airflow_comfy.runner_service.client import (
@@ -41,7 +42,7 @@ from airflow_comfy.runner_service.client import (
 )
 from airflow_comfy.workflow.groupspec import GroupSpec
 
-#: How many of the runner's last output lines an error message quotes.
+#: How many of the runner's last output lines are searched for its failure line (operators.failure_text).
 ERROR_TAIL_LINES = 20
 #: Seconds a killed runner gets to exit after SIGTERM before it is SIGKILLed.
 KILL_GRACE_SECONDS = 10.0
@@ -433,15 +434,14 @@ def describe_command(command: list[str], max_arg: int = 120) -> str:
 
 
 def raise_for_exit(returncode: int, tail: list[str]) -> None:
-    """Map the runner's exit code to Airflow's failure semantics."""
+    """Map the runner's exit code to Airflow's failure semantics; the message's first line is the runner's own
+    sentence (:mod:`airflow_comfy.operators.failure_text`), its output stays in the log only."""
     if returncode == EXIT_OK:
         return
-    output = "\n".join(tail) or "(no output)"
+    message = runner_failure(returncode, tail)
     if returncode == EXIT_BAD_INPUT:
-        raise AirflowFailException(
-            f"The runner refused its input (exit code {EXIT_BAD_INPUT}; not retried). Last output:\n{output}"
-        )
-    raise AirflowException(f"The runner failed with exit code {returncode}. Last output:\n{output}")
+        raise AirflowFailException(message)
+    raise AirflowException(message)
 
 
 def read_manifest(path: str) -> dict[str, Any]:

@@ -14,7 +14,8 @@ from kubernetes.client import models as k8s
 
 from airflow_comfy.config import ComfySettings
 from airflow_comfy.operators.command import EXIT_BAD_INPUT, RUNNER_MODULE, pod_arguments
-from airflow_comfy.operators.disruption import PodDisruptionMixin
+from airflow_comfy.operators.disruption import PodDisrupted, PodDisruptionMixin
+from airflow_comfy.operators.failure_text import runner_failure
 from airflow_comfy.operators.preemption_log import STOPPED_MESSAGE, log_preemptions
 from airflow_comfy.operators.spec_publish import publish_group_spec
 from airflow_comfy.operators.task_config import GroupTaskConfig
@@ -169,16 +170,19 @@ class ComfyGroupPodOperator(PodDisruptionMixin, KubernetesPodOperator):
         """
         try:
             super().cleanup(pod=pod, remote_pod=remote_pod, xcom_result=xcom_result, context=context)
-        except (AirflowFailException, AirflowSkipException):
+        except (AirflowFailException, AirflowSkipException, PodDisrupted):  # PodDisrupted: a new pod in the try
             raise
-        except AirflowException as exc:
-            if container_exit_code(remote_pod, self.base_container_name) == EXIT_BAD_INPUT:
-                name = pod.metadata.name if pod is not None and pod.metadata else "?"
-                raise AirflowFailException(
-                    f"The runner in pod {name} refused its input (exit code {EXIT_BAD_INPUT}; not retried).\n"
-                    f"{exc}"
-                ) from exc
-            raise
+        except AirflowException:
+            code = container_exit_code(remote_pod, self.base_container_name)
+            if code is None:  # the container never ended on its own (KPO's message says how the pod did)
+                raise
+            name = pod.metadata.name if pod is not None and pod.metadata else "?"
+            # The termination message: the runner's failure line (/dev/termination-log), else the log's end.
+            lines = (termination_message(remote_pod, self.base_container_name) or "").splitlines()
+            message = runner_failure(code, lines, where=f"in pod {name}")
+            if code == EXIT_BAD_INPUT:
+                raise AirflowFailException(message) from None
+            raise AirflowException(message) from None
 
 
 @functools.lru_cache(maxsize=1)
@@ -207,6 +211,15 @@ def container_security_context() -> k8s.V1SecurityContext:
 def _field(obj: Any, attribute: str, key: str) -> Any:
     """A field of a Kubernetes model or of its dict form."""
     return obj.get(key) if isinstance(obj, dict) else getattr(obj, attribute, None)
+
+
+def termination_message(pod: k8s.V1Pod | None, container_name: str) -> str | None:
+    """The termination message of a terminated container of ``pod`` (None when there is none)."""
+    statuses = (pod.status.container_statuses if pod is not None and pod.status else None) or []
+    for status in statuses:
+        if status.name == container_name and status.state and status.state.terminated:
+            return status.state.terminated.message
+    return None
 
 
 def container_exit_code(pod: k8s.V1Pod | None, container_name: str) -> int | None:

@@ -12,9 +12,10 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-from airflow.sdk.exceptions import AirflowException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from airflow_comfy.artifacts.errors import ArtifactError
+from airflow_comfy.artifacts.errors import ArtifactError, StoreRefused
+from airflow_comfy.artifacts.limits import StoreLimits
 from airflow_comfy.artifacts.specs import publish_spec
 from airflow_comfy.artifacts.store import ArtifactStore, open_store
 from airflow_comfy.workflow.groupspec import GroupSpec
@@ -36,11 +37,21 @@ def s3_options(aws_env: dict[str, str] | None) -> dict[str, Any]:
     return options
 
 
+def worker_store_limits() -> StoreLimits:
+    """The ``[comfy] store_*`` timeouts (the defaults when the settings cannot be read)."""
+    from airflow_comfy.config import get_settings
+
+    try:
+        return get_settings().store_limits
+    except ValueError:
+        return StoreLimits()
+
+
 def open_task_store(store_uri: str, *, aws_env: dict[str, str] | None = None) -> ArtifactStore:
     """The artifact store as the worker opens it: an S3 store with the credentials a task read from its Airflow
-    connection (``aws_env``), if any."""
+    connection (``aws_env``), if any; every operation bounded by the ``[comfy] store_*`` timeouts."""
     options = s3_options(aws_env) if store_uri.startswith("s3://") else {}
-    return open_store(store_uri, **options)
+    return open_store(store_uri, limits=worker_store_limits(), **options)
 
 
 def publish_group_spec(spec: GroupSpec, sha256: str, store_uri: str, *, aws_env: dict[str, str] | None = None,
@@ -55,6 +66,9 @@ def publish_group_spec(spec: GroupSpec, sha256: str, store_uri: str, *, aws_env:
     except ValueError as exc:  # publish_spec hashes the bytes: they are not the ones the task was built with
         raise AirflowException(f"group {spec.group!r}: {exc} (the sha256 the task was built with); please report "
                                "this as a bug of airflow-comfy") from None
+    except StoreRefused as exc:  # a read-only or forbidden location, no such bucket: no retry changes that
+        raise AirflowFailException(f"could not write the group spec to the artifact store: {exc} (not retried: "
+                                   "fix [comfy] artifact_store or its permissions)") from None
     except ArtifactError as exc:
         raise AirflowException(f"could not write the group spec to the artifact store: {exc}") from None
     if log is not None:

@@ -3,8 +3,14 @@
 ``python -m airflow_comfy.runner serve ...`` runs the same jobs in a long-lived process that keeps its models
 loaded (:mod:`airflow_comfy.runner.service`).
 
-Exit codes: 0 success; 2 bad input (the spec, a param, a model file, an input image: retrying cannot help);
-1 anything else (infrastructure: the store, the device, out of memory ...), which Airflow retries.
+Exit codes: 0 success; 2 bad input (the spec, a param, a model file, an input image, a store that refuses for
+good, a run key taken by another spec: retrying cannot help); 1 anything else (infrastructure: a stalled or
+full store, the device, out of memory, the deadline ...), which Airflow retries. The last line on stderr says
+what failed, in one sentence (:mod:`airflow_comfy.runner.failure`).
+
+Before torch is imported, :mod:`airflow_comfy.runner.preflight` returns the manifest of a try that already
+committed the group (nothing is computed twice), refuses a run key taken by another spec, and checks that the
+store can be written and the upstream manifests read.
 """
 
 from __future__ import annotations
@@ -17,12 +23,20 @@ import sys
 import traceback
 from pathlib import Path
 
-from airflow_comfy.workflow.groupspec import EXIT_BAD_INPUT, EXIT_INFRASTRUCTURE, EXIT_OK, GroupSpec
+from airflow_comfy.workflow.groupspec import (
+    EXIT_BAD_INPUT,
+    EXIT_INFRASTRUCTURE,
+    EXIT_OK,
+    RUNNER_DEADLINE_ENV,
+    GroupSpec,
+)
 
 DEFAULT_THREADS = 4
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, process: bool = False) -> int:
+    """Run the command; ``process``: this is the runner process itself (``python -m airflow_comfy.runner``), whose
+    deadline (``--deadline``) may end it."""
     args = _parser().parse_args(argv)
     if args.command == "serve":
         from airflow_comfy.runner.service import serve
@@ -30,15 +44,29 @@ def main(argv: list[str] | None = None) -> int:
         return serve(args.socket, cache_budget_mb=args.cache_budget_mb, idle_timeout=args.idle_timeout,
                      cancel_grace=args.cancel_grace)
     configure_process()
+    from airflow_comfy.runner.deadline import start_watchdog
+    from airflow_comfy.runner.failure import BAD_INPUT, FAILED, describe, report
+
+    state: dict = {}
+    # In a runner process only: a runner service's job is bounded by its task (its timeout cancels the job).
+    watchdog = start_watchdog(args.deadline if process else None,
+                              lambda: getattr(state.get("context"), "current_node", None))
     try:
-        manifest = run(args)
+        manifest = run(args, state)
     except _BAD_INPUT_ERRORS() as exc:
-        print(f"airflow-comfy runner: bad input: {exc}", file=sys.stderr, flush=True)
+        report(BAD_INPUT, str(exc))
         return EXIT_BAD_INPUT
     except Exception as exc:  # infrastructure: retryable
-        traceback.print_exc()
-        print(f"airflow-comfy runner: failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        from airflow_comfy.artifacts.errors import ArtifactError
+
+        store_error = isinstance(exc, ArtifactError)  # says all there is (the URI and why): no traceback
+        if not store_error:
+            traceback.print_exc()
+        report(FAILED, describe(exc, getattr(state.get("context"), "current_node", None), with_type=not store_error))
         return EXIT_INFRASTRUCTURE
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
     text = json.dumps(manifest, indent=2)
     for target in (args.xcom_path, args.manifest_out):
         if target:
@@ -94,6 +122,9 @@ def _parser() -> argparse.ArgumentParser:
                            "allocation against this many MiB and run out of memory (as torch would) when over; "
                            "a node that runs out of memory is retried once in low-memory mode (tiled VAE, "
                            "sliced attention). Default: none (env COMFY_RUNNER_MEMORY_BUDGET_MB)")
+    run_.add_argument("--deadline", type=_seconds, default=os.environ.get(RUNNER_DEADLINE_ENV) or None,
+                      help="seconds after which the runner gives up, saying what it was doing, with exit code 1 "
+                           "(env COMFY_RUNNER_DEADLINE_S; the operators set it a little under execution_timeout)")
     run_.add_argument("--allow-pickle", action="store_true",
                       default=os.environ.get("COMFY_RUNNER_ALLOW_PICKLE") == "1",
                       help="allow .ckpt/.pt/.pth model files (loaded with torch.load(weights_only=True))")
@@ -129,52 +160,80 @@ def _budget(text: str) -> float:
     return value
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
+
+
 def _BAD_INPUT_ERRORS() -> tuple[type[BaseException], ...]:
+    from airflow_comfy.artifacts.errors import StoreRefused
     from airflow_comfy.artifacts.store import BadArtifact
-    from airflow_comfy.runner.context import BadInput
-    from airflow_comfy.runner.models.files import ModelFileError
+    from airflow_comfy.runner.preflight import RunKeyCollision, UpstreamMissing
     from airflow_comfy.workflow.errors import WorkflowError
 
-    return (BadInput, BadArtifact, ModelFileError, WorkflowError, _SpecError)
+    errors: tuple[type[BaseException], ...] = (BadArtifact, WorkflowError, _SpecError, StoreRefused,
+                                               RunKeyCollision, UpstreamMissing)
+    if "torch" in sys.modules:  # these modules import torch: a failure before it was imported is none of them
+        from airflow_comfy.runner.context import BadInput
+        from airflow_comfy.runner.models.files import ModelFileError
+
+        errors += (BadInput, ModelFileError)
+    return errors
 
 
 class _SpecError(ValueError):
     pass
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, state: dict | None = None) -> dict:
+    """Run the group (``state`` gets the ``context`` once there is one, for failure messages)."""
+    from airflow_comfy.artifacts.store import open_store
+    from airflow_comfy.runner import preflight
+    from airflow_comfy.runner.commit import clean
+    from airflow_comfy.runner.faults import crash_point
+
+    store = open_store(args.store)
+    spec = _read_spec(args.spec, args.spec_sha256, store)
+    params = _read_params(args.params)
+    spec_sha256 = preflight.spec_digest(spec, args.spec_sha256)
+    committed, _ = preflight.committed_manifest(store, spec, args.run_key, spec_sha256, params)
+    if committed is not None:
+        logging.getLogger("airflow_comfy.runner").info(
+            "group %s: already committed by try %d of this run (same spec and params): returning its manifest, "
+            "computing nothing", spec.group, committed.try_number)
+        clean(store, args.run_key, spec.group, committed)
+        return committed.to_dict()
+    preflight.check_writable(store, args.run_key, spec.group, args.try_number)
+    manifests = preflight.read_upstream(store, spec, args.inputs)
+    crash_point("start")
+    return _execute(args, store, spec, spec_sha256, params, manifests, {} if state is None else state)
+
+
+def _execute(args: argparse.Namespace, store, spec: GroupSpec, spec_sha256: str, params: dict, manifests: list,
+             state: dict) -> dict:
     import torch
 
-    from airflow_comfy.artifacts.manifest import GroupManifest
-    from airflow_comfy.artifacts.store import open_store
     from airflow_comfy.runner.context import RunContext
     from airflow_comfy.runner.executor import GroupRun
 
     torch.set_num_threads(max(1, args.threads))
-    store = open_store(args.store)
-    spec = _read_spec(args.spec, args.spec_sha256, store)
-    params = _read_params(args.params)
     device = _device(args.device)
-    manifests = [GroupManifest.from_json(_read_input(store, uri), uri=uri) for uri in args.inputs]
     context = RunContext(models_root=args.models, input_dir=args.input_dir, device=device,
                          dtype=_dtype(args.precision, device), allow_pickle=args.allow_pickle,
                          memory_budget=None if args.memory_budget_mb is None else int(args.memory_budget_mb * 2**20))
+    state["context"] = context
     logging.getLogger("airflow_comfy.runner").info(
         "group %s of %s: %d node(s) on %s, %d thread(s)%s", spec.group, spec.workflow_name, len(spec.nodes), device,
         torch.get_num_threads(),
         "" if args.memory_budget_mb is None else f", memory budget {args.memory_budget_mb:g} MiB")
     group_run = GroupRun(spec=spec, store=store, run_key=args.run_key, try_number=args.try_number,
-                         params=params, input_manifests=manifests, context=context)
+                         params=params, input_manifests=manifests, context=context, spec_sha256=spec_sha256)
     return group_run.execute().to_dict()
-
-
-def _read_input(store, uri: str) -> bytes:
-    """An upstream manifest; one outside ``--store`` is a wiring mistake that no retry can fix."""
-    try:
-        store.key_of(uri)
-    except ValueError as exc:
-        raise _SpecError(f"--inputs {uri} is not in the artifact store {store.root_uri}: {exc}") from exc
-    return store.read_uri(uri)
 
 
 def _read_spec(value: str, sha256: str | None, store) -> GroupSpec:

@@ -60,6 +60,8 @@ class RunContext:
     memory_budget: int | None = None
     """Bytes one allocation of the VAE or of an attention may take (``--memory-budget-mb``; see
     :mod:`airflow_comfy.runner.memory`); ``None``: no budget, nothing is checked."""
+    current_node: str | None = None
+    """``node <id> (<class>)`` while a node runs: what a failure message names."""
 
 
 @dataclass

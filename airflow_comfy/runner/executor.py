@@ -1,5 +1,6 @@
 """Execute one GroupSpec: read boundary inputs, run the nodes in dependency order, persist what other groups
-read, save images, and write the group's manifest (last: a manifest exists only for a group that finished).
+read, stage images, and commit: publish the images and write the group's manifest (last: a manifest exists only
+for a group that finished; see :mod:`airflow_comfy.runner.commit`).
 
 A node that runs out of memory (:func:`airflow_comfy.runner.memory.is_out_of_memory`) is retried once: the
 values no later node needs are dropped, memory is freed, and the node runs again in low-memory mode (tiled
@@ -23,6 +24,7 @@ from airflow_comfy.artifacts.manifest import GroupManifest, ImageRecord, OutputR
 from airflow_comfy.artifacts.store import ArtifactStore, BadArtifact
 from airflow_comfy.runner import cancel
 from airflow_comfy.runner.codecs import decode_value, encode_value
+from airflow_comfy.runner.commit import TryOutputs
 from airflow_comfy.runner.context import BadInput, NodeContext, NodeOutOfMemory, RunContext, SavedImage, log
 from airflow_comfy.runner.memory import free_memory, is_out_of_memory
 from airflow_comfy.runner.models.files import ModelFileError
@@ -48,9 +50,14 @@ class GroupRun:
     timings: dict[str, float] = field(default_factory=dict)
     low_memory: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Node id -> why it was retried in low-memory mode and what that mode did."""
+    spec_sha256: str = ""
+    outputs: TryOutputs | None = None
+    """Staged images and the commit (made from the store, run key, group and try when not given)."""
 
     def execute(self) -> GroupManifest:
         started = time.perf_counter()
+        if self.outputs is None:
+            self.outputs = TryOutputs(self.store, self.run_key, self.spec.group, self.try_number)
         nodes = self._nodes_with_params()
         check_file_inputs(nodes, self.context)
         self.context.prompt = self._metadata_prompt()
@@ -74,6 +81,7 @@ class GroupRun:
                     # Say which node and input needed the missing or unreadable upstream value.
                     raise node_context.bad_input(str(exc), name) from exc
             began = time.perf_counter()
+            self.context.current_node = f"node {node_id} ({node.class_type})"
             log.info("node %s (%s): start", node_id, node.class_type)
             error = None
             try:
@@ -103,6 +111,7 @@ class GroupRun:
             log.info("node %s (%s): done in %.2fs%s", node_id, node.class_type, self.timings[node_id],
                      " (low-memory mode)" if node_context.low_memory else "")
             results[node_id] = tuple(outputs)
+        self.context.current_node = None
         records = [self._persist(p.node, p.output, p.type, results) for p in self.spec.persist]
         manifest = GroupManifest(
             workflow_name=self.spec.workflow_name, workflow_sha256=self.spec.workflow_sha256,
@@ -115,13 +124,10 @@ class GroupRun:
             models=dict(self.context.model_files),
             package_version=__version__,
             low_memory=self._low_memory_record(),
+            spec_sha256=self.spec_sha256,
+            params={name: self.params[name] for name in sorted(self.spec.params) if name in self.params},
         )
-        if self.context.saved:
-            self._write_snapshot(manifest)
-        key = layout.manifest_key(self.run_key, self.spec.group, self.try_number)
-        manifest.manifest_uri = self.store.uri(key)
-        self.store.put_json(key, manifest.to_dict())
-        return manifest
+        return self.outputs.commit(manifest, self._snapshot(manifest) if self.context.saved else None)
 
     @staticmethod
     def _call(node: Node, node_context: NodeContext, kwargs: dict[str, Any]) -> tuple:
@@ -190,7 +196,7 @@ class GroupRun:
         data, info = encode_value(type_name, results[node_id][output])
         key = layout.output_key(self.run_key, self.spec.group, self.try_number, node_id, output,
                                 layout.extension_for(type_name))
-        uri = self.store.put_bytes(key, data)
+        uri = self.store.put_bytes(key, data, overwrite=True)  # uncommitted until the manifest: replaceable
         return OutputRecord.from_info(node_id, output, type_name, uri, info)
 
     def _low_memory_record(self) -> dict[str, dict[str, Any]]:
@@ -203,21 +209,17 @@ class GroupRun:
 
     def _save_image(self, node: str, subfolder: str, filename: str, png: bytes, width: int,
                     height: int) -> SavedImage:
-        import hashlib
-
-        key = layout.image_key(self.run_key, subfolder, filename)
-        uri = self.store.put_bytes(key, png, content_type="image/png")
-        saved = SavedImage(node, filename, subfolder, uri, width, height, hashlib.sha256(png).hexdigest())
+        uri, sha256 = self.outputs.stage(node, subfolder, filename, png)
+        saved = SavedImage(node, filename, subfolder, uri, width, height, sha256)
         self.context.saved.append(saved)
         return saved
 
     def _existing_outputs(self) -> list[str]:
-        prefix = layout.outputs_prefix(self.run_key)
-        return [key[len(prefix):] for key in self.store.list(prefix)]
+        return self.outputs.taken_names()
 
-    def _write_snapshot(self, manifest: GroupManifest) -> None:
+    def _snapshot(self, manifest: GroupManifest) -> dict[str, Any]:
         """Beside the images: the exact workflow, params, package version and model hashes that made them."""
-        snapshot = {
+        return {
             "workflow": self.spec.workflow_name,
             "workflow_sha256": self.spec.workflow_sha256,
             "group": self.spec.group,
@@ -231,8 +233,6 @@ class GroupRun:
             "images": [s.uri for s in self.context.saved],
             "low_memory": manifest.low_memory,
         }
-        key = layout.snapshot_key(self.run_key, self.spec.group, self.try_number)
-        self.store.put_json(key, snapshot)
 
 
 class _BoundaryReader:

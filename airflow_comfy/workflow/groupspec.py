@@ -38,6 +38,9 @@ EXIT_OK = 0
 EXIT_BAD_INPUT = 2
 #: The runner's exit code for an infrastructure failure (the store, the device ...): Airflow retries it.
 EXIT_INFRASTRUCTURE = 1
+#: The runner's environment variable for its own deadline in seconds (the operators set it from the task's
+#: execution_timeout): past it the runner says what it was doing and exits with EXIT_INFRASTRUCTURE.
+RUNNER_DEADLINE_ENV = "COMFY_RUNNER_DEADLINE_S"
 
 DATA_URI_PREFIX = "data:application/json;base64,"
 GZIP_DATA_URI_PREFIX = "data:application/gzip;base64,"
