@@ -604,7 +604,7 @@ def run_lean(root: Path, args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------------------------------ cost split
 #: (key, label) of the phases cost_split() times per file, in the order of the table.
 SPLIT_PHASES = (
-    ("read", "read (sidecar, dag id, _read_workflow)"),
+    ("read", "read (sidecar, dag id, read_workflow_file)"),
     ("cache key", "cache key (cache_key: sha256)"),
     ("verdict read", "verdict read (_raise_known_error)"),
     ("compiled read", "compiled read (file bytes)"),
@@ -666,7 +666,6 @@ def cost_split(workflows: Path, cache_dir: str, backend: str, build: bool = True
         _build_context,
         _claim,
         _param,
-        _read_workflow,
         _workflow_files,
         plan_dag,
         task_config_for,
@@ -677,7 +676,7 @@ def cost_split(workflows: Path, cache_dir: str, backend: str, build: bool = True
     from airflow_comfy.scheduling.tiers import TIER_PARAM, tier_param
     from airflow_comfy.workflow.catalog import load_catalog
     from airflow_comfy.workflow.groupspec import GroupSpec
-    from airflow_comfy.workflow.loader import parse_workflow_text
+    from airflow_comfy.workflow.loader import parse_workflow_text, read_workflow_file
     from airflow_comfy.workflow.params import bindings, discover_params
     from airflow_comfy.workflow.slicing import slice_workflow
     from airflow_comfy.workflow.validate import validate
@@ -712,7 +711,7 @@ def cost_split(workflows: Path, cache_dir: str, backend: str, build: bool = True
         # _scan_one
         sidecar = load_sidecar(sidecar_path(path))
         dag_id = dag_id_for(path, sidecar)
-        content = _read_workflow(path, settings.max_workflow_bytes)
+        content = read_workflow_file(path, settings.max_workflow_bytes)
         lap("read")
         key = cache_key(content, sidecar, catalog, str(path), context)
         used_keys.add(key)
@@ -880,7 +879,6 @@ def operator_detail(workflows: Path, cache_dir: str, backend: str) -> dict[str, 
     from airflow_comfy.factory.loader import (
         _build_context,
         _param,
-        _read_workflow,
         _workflow_files,
         plan_dag,
         task_config_for,
@@ -895,6 +893,7 @@ def operator_detail(workflows: Path, cache_dir: str, backend: str) -> dict[str, 
     from airflow_comfy.scheduling.tiers import TIER_PARAM, tier_param
     from airflow_comfy.workflow.catalog import load_catalog
     from airflow_comfy.workflow.groupspec import GroupSpec
+    from airflow_comfy.workflow.loader import read_workflow_file
 
     settings = comfy_settings(cache_dir, backend)
     catalog, store = load_catalog(settings.object_info_files), ParseCache(cache_dir, workflows)
@@ -906,7 +905,7 @@ def operator_detail(workflows: Path, cache_dir: str, backend: str) -> dict[str, 
         if index <= 1:  # start (again) after the first file
             spent = {key: 0.0 for key, _ in DETAIL_ROWS} | {"dags": 0, "tasks": 0}
         sidecar = load_sidecar(sidecar_path(path))
-        content = _read_workflow(path, settings.max_workflow_bytes)
+        content = read_workflow_file(path, settings.max_workflow_bytes)
         cached = store.compiled(cache_key(content, sidecar, catalog, str(path), context))
         assert cached is not None, f"{path.name}: not in the disk cache {cache_dir}"
         compiled = CompiledWorkflow.from_dict(cached)
@@ -1016,7 +1015,7 @@ def _focus_functions(backend: str) -> list[tuple[str, Any]]:
     return [
         ("load_workflows", loader.load_workflows),
         ("  _scan_one", loader._scan_one),
-        ("    _read_workflow", loader._read_workflow),
+        ("    read_workflow_file", loader.read_workflow_file),
         ("    cache_key", compile_module.cache_key),
         ("    _build_file", loader._build_file),
         ("      ParseCache.compiled (warm: file read + JSON decode)", ParseCache.compiled),
