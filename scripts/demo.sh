@@ -17,6 +17,9 @@ export AIRFLOW__COMFY__INPUT_PATH="$DEMO_DIR/input"
 export AIRFLOW__COMFY__CACHE_DIR="$DEMO_DIR/cache"
 case "$VENV" in /*) ;; *) VENV="$ROOT/$VENV" ;; esac  # the runner subprocesses need an absolute path
 export AIRFLOW__COMFY__RUNNER_PYTHON="$VENV/bin/python"
+# The demo runs its groups in the warm runner service (the second group finds the checkpoint loaded); it exits
+# 20 s after the last group instead of the default 10 minutes, so nothing of the demo stays behind for long.
+export AIRFLOW__COMFY__RUNNER_SERVICE_IDLE_TIMEOUT=20
 export HF_HUB_OFFLINE=1
 mkdir -p "$AIRFLOW_HOME" "$AIRFLOW__CORE__DAGS_FOLDER" "$DEMO_DIR/input"
 cp dags/comfy_workflows.py dags/comfy_workflow_errors.py "$AIRFLOW__CORE__DAGS_FOLDER/"
