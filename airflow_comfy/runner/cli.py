@@ -140,34 +140,23 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cache_budget(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of MiB: {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be 0 or a positive number of MiB, got {text!r}")
-    return value
+def _finite_number(unit: str, *, allow_zero: bool = False):
+    """An argparse type: a finite number of ``unit``, positive (or zero with ``allow_zero``)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of {unit}: {text!r}") from None
+        if not (value >= 0 if allow_zero else value > 0) or value == float("inf"):
+            bound = "0 or a positive" if allow_zero else "a positive"
+            raise argparse.ArgumentTypeError(f"must be {bound} number of {unit}, got {text!r}")
+        return value
+    return parse
 
 
-def _budget(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of MiB: {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of MiB, got {text!r}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
-    return value
+_cache_budget = _finite_number("MiB", allow_zero=True)
+_budget = _finite_number("MiB")
+_seconds = _finite_number("seconds")
 
 
 def _BAD_INPUT_ERRORS() -> tuple[type[BaseException], ...]:
