@@ -42,6 +42,7 @@ class ComfySettings:
     device_lock_dir: str
     runner_service: bool
     runner_service_dir: str
+    runner_service_socket: str
     runner_service_idle_timeout: float
     runner_service_cache_mb: float
     runner_service_cpu_slots: int
@@ -157,6 +158,7 @@ def get_settings(**overrides) -> ComfySettings:
     from airflow_comfy.operators.devices import check_local_gpus
 
     check_local_gpus(values["local_gpus"])
+    check_runner_service_socket(values["runner_service_socket"], values["local_gpus"])
     tiers = _tier_pairs(values["tiers"], parse_tiers)
     values["tiers"] = tuple(tiers.items())
     check_default_tier(values["default_tier"], tiers, "[comfy] default_tier")
@@ -168,6 +170,25 @@ def get_settings(**overrides) -> ComfySettings:
     values["priority_classes"] = tuple(
         _tier_pairs(values["priority_classes"], lambda text: parse_priority_classes(text, tiers)).items())
     return ComfySettings(**values)
+
+
+#: Longest path of a Unix socket on Linux (sun_path is 108 bytes, with the final NUL).
+MAX_SOCKET_PATH = 107
+
+
+def check_runner_service_socket(path: str, local_gpus: str) -> None:
+    """``runner_service_socket``: empty, or an absolute path short enough for a Unix socket, never together with
+    ``local_gpus`` (a service in another container holds its own GPUs; the worker has none to hand out)."""
+    if not path.strip():
+        return
+    if not os.path.isabs(path):
+        raise ValueError(f"[comfy] runner_service_socket must be an absolute path, not {path!r}")
+    if len(path.encode("utf-8")) > MAX_SOCKET_PATH:
+        raise ValueError(f"[comfy] runner_service_socket {path!r} is over {MAX_SOCKET_PATH} bytes, the longest "
+                         "Unix socket path")
+    if local_gpus.strip():
+        raise ValueError(f"[comfy] runner_service_socket ({path}) and local_gpus ({local_gpus}) cannot be set "
+                         "together: the runner service's own container holds its GPUs; leave local_gpus empty")
 
 
 def _tier_pairs(value, parse) -> dict:

@@ -130,6 +130,18 @@ CONFIG_OPTIONS: dict[str, tuple[str, str, str, str | None]] = {
         "$XDG_RUNTIME_DIR/airflow-comfy, else <tmp>/airflow-comfy-<uid>.",
         "/run/airflow-comfy",
     ),
+    "runner_service_socket": (
+        "string", "",
+        "Local backend: the Unix socket of a runner service that runs elsewhere (another container sharing "
+        "this socket's folder, the models folder and the artifact store: the docker-compose stack's 'runner' "
+        "service). Set, the task only connects to it: it never starts a service nor runs a runner subprocess, "
+        "waits while the service runs another task's job, and fails (retried) naming the socket when no "
+        "service answers. The job gets the service's own environment plus the task's variables (AWS_*, "
+        "COMFY_*, the sidecar's env); its manifest is handed back through this socket's folder, so both sides "
+        "must mount it at the same path and run as the same user. Implies runner_service; local_gpus must be "
+        "empty (the service's container owns its GPUs). Empty: services are started on demand.",
+        "/run/airflow-comfy/runner.sock",
+    ),
     "runner_service_idle_timeout": (
         "float", "600",
         "Seconds without a job after which a runner service exits, giving its memory (and GPU memory) back.",

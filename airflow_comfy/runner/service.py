@@ -440,8 +440,11 @@ class Service:
         if request["argv"][:1] != ["run"]:
             return "a service runs 'run' jobs only"
         wanted = protocol.process_env(request["env"])
-        if wanted != self.start_env:
+        if request.get("env_base") == protocol.ENV_BASE_SERVICE:  # only what the job sets must agree
+            differ = sorted(k for k in wanted if wanted[k] != self.start_env.get(k))
+        else:
             differ = sorted(k for k in set(wanted) | set(self.start_env) if wanted.get(k) != self.start_env.get(k))
+        if differ:
             return f"the job's process environment differs from the service's ({', '.join(differ)})"
         if code_stamp() != self.code:
             self.stopping = True
@@ -498,7 +501,10 @@ class Service:
 
         code, cancelled = EXIT_INFRASTRUCTURE, False
         try:
-            self.baseline.enter({str(k): str(v) for k, v in request["env"].items()}, request.get("cwd"))
+            env = {str(k): str(v) for k, v in request["env"].items()}
+            if request.get("env_base") == protocol.ENV_BASE_SERVICE:
+                env = {**self.baseline.env, **env}
+            self.baseline.enter(env, request.get("cwd"))
             code = cli.main([str(arg) for arg in request["argv"]])
         except cancel.JobCancelled:
             print("airflow-comfy runner: cancelled", file=sys.stderr, flush=True)
