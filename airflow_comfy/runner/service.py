@@ -15,6 +15,10 @@ cancel frame or by closing the connection: the job stops at the next node or sam
 exits at once (the task's next try starts a fresh one). The device lock the task sends with the job is held
 until the job ends, as a runner subprocess holds the lock it inherits.
 
+A task in another container (``[comfy] runner_service_socket``: its interpreter, folders and process variables
+are not the service's) sends ``env_base: service``: its job runs in the service's own environment plus the
+variables it sends (whose process variables must be the service's), in the service's own working folder.
+
 The service ends after ``--idle-timeout`` seconds without a job, when its socket is removed or replaced, on a
 stop frame, or when the runner's code changes (it refuses the job; the task starts a fresh service).
 """
