@@ -17,9 +17,11 @@ factory's stubs, the local operator) or the local operator in this test process,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -94,10 +96,11 @@ def shared() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def service(shared: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    home = tmp_path_factory.mktemp("runner-container")
-    sock = shared / "runner.sock"
+@contextlib.contextmanager
+def started_service(sock: Path, home: Path) -> Iterator[Service]:
+    """``python -m airflow_comfy.runner serve`` started by hand in the runner container's environment; stopped
+    at the end."""
+    home.mkdir(parents=True, exist_ok=True)
     log = home / "service.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
@@ -117,6 +120,12 @@ def service(shared: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="module")
+def service(shared: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    with started_service(shared / "runner.sock", tmp_path_factory.mktemp("runner-container")) as running:
+        yield running
 
 
 # --- a DAG run through airflow dags test ---------------------------------------------------------------------------
@@ -173,17 +182,18 @@ def compiled():
     return compile_for_run(TXT2IMG, single_group=True)
 
 
-def group_task(compiled, models: Path, inputs: Path, store: Path, socket_path: Path,
-               run: str) -> ComfyGroupLocalOperator:
+def group_task(compiled, models: Path, inputs: Path, store: Path, socket_path: Path, run: str, *,
+               steps: int = 2, env: dict[str, str] | None = None) -> ComfyGroupLocalOperator:
     """The txt2img example as one group's task, its arguments rendered, connecting to ``socket_path`` only."""
     spec = GroupSpec.from_dict(compiled.groups[0]["spec"])
     defaults = {p["name"]: p["default"] for p in compiled.params}
     settings = get_settings(artifact_store=store.as_uri(), models_path=str(models), input_path=str(inputs),
                             runner_python="")
-    task = build_group_task(spec, task_config=GroupTaskConfig(env={"COMFY_RUNNER_THREADS": "1"}),
+    task = build_group_task(spec, task_config=GroupTaskConfig(env={"COMFY_RUNNER_THREADS": "1", **(env or {})}),
                             settings=settings, upstream_task_ids=[], task_id=f"main_{run}")
     assert isinstance(task, ComfyGroupLocalOperator)
-    rendered = {RUN_KEY_TEMPLATE: f"dag/{run}", TRY_TEMPLATE: "1", PARAMS_TEMPLATE: json.dumps({**defaults, "steps": 2})}
+    rendered = {RUN_KEY_TEMPLATE: f"dag/{run}", TRY_TEMPLATE: "1",
+                PARAMS_TEMPLATE: json.dumps({**defaults, "steps": steps})}
     task.arguments = [rendered.get(arg, arg) for arg in task.arguments]
     task.runner_service_socket = str(socket_path)
     task.local_gpus = ""
@@ -243,6 +253,45 @@ def test_a_task_waits_for_its_turn_at_the_service(service: Service, compiled, de
     thread.join(START_TIMEOUT)
     assert result.get("manifest", {}).get("images"), log_text(task)
     assert f"ran in the warm runner service (pid {service.pid}," in log_text(task)
+
+
+def test_a_job_whose_process_variables_differ_is_refused_and_fails_the_try(
+        service: Service, compiled, demo_models: Path, demo_inputs: Path, tmp_path: Path):
+    """A sidecar env that sets a variable the service reads once: the service cannot honour it."""
+    task = group_task(compiled, demo_models, demo_inputs, tmp_path / "store", service.socket, "alloc",
+                      env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
+    with pytest.raises(AirflowException) as caught:
+        task.execute({})
+    assert not isinstance(caught.value, AirflowFailException)
+    assert "refused the job: the job's process environment differs from the service's (PYTORCH_CUDA_ALLOC_CONF)" \
+        in str(caught.value)
+    assert "Running:" not in log_text(task)
+
+
+def test_a_service_that_dies_during_the_job_fails_the_try_as_retryable(
+        shared: Path, compiled, demo_models: Path, demo_inputs: Path, tmp_path: Path):
+    with started_service(shared / "dying.sock", tmp_path / "runner-container") as dying:
+        task = group_task(compiled, demo_models, demo_inputs, tmp_path / "store", dying.socket, "dies", steps=10000)
+        result: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                task.execute({})
+            except BaseException as exc:  # noqa: BLE001 - the test looks at it
+                result["error"] = exc
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + START_TIMEOUT
+        while "sampling: step 2/" not in log_text(task):
+            assert time.monotonic() < deadline and thread.is_alive(), log_text(task)
+            time.sleep(0.05)
+        os.kill(dying.pid, signal.SIGKILL)
+        thread.join(60)
+    error = result["error"]
+    assert isinstance(error, AirflowException) and not isinstance(error, AirflowFailException)
+    assert "ended during the job without an exit status" in str(error)
+    assert "docker compose logs runner" in str(error) and "The next try waits for it at its socket" in str(error)
 
 
 def test_only_the_store_and_runner_variables_go_with_the_job(monkeypatch: pytest.MonkeyPatch):

@@ -366,7 +366,9 @@ class ComfyGroupLocalOperator(BaseOperator):
         try:
             result: JobResult = session.run(argv, env, fds=fds, on_lines=on_lines, on_started=on_started)
         except ServiceDied as exc:
-            raise AirflowException(f"{exc}. The next try starts a fresh runner service.") from None
+            after = ("The next try waits for it at its socket" if session.config.external
+                     else "The next try starts a fresh runner service")
+            raise AirflowException(f"{exc}. {after}.") from None
         self.log.info("The runner %s", result.describe())
         return result.code, list(tail)
 

@@ -391,6 +391,8 @@ class ServiceSession:
         return "its process is still there"
 
     def _log_path(self) -> str:
+        if self.config.external:
+            return "the output of the process that serves it (in the docker-compose stack: docker compose logs runner)"
         return str(self.socket_path.with_suffix(".log")) if self.socket_path else "its log"
 
     # -- cancel --
