@@ -16,8 +16,8 @@ beside that socket, and its job runs in the service's own environment plus the j
 
 :class:`ServiceUnavailable` means the job did not start (no usable runtime folder, all CPU slots busy, the
 service would not start, refused the job or went away before starting it): the caller runs a subprocess
-instead, or, with a service that runs elsewhere, fails the try. :class:`ServiceDied` means it started and the service ended without an exit status (killed,
-crashed, out of memory): an infrastructure failure of this try.
+instead, or, with a service that runs elsewhere, fails the try. :class:`ServiceDied` means it started and the
+service ended without an exit status (killed, crashed, out of memory): an infrastructure failure of this try.
 
 Standard library only: the task side never imports torch.
 """
