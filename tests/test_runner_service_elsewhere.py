@@ -4,8 +4,10 @@ models folder and the artifact store.
 
 No containers here: two processes with different environments. The service is started by hand
 (``python -m airflow_comfy.runner serve``) with an environment of its own (its own HOME, TMPDIR, working folder
-and process variables, no AWS credentials, no Airflow settings); the worker is ``airflow dags test`` (the DAG
-factory's stubs, the local operator) or the local operator in this test process, with another environment.
+and process variables, no AWS credentials, no Airflow settings) and, where ``unshare --mount`` is permitted (as
+root), in a mount namespace whose /tmp holds only the shared folders: the worker's temporary files are out of
+its sight, as in another container. The worker is ``airflow dags test`` (the DAG factory's stubs, the local
+operator) or the local operator in this test process, with another environment.
 
 * a DAG run's groups run as jobs of that service, against an S3 server whose credentials only the worker has;
   the task never starts a service and never runs a runner subprocess;
@@ -75,6 +77,36 @@ class Service:
     socket: Path
     pid: int
     log: Path
+    isolated: bool
+    """Whether the service runs in a mount namespace of its own (see :func:`isolated_command`)."""
+
+
+#: Runs "$@" in a mount namespace whose /tmp is an empty tmpfs but for the folders named in $SHARED (re-mounted
+#: at their own paths) and the service's HOME: what a container sees of the worker's files.
+ISOLATE = r"""
+set -eu
+mount --make-rprivate /
+mount -t tmpfs none /mnt
+i=0
+for path in $SHARED; do mkdir -p "/mnt/$i"; mount --bind "$path" "/mnt/$i"; i=$((i + 1)); done
+mount -t tmpfs none /tmp
+i=0
+for path in $SHARED; do mkdir -p "$path"; mount --bind "/mnt/$i" "$path"; i=$((i + 1)); done
+mkdir -p "$HOME/tmp"
+exec "$@"
+"""
+
+
+def isolated_command(command: list[str]) -> list[str] | None:
+    """``command`` in a mount namespace of its own (``unshare --mount``, which needs CAP_SYS_ADMIN: root here);
+    None where that is not permitted."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return None
+    probe = subprocess.run([unshare, "--mount", "true"], capture_output=True)
+    if probe.returncode != 0:
+        return None
+    return [unshare, "--mount", "sh", "-c", ISOLATE, "isolate", *command]
 
 
 def service_environment(home: Path) -> dict[str, str]:
@@ -97,22 +129,25 @@ def shared() -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def started_service(sock: Path, home: Path) -> Iterator[Service]:
-    """``python -m airflow_comfy.runner serve`` started by hand in the runner container's environment; stopped
-    at the end."""
+def started_service(sock: Path, home: Path, shared: list[Path]) -> Iterator[Service]:
+    """``python -m airflow_comfy.runner serve`` started by hand in the runner container's environment, where
+    permitted in a mount namespace that sees of this machine's /tmp only the ``shared`` folders; stopped at the
+    end."""
     home.mkdir(parents=True, exist_ok=True)
     log = home / "service.log"
+    command = [sys.executable, "-m", "airflow_comfy.runner", "serve", "--socket", str(sock), "--idle-timeout", "3600"]
+    isolated = isolated_command(command)
+    env = {**service_environment(home), "SHARED": " ".join(str(path) for path in shared)}
     with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "airflow_comfy.runner", "serve", "--socket", str(sock), "--idle-timeout", "3600"],
-            env=service_environment(home), cwd=home, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(isolated or command, env=env, cwd="/", stdin=subprocess.DEVNULL, stdout=out,
+                                   stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + START_TIMEOUT
         while client.request(sock) is None:
             assert process.poll() is None, f"the service exited:\n{log.read_text()[-3000:]}"
             assert time.monotonic() < deadline, f"the service did not answer:\n{log.read_text()[-3000:]}"
             time.sleep(0.2)
-        yield Service(socket=sock, pid=process.pid, log=log)
+        yield Service(socket=sock, pid=process.pid, log=log, isolated=isolated is not None)
     finally:
         client.request(sock, "stop")
         try:
@@ -123,9 +158,24 @@ def started_service(sock: Path, home: Path) -> Iterator[Service]:
 
 
 @pytest.fixture(scope="module")
-def service(shared: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    with started_service(shared / "runner.sock", tmp_path_factory.mktemp("runner-container")) as running:
+def service(shared: Path, demo_models: Path, demo_inputs: Path,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    with started_service(shared / "runner.sock", tmp_path_factory.mktemp("runner-container"),
+                         [shared, demo_models, demo_inputs]) as running:
         yield running
+
+
+def test_the_service_sees_only_the_shared_folders(service: Service, shared: Path, demo_models: Path,
+                                                  tmp_path: Path):
+    """What the service's process sees of the files (its root, as /proc shows it): the shared folders, not the
+    worker's own temporary files."""
+    if not service.isolated:
+        pytest.skip("no mount namespace here (unshare --mount is not permitted): the service sees every file")
+    (tmp_path / "worker-only").write_text("x")
+    root = Path(f"/proc/{service.pid}/root")
+    assert (root / str(shared).lstrip("/") / "runner.sock").exists()
+    assert (root / str(demo_models).lstrip("/") / "checkpoints").is_dir()
+    assert not (root / str(tmp_path / "worker-only").lstrip("/")).exists()
 
 
 # --- a DAG run through airflow dags test ---------------------------------------------------------------------------
@@ -237,7 +287,7 @@ def test_a_task_waits_for_its_turn_at_the_service(service: Service, compiled, de
                                                   demo_inputs: Path, tmp_path: Path):
     busy = client._try_lock(service.socket.with_suffix(".busy"))  # another task's job runs
     assert busy is not None
-    task = group_task(compiled, demo_models, demo_inputs, tmp_path / "store", service.socket, "turn")
+    task = group_task(compiled, demo_models, demo_inputs, service.socket.parent / "store", service.socket, "turn")
     result: dict[str, Any] = {}
     thread = threading.Thread(target=lambda: result.update(manifest=task.execute({})), daemon=True)
     thread.start()
@@ -258,7 +308,7 @@ def test_a_task_waits_for_its_turn_at_the_service(service: Service, compiled, de
 def test_a_job_whose_process_variables_differ_is_refused_and_fails_the_try(
         service: Service, compiled, demo_models: Path, demo_inputs: Path, tmp_path: Path):
     """A sidecar env that sets a variable the service reads once: the service cannot honour it."""
-    task = group_task(compiled, demo_models, demo_inputs, tmp_path / "store", service.socket, "alloc",
+    task = group_task(compiled, demo_models, demo_inputs, service.socket.parent / "store", service.socket, "alloc",
                       env={"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
     with pytest.raises(AirflowException) as caught:
         task.execute({})
@@ -270,8 +320,9 @@ def test_a_job_whose_process_variables_differ_is_refused_and_fails_the_try(
 
 def test_a_service_that_dies_during_the_job_fails_the_try_as_retryable(
         shared: Path, compiled, demo_models: Path, demo_inputs: Path, tmp_path: Path):
-    with started_service(shared / "dying.sock", tmp_path / "runner-container") as dying:
-        task = group_task(compiled, demo_models, demo_inputs, tmp_path / "store", dying.socket, "dies", steps=10000)
+    with started_service(shared / "dying.sock", tmp_path / "runner-container",
+                         [shared, demo_models, demo_inputs]) as dying:
+        task = group_task(compiled, demo_models, demo_inputs, shared / "store", dying.socket, "dies", steps=10000)
         result: dict[str, Any] = {}
 
         def run() -> None:
