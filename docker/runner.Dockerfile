@@ -38,8 +38,10 @@ RUN pip install --no-cache-dir "$(ls /tmp/wheels/airflow_comfy-*.whl)[runner]" \
  && rm -rf /tmp/wheels \
  && python -c "import pathlib, airflow_comfy as a; d = pathlib.Path(a.__file__).parent / 'runner/models/data'; assert list(d.glob('*.gz')), d"
 # Group pods run as uid/gid 1000 with a read-only root filesystem and /tmp as their only writable place (see
-# README "GPU pools"); the compose stack runs this image as the Airflow user (AIRFLOW_UID) instead.
-RUN groupadd --gid 1000 runner && useradd --uid 1000 --gid 1000 --no-create-home --home-dir /tmp runner \
+# README "GPU pools"); the compose stack runs this image as the Airflow user (AIRFLOW_UID) instead. Ubuntu 24.04
+# images come with a user `ubuntu` of uid 1000: it gives the id to ours.
+RUN if id ubuntu >/dev/null 2>&1; then userdel --remove ubuntu 2>/dev/null || userdel ubuntu; fi \
+ && groupadd --gid 1000 runner && useradd --uid 1000 --gid 1000 --no-create-home --home-dir /tmp runner \
  && mkdir -p /models /input && chown runner:runner /input
 ENV HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \
