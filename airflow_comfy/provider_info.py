@@ -276,6 +276,10 @@ def provider_info() -> dict:
                 "python-modules": ["airflow_comfy.operators.pod", "airflow_comfy.operators.local"],
             }
         ],
+        # What `airflow providers links` lists. The UI needs no registration: Airflow 3 shows a task's links from
+        # the name -> XCom key pairs of its serialized operator (airflow_comfy/operators/links.py).
+        "extra-links": ["airflow_comfy.operators.links.OutputImagesLink",
+                        "airflow_comfy.operators.links.RunSnapshotLink"],
         "integrations": [
             {
                 "integration-name": "ComfyUI",

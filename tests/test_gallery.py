@@ -20,6 +20,7 @@ import io
 import json
 import os
 import shutil
+import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
@@ -288,3 +289,48 @@ def test_presigned_link_of_an_s3_image(monkeypatch: pytest.MonkeyPatch):
         setattr(operator, MANIFEST_ATTRIBUTE, {"run_key": run_key, "group": "decode", "images": []})
         assert output_images_url(operator, dag_id, run_id, "decode", "") == ""
         assert run_snapshot_url(operator, dag_id, run_id, "") == ""
+
+
+def test_the_ui_gets_the_views_and_links(gallery: Gallery):
+    """What the UI builds its Browse entry, the DAG run tab and the link buttons from."""
+    plugins = {plugin["name"]: plugin for plugin in gallery.json("/api/v2/plugins", user="viewer")["plugins"]}
+    views = {(view["destination"], view["href"]) for view in plugins["airflow_comfy"]["external_views"]}
+    assert ("nav", "/comfy/gallery") in views and ("nav", "/comfy/upload") in views
+    assert ("dag_run", "/comfy/gallery?dag_id={DAG_ID}&run_id={RUN_ID}") in views
+    assert [app["url_prefix"] for app in plugins["airflow_comfy"]["fastapi_apps"]] == ["/comfy"]
+    saver = gallery.run_entry(FIRST_RUN)["images"][0]["task_id"]
+    task = gallery.json(f"/api/v2/dags/{DAG_ID}/tasks/{saver}", user="viewer")
+    assert set(task["extra_links"]) == {"Output images", "Run snapshot"}
+
+
+def test_plugin_and_gallery_import_light():
+    """Airflow imports the plugin in every process: no FastAPI there, and no torch on the api-server's side."""
+    code = ("import sys\nimport airflow_comfy.plugins\n"
+            "assert 'fastapi' not in sys.modules, 'the plugin imported fastapi'\n"
+            "import airflow_comfy.gallery.app, airflow_comfy.operators.links\n"
+            "assert 'torch' not in sys.modules, 'the gallery imported torch'\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                                p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)})
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("path", ["", "/abs", "a//b", "a/./b", "a/../b", "..", "a\\b", "c:/x", "a\x00b"])
+def test_bad_paths_are_refused_with_a_sentence(path: str):
+    from airflow_comfy.gallery.paths import BadPath, run_object_key
+
+    with pytest.raises(BadPath, match=r"^the path "):
+        run_object_key("dag", "run", path)
+
+
+def test_upload_names_are_flat_hashed_and_checked():
+    from airflow_comfy.gallery.paths import BadPath, upload_name
+
+    png = b"\x89PNG\r\n\x1a\n" + b"x" * 10
+    name = upload_name("..\\../my photo.PNG", png)
+    assert name.startswith("upload-") and name.endswith("-my_photo.png") and "/" not in name
+    assert upload_name("other.png", png).split("-")[1] == name.split("-")[1]
+    with pytest.raises(BadPath, match="not a PNG, JPEG or WebP file name"):
+        upload_name("x.svg", b"<svg/>")
+    with pytest.raises(BadPath, match="does not hold a JPEG image"):
+        upload_name("x.jpg", png)

@@ -17,12 +17,13 @@ from pathlib import Path
 from airflow_comfy.artifacts import layout
 from airflow_comfy.artifacts.keys import sanitize_filename, validate_key
 
-#: What an uploaded input image may be: its first bytes must say so (the extension alone proves nothing).
-IMAGE_MAGIC = {
-    ".png": (b"\x89PNG\r\n\x1a\n",),
-    ".jpg": (b"\xff\xd8\xff",),
-    ".jpeg": (b"\xff\xd8\xff",),
-    ".webp": (b"RIFF",),
+#: What an uploaded input image may be, by extension: its kind, and what its first bytes must be (the extension
+#: alone proves nothing).
+IMAGE_KINDS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WebP"}
+_MAGIC = {
+    "PNG": lambda data: data.startswith(b"\x89PNG\r\n\x1a\n"),
+    "JPEG": lambda data: data.startswith(b"\xff\xd8\xff"),
+    "WebP": lambda data: data[:4] == b"RIFF" and data[8:12] == b"WEBP",
 }
 #: Prefix of every uploaded input's file name (so a listing tells them from files put there by hand).
 UPLOAD_PREFIX = "upload-"
@@ -89,10 +90,11 @@ def upload_name(filename: str, data: bytes) -> str:
     no image extension or the bytes are not that kind of image."""
     base = os.path.basename(filename.replace("\\", "/")) or "image"
     suffix = Path(base).suffix.lower()
-    if suffix not in IMAGE_MAGIC:
-        raise BadPath(f"{base!r} is not a PNG, JPEG or WebP file name ({', '.join(sorted(IMAGE_MAGIC))})")
-    if not any(data.startswith(magic) for magic in IMAGE_MAGIC[suffix]):
-        raise BadPath(f"{base!r} does not hold a {suffix[1:].upper()} image (its first bytes say otherwise)")
+    kind = IMAGE_KINDS.get(suffix)
+    if kind is None:
+        raise BadPath(f"{base!r} is not a PNG, JPEG or WebP file name ({', '.join(sorted(IMAGE_KINDS))})")
+    if not _MAGIC[kind](data):
+        raise BadPath(f"{base!r} does not hold a {kind} image (its first bytes say otherwise)")
     stem = _SAFE_NAME.sub("_", Path(base).stem).lstrip("._")[:_NAME_CHARS] or "image"
     digest = hashlib.sha256(data).hexdigest()[:_HASH_CHARS]
     return sanitize_filename(f"{UPLOAD_PREFIX}{digest}-{stem}{suffix}")

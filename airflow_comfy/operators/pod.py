@@ -151,6 +151,12 @@ class ComfyGroupPodOperator(PodDisruptionMixin, KubernetesPodOperator):
         setattr(self, MANIFEST_ATTRIBUTE, manifest)  # for the extra links, made when the task finishes
         return manifest
 
+    def trigger_reentry(self, context: Any, event: dict[str, Any]) -> Any:
+        """A deferred try ends here, not in ``execute``: keep its manifest for the extra links too."""
+        manifest = super().trigger_reentry(context, event)
+        setattr(self, MANIFEST_ATTRIBUTE, manifest)
+        return manifest
+
     def on_kill(self) -> None:
         self.log.warning(STOPPED_MESSAGE)
         super().on_kill()
