@@ -15,22 +15,35 @@ from typing import Any
 from fastapi import HTTPException, Request, status
 
 
-def _token(request: Request) -> str | None:
-    from airflow.api_fastapi.auth.managers.base_auth_manager import COOKIE_NAME_JWT_TOKEN
+def _bearer(request: Request) -> str | None:
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    return credentials.strip() if scheme.lower() == "bearer" and credentials.strip() else None
 
-    header = request.headers.get("authorization", "")
-    scheme, _, credentials = header.partition(" ")
-    if scheme.lower() == "bearer" and credentials.strip():
-        return credentials.strip()
-    return request.cookies.get(COOKIE_NAME_JWT_TOKEN) or None
+
+def _refreshed_user(request: Request) -> Any:
+    """The user Airflow's cookie-refreshing middleware already resolved from the session cookie (marked as
+    such, as Airflow's own ``get_user`` requires), or None."""
+    try:
+        from airflow.api_fastapi.core_api.security import USER_INJECTED_BY_TRUSTED_MIDDLEWARE
+    except ImportError:  # an Airflow without the marker: resolve the cookie ourselves
+        return None
+    user = getattr(request.state, "user", None)
+    trusted = getattr(request.state, "user_authenticated_via", None) is USER_INJECTED_BY_TRUSTED_MIDDLEWARE
+    return user if user and trusted else None
 
 
 async def current_user(request: Request) -> Any:
     """The Airflow user the request's token belongs to; 401 without a token or with one that is not valid."""
     from airflow.api_fastapi.app import get_auth_manager
+    from airflow.api_fastapi.auth.managers.base_auth_manager import COOKIE_NAME_JWT_TOKEN
     from jwt import InvalidTokenError
 
-    token = _token(request)
+    token = _bearer(request)  # an explicit credential wins over the session cookie, as in Airflow
+    if token is None:
+        user = _refreshed_user(request)
+        if user is not None:
+            return user
+        token = request.cookies.get(COOKIE_NAME_JWT_TOKEN) or None
     if not token:
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "Not authenticated: log in to Airflow first",
                             headers={"WWW-Authenticate": "Bearer"})
