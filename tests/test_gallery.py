@@ -36,7 +36,9 @@ from workflow_builders import EXAMPLES, REPO
 pytestmark = pytest.mark.airflow
 
 DAG_ID = "gallery_img2img"
-FIRST_RUN = "gallery_first"
+#: As the UI names runs: ``:`` and ``+`` travel percent-encoded in the plugin's URLs.
+FIRST_RUN = "manual__2026-11-27T10:00:00+00:00"
+RUN_SEGMENT = quote(FIRST_RUN, safe="")
 PASSWORDS = {"admin": "admin-secret", "viewer": "viewer-secret"}
 SECRET_BYTES = b"\x89PNG\r\n\x1a\n not for your eyes: outside the store"
 
@@ -98,7 +100,7 @@ class Gallery:
         return self.deployment.wait_for(f"run {run_id}", finished, timeout, interval=2.0)
 
     def run_entry(self, run_id: str) -> dict:
-        runs = self.json(f"/comfy/api/runs?dag_id={DAG_ID}&run_id={quote(run_id)}")["runs"]
+        runs = self.json(f"/comfy/api/runs?dag_id={DAG_ID}&run_id={quote(run_id, safe='')}")["runs"]
         assert len(runs) == 1, runs
         return runs[0]
 
@@ -141,8 +143,8 @@ def gallery(postgres_server, demo_models: Path, demo_inputs: Path,
 
 
 ROUTES = ["/comfy/gallery", f"/comfy/gallery?dag_id={DAG_ID}", "/comfy/api/runs", "/comfy/upload",
-          f"/comfy/runs/{DAG_ID}/{FIRST_RUN}/files/outputs/x.png",
-          f"/comfy/runs/{DAG_ID}/{FIRST_RUN}/thumbs/outputs/x.png"]
+          f"/comfy/runs/{DAG_ID}/{RUN_SEGMENT}/files/outputs/x.png",
+          f"/comfy/runs/{DAG_ID}/{RUN_SEGMENT}/thumbs/outputs/x.png"]
 
 
 def test_anonymous_and_forged_requests_get_401(gallery: Gallery):
@@ -202,10 +204,10 @@ def test_gallery_lists_the_run_with_params_tier_timings_and_thumbnails(gallery: 
     run = gallery.run_entry(FIRST_RUN)
     assert run["state"] == "success" and run["params"]["seed"] is not None
     assert all(task["seconds"] and task["seconds"] > 0 for task in run["tasks"])
-    status, page, _ = gallery.request("GET", f"/comfy/gallery?dag_id={DAG_ID}&run_id={FIRST_RUN}", user="viewer")
+    status, page, _ = gallery.request("GET", f"/comfy/gallery?dag_id={DAG_ID}&run_id={RUN_SEGMENT}", user="viewer")
     text = page.decode()
     assert status == 200 and 'class="comfy-run-tier">default<' in text and 'class="comfy-thumb"' in text
-    thumb = f"/comfy/runs/{DAG_ID}/{FIRST_RUN}/thumbs/{run['images'][0]['path']}"
+    thumb = f"/comfy/runs/{DAG_ID}/{RUN_SEGMENT}/thumbs/{run['images'][0]['path']}"
     status, data, _ = gallery.request("GET", thumb, user="viewer")
     assert status == 200
     assert Image.open(io.BytesIO(data)).format == "PNG"
@@ -228,7 +230,7 @@ def test_paths_never_read_outside_the_runs_folder(gallery: Gallery, path: str):
     if not leak.is_symlink():
         leak.symlink_to(gallery.home / "secret.png")
     for route in ("files", "thumbs"):
-        status, body, _ = gallery.request("GET", f"/comfy/runs/{DAG_ID}/{FIRST_RUN}/{route}/{path}", user="admin")
+        status, body, _ = gallery.request("GET", f"/comfy/runs/{DAG_ID}/{RUN_SEGMENT}/{route}/{path}", user="admin")
         assert status in (400, 404), (route, path, status)
         assert b"not for your eyes" not in body
 
@@ -262,8 +264,11 @@ def test_presigned_link_of_an_s3_image(monkeypatch: pytest.MonkeyPatch):
     """A task on an s3:// store links its one image by a presigned URL that anyone may GET (moto's server)."""
     from s3_server import moto_s3_server
 
+    from airflow_comfy.artifacts.errors import ArtifactNotFound
     from airflow_comfy.artifacts.layout import image_key, snapshot_key
     from airflow_comfy.artifacts.store import open_store
+    from airflow_comfy.gallery import app
+    from airflow_comfy.gallery.paths import BadPath
     from airflow_comfy.operators.links import MANIFEST_ATTRIBUTE, output_images_url, run_snapshot_url
     from airflow_comfy.operators.local import ComfyGroupLocalOperator
 
@@ -294,6 +299,26 @@ def test_presigned_link_of_an_s3_image(monkeypatch: pytest.MonkeyPatch):
         setattr(operator, MANIFEST_ATTRIBUTE, {"run_key": run_key, "group": "decode", "images": []})
         assert output_images_url(operator, dag_id, run_id, "decode", "") == ""
         assert run_snapshot_url(operator, dag_id, run_id, "") == ""
+
+        # the api-server reads the same store for the gallery's file routes, confined to the run's folder
+        monkeypatch.setenv("AIRFLOW__COMFY__ARTIFACT_STORE", "s3://gallery-bucket/comfy")
+        app.artifact_store.cache_clear()
+        try:
+            assert app.read_run_object(dag_id, run_id, "outputs/ComfyUI_00001_.png")[1] == png
+            with pytest.raises(BadPath):
+                app.read_run_object(dag_id, run_id, "../../other-bucket/x.png")
+            with pytest.raises(ArtifactNotFound):
+                app.read_run_object(dag_id, run_id, "outputs/missing.png")
+        finally:
+            app.artifact_store.cache_clear()
+
+
+def test_both_group_operators_carry_the_links():
+    from airflow_comfy.operators.local import ComfyGroupLocalOperator
+    from airflow_comfy.operators.pod import ComfyGroupPodOperator
+
+    for operator in (ComfyGroupLocalOperator, ComfyGroupPodOperator):
+        assert [link.name for link in operator.operator_extra_links] == ["Output images", "Run snapshot"]
 
 
 def test_the_ui_gets_the_views_and_links(gallery: Gallery):
