@@ -211,6 +211,12 @@ def test_gallery_lists_the_run_with_params_tier_timings_and_thumbnails(gallery: 
     status, data, _ = gallery.request("GET", thumb, user="viewer")
     assert status == 200
     assert Image.open(io.BytesIO(data)).format == "PNG"
+    # narrowed to one task (where the "Output images" link of a task with several images leads)
+    by_task = "/comfy/api/runs?dag_id={}&run_id={}&task_id={}".format(DAG_ID, RUN_SEGMENT, "{}")
+    saver = run["images"][0]["task_id"]
+    assert len(gallery.json(by_task.format(saver), user="viewer")["runs"]) == 1
+    other = next(task["task_id"] for task in run["tasks"] if task["task_id"] != saver)
+    assert gallery.json(by_task.format(other), user="viewer")["runs"] == []
 
 
 @pytest.mark.parametrize("path", [
