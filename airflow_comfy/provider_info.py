@@ -36,6 +36,13 @@ CONFIG_OPTIONS: dict[str, tuple[str, str, str, str | None]] = {
         "of every group pod (envFrom). Empty: none (the image, IRSA or a pod template provides credentials).",
         "comfy-s3-credentials",
     ),
+    "link_endpoint_url": (
+        "string", "",
+        "For an s3:// artifact_store: the endpoint the presigned URLs of the tasks' extra links name, when browsers "
+        "reach the store at another address than the workers do (MinIO in a compose stack or a cluster). Empty: "
+        "the workers' endpoint.",
+        "http://localhost:9000",
+    ),
     "models_path": (
         "string", "{AIRFLOW_HOME}/comfy/models",
         "ComfyUI-style models folder (checkpoints/, loras/, vae/, controlnet/, upscale_models/, embeddings/) "

@@ -299,6 +299,14 @@ def test_presigned_link_of_an_s3_image(monkeypatch: pytest.MonkeyPatch):
             assert response.read() == png
         with urllib.request.urlopen(run_snapshot_url(operator, dag_id, run_id, ""), timeout=30) as response:
             assert json.loads(response.read()) == {"workflow": "s3dag"}
+        # browsers reach the store at another address than the workers: the link names that one
+        public = endpoint.replace("127.0.0.1", "localhost")
+        monkeypatch.setenv("AIRFLOW__COMFY__LINK_ENDPOINT_URL", public)
+        public_url = output_images_url(operator, dag_id, run_id, "decode", "")
+        assert public_url.startswith(public + "/gallery-bucket/comfy/runs/s3dag/")
+        with urllib.request.urlopen(public_url, timeout=30) as response:
+            assert response.read() == png
+        monkeypatch.delenv("AIRFLOW__COMFY__LINK_ENDPOINT_URL")
         setattr(operator, MANIFEST_ATTRIBUTE, {"run_key": run_key, "group": "decode", "images": [image, image]})
         several = output_images_url(operator, dag_id, run_id, "decode", "https://airflow.example")
         assert several.startswith("https://airflow.example/comfy/gallery?dag_id=s3dag&run_id=manual__")

@@ -20,6 +20,7 @@ from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request,
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from airflow_comfy.artifacts.errors import ArtifactError, ArtifactExistsError, ArtifactNotFound
+from airflow_comfy.artifacts.layout import run_prefix
 from airflow_comfy.artifacts.store import ArtifactStore, LocalStore, guess_content_type
 from airflow_comfy.gallery import auth, pages
 from airflow_comfy.gallery.paths import (
@@ -88,8 +89,7 @@ def read_run_object(dag_id: str, run_id: str, path: str) -> tuple[str, bytes]:
     key = run_object_key(dag_id, run_id, path)
     store = artifact_store()
     if isinstance(store, LocalStore):
-        folder = run_object_key(dag_id, run_id, "x").rsplit("/", 1)[0]
-        real = confined_file(store.root, key, folder)
+        real = confined_file(store.root, key, run_prefix(f"{dag_id}/{run_id}"))
         try:
             return key, real.read_bytes()
         except OSError:
@@ -108,15 +108,19 @@ def _object_response(key: str, data: bytes) -> Response:
 
 
 def thumbnail(data: bytes, size: int) -> tuple[bytes, str] | None:
-    """A PNG at most ``size`` pixels on a side; None when Pillow is not installed (the image is sent as it is)."""
+    """A PNG at most ``size`` pixels on a side; None when Pillow is not installed or cannot read the image (it is
+    then sent as it is)."""
     try:
         from PIL import Image
     except ImportError:
         return None
-    with Image.open(io.BytesIO(data)) as image:
-        image.thumbnail((size, size))
-        out = io.BytesIO()
-        image.save(out, format="PNG")
+    out = io.BytesIO()
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.thumbnail((size, size))
+            image.save(out, format="PNG")
+    except (OSError, ValueError, Image.DecompressionBombError):  # not an image Pillow can shrink: send it as is
+        return None
     return out.getvalue(), "image/png"
 
 

@@ -12,7 +12,8 @@ Where they point:
 * ``file://`` store: the gallery plugin's routes (:mod:`airflow_comfy.gallery.urls`), which check the user's
   token and DAG permission; one image: the image itself, several: the gallery page of this task.
 * ``s3://`` store: one image: a presigned URL of it (valid :data:`LINK_EXPIRY_SECONDS`, signed with the task's
-  store credentials, host = the store's endpoint); several: the gallery page. The snapshot likewise.
+  store credentials, host = ``[comfy] link_endpoint_url``, else the store's endpoint); several: the gallery
+  page. The snapshot likewise.
 
 The URLs start with ``[api] base_url`` (empty: relative to the UI's own origin).
 """
@@ -53,12 +54,19 @@ def _images(manifest: Any) -> list[dict[str, Any]]:
 
 
 def _presigner(operator: Any) -> Any:
-    """The task's S3 store (with its connection's credentials), to sign links with."""
+    """The task's S3 store (with its connection's credentials), to sign links with; at ``[comfy]
+    link_endpoint_url`` when that is set (signing is local: that address need not be reachable from here)."""
+    from airflow_comfy.artifacts.store import open_store
+    from airflow_comfy.config import raw_setting
     from airflow_comfy.operators.local import aws_env_from_connection
-    from airflow_comfy.operators.spec_publish import open_task_store
+    from airflow_comfy.operators.spec_publish import s3_options
 
     conn_id = getattr(operator, "aws_conn_id", None)
-    return open_task_store(operator.store, aws_env=aws_env_from_connection(conn_id) if conn_id else None)
+    options = s3_options(aws_env_from_connection(conn_id) if conn_id else None)
+    public = raw_setting("link_endpoint_url").strip()
+    if public:
+        options["endpoint_url"] = public
+    return open_store(operator.store, **options)
 
 
 def _object_link(operator: Any, dag_id: str, run_id: str, key: str, base: str) -> str:
