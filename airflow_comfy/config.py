@@ -23,6 +23,7 @@ class ComfySettings:
     artifact_store: str
     aws_conn_id: str
     aws_secret_name: str
+    link_endpoint_url: str
     models_path: str
     input_path: str
     object_info_files: tuple[str, ...]

@@ -36,6 +36,13 @@ CONFIG_OPTIONS: dict[str, tuple[str, str, str, str | None]] = {
         "of every group pod (envFrom). Empty: none (the image, IRSA or a pod template provides credentials).",
         "comfy-s3-credentials",
     ),
+    "link_endpoint_url": (
+        "string", "",
+        "For an s3:// artifact_store: the endpoint the presigned URLs of the tasks' extra links name, when browsers "
+        "reach the store at another address than the workers do (MinIO in a compose stack or a cluster). Empty: "
+        "the workers' endpoint.",
+        "http://localhost:9000",
+    ),
     "models_path": (
         "string", "{AIRFLOW_HOME}/comfy/models",
         "ComfyUI-style models folder (checkpoints/, loras/, vae/, controlnet/, upscale_models/, embeddings/) "
@@ -288,6 +295,10 @@ def provider_info() -> dict:
                 "python-modules": ["airflow_comfy.operators.pod", "airflow_comfy.operators.local"],
             }
         ],
+        # What `airflow providers links` lists. The UI needs no registration: Airflow 3 shows a task's links from
+        # the name -> XCom key pairs of its serialized operator (airflow_comfy/operators/links.py).
+        "extra-links": ["airflow_comfy.operators.links.OutputImagesLink",
+                        "airflow_comfy.operators.links.RunSnapshotLink"],
         "integrations": [
             {
                 "integration-name": "ComfyUI",

@@ -30,6 +30,7 @@ from airflow_comfy.operators.devices import (
     resolve_gpus,
 )
 from airflow_comfy.operators.failure_text import runner_failure
+from airflow_comfy.operators.links import GROUP_TASK_LINKS, MANIFEST_ATTRIBUTE
 from airflow_comfy.operators.preemption_log import STOPPED_MESSAGE, log_preemptions
 from airflow_comfy.operators.spec_publish import publish_group_spec
 from airflow_comfy.runner_service.client import (
@@ -100,6 +101,7 @@ class ComfyGroupLocalOperator(BaseOperator):
     template_fields: Sequence[str] = ("arguments", "env")
     template_fields_renderers = {"arguments": "py", "env": "json"}
     ui_color = "#e8f4fd"
+    operator_extra_links = GROUP_TASK_LINKS
     #: Seconds between two tries for a device slot while every slot is held.
     device_poll_seconds: float = 1.0
     #: Seconds a cancelled job of the runner service has to stop before the service is ended.
@@ -196,6 +198,7 @@ class ComfyGroupLocalOperator(BaseOperator):
         finally:
             self._release_device()
         self.log.info("Runner manifest: %s", manifest.get(MANIFEST_URI_KEY))
+        setattr(self, MANIFEST_ATTRIBUTE, manifest)  # for the extra links, made when the task finishes
         return manifest
 
     # --- the GPU ---------------------------------------------------------------------------------------------

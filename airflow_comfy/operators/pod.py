@@ -16,6 +16,7 @@ from airflow_comfy.config import ComfySettings
 from airflow_comfy.operators.command import EXIT_BAD_INPUT, RUNNER_MODULE, pod_arguments
 from airflow_comfy.operators.disruption import PodDisrupted, PodDisruptionMixin
 from airflow_comfy.operators.failure_text import runner_failure
+from airflow_comfy.operators.links import GROUP_TASK_LINKS, MANIFEST_ATTRIBUTE
 from airflow_comfy.operators.preemption_log import STOPPED_MESSAGE, log_preemptions
 from airflow_comfy.operators.spec_publish import publish_group_spec
 from airflow_comfy.operators.task_config import GroupTaskConfig
@@ -95,6 +96,7 @@ class ComfyGroupPodOperator(PodDisruptionMixin, KubernetesPodOperator):
     # priority_class_name is templated: rendered from the run's params when the task runs, it gives the pod the
     # priority class of the run's tier (airflow_comfy.scheduling.tiers), so one DAG serves every tier.
     template_fields = (*KubernetesPodOperator.template_fields, "priority_class_name")
+    operator_extra_links = GROUP_TASK_LINKS
 
     def __init__(
         self,
@@ -145,7 +147,15 @@ class ComfyGroupPodOperator(PodDisruptionMixin, KubernetesPodOperator):
 
             aws_env = aws_env_from_connection(self.aws_conn_id) if self.aws_conn_id else None
             publish_group_spec(self.group_spec, self.spec_sha256, self.store, aws_env=aws_env, log=self.log)
-        return super().execute(context)
+        manifest = super().execute(context)
+        setattr(self, MANIFEST_ATTRIBUTE, manifest)  # for the extra links, made when the task finishes
+        return manifest
+
+    def trigger_reentry(self, context: Any, event: dict[str, Any]) -> Any:
+        """A deferred try ends here, not in ``execute``: keep its manifest for the extra links too."""
+        manifest = super().trigger_reentry(context, event)
+        setattr(self, MANIFEST_ATTRIBUTE, manifest)
+        return manifest
 
     def on_kill(self) -> None:
         self.log.warning(STOPPED_MESSAGE)
