@@ -47,6 +47,13 @@ CONFIG_OPTIONS: dict[str, tuple[str, str, str, str | None]] = {
         "Folder that LoadImage/LoadImageMask file names are resolved in (and confined to), as seen by the runner.",
         "/inputs",
     ),
+    "input_store": (
+        "string", "",
+        "s3://bucket/prefix of the input store: an image param may name an object under it (s3://bucket/prefix/"
+        "cat.png), which the runner reads with the artifact store's credentials and bounds. Empty: none (image "
+        "params are file names in input_path or file:// URIs inside it).",
+        "s3://my-bucket/comfy-inputs",
+    ),
     "object_info_files": (
         "string", "",
         "Comma-separated ComfyUI /object_info JSON files whose node definitions extend the catalog, so "

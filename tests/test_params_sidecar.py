@@ -11,6 +11,7 @@ from airflow_comfy.factory.sidecar import parse_sidecar
 from airflow_comfy.workflow.api_format import convert_api
 from airflow_comfy.workflow.catalog import Catalog
 from airflow_comfy.workflow.errors import WorkflowError
+from airflow_comfy.workflow.inputs import INPUT_IMAGE_FORMAT
 from airflow_comfy.workflow.loader import load_workflow
 from airflow_comfy.workflow.params import SAFE_FILE_NAME_PATTERN, discover_params
 from airflow_comfy.workflow.validate import validate
@@ -55,12 +56,14 @@ def test_roles_follow_controlnet_outputs():
     wf = validate(load_workflow(TEMPLATES / "controlnet_example.json", CATALOG), CATALOG)
     params = {p.name: p for p in discover_params(wf, CATALOG)}
     assert params["prompt"].bindings[0].node == "6" and params["negative_prompt"].bindings[0].node == "7"
-    assert params["image"].schema["pattern"] == SAFE_FILE_NAME_PATTERN
+    # an image param is checked by its format (sentences), not by a regular expression
+    assert params["image"].schema == {"type": "string", "format": INPUT_IMAGE_FORMAT, "minLength": 1}
+    assert "s3:// URI in the input store" in params["image"].description
 
 
-def test_image_param_pattern_refuses_escapes():
+def test_model_file_param_pattern_refuses_escapes():
     pattern = re.compile(SAFE_FILE_NAME_PATTERN)
-    assert pattern.match("photo.png") and pattern.match("sub/dir/photo.png")
+    assert pattern.match("photo.safetensors") and pattern.match("sub/dir/photo.safetensors")
     for bad in ("../x.png", "/etc/passwd", "a/../../b", "C:\\x.png", "..\\x"):
         assert not pattern.match(bad), bad
 

@@ -25,6 +25,7 @@ from airflow_comfy.workflow.catalog import Catalog, InputSpec
 from airflow_comfy.workflow.errors import Problem, WorkflowError
 from airflow_comfy.workflow.graph import Link, Workflow, sorted_node_ids
 from airflow_comfy.workflow.groupspec import ParamBinding
+from airflow_comfy.workflow.inputs import IMAGE_TYPES, INPUT_IMAGE_FORMAT
 
 DEFAULT_PARAM_INPUTS: dict[str, tuple[tuple[str, str], ...]] = {
     # class_type: ((input name, param name), ...)
@@ -37,7 +38,8 @@ DEFAULT_PARAM_INPUTS: dict[str, tuple[tuple[str, str], ...]] = {
 }
 
 _PARAM_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-# A file name that stays inside its folder: not absolute, no '..' segment (checked again by the runner).
+# A model file name that stays inside its folder: not absolute, no '..' segment (checked again by the runner).
+# Input images are checked by the format INPUT_IMAGE_FORMAT instead, whose refusals are sentences.
 SAFE_FILE_NAME_PATTERN = r"^(?![/\\])(?![A-Za-z]:)(?!.*(^|[/\\])\.\.([/\\]|$)).+$"
 
 _TITLES = {
@@ -136,11 +138,16 @@ def _make_param(workflow: Workflow, catalog: Catalog, name: str, node_id: str, i
     return ParamDef(
         name=name,
         title=title or _default_title(name, node_id),
-        description=description or f"Sets input '{input_name}' of {node_label} for this run.",
+        description=description or f"Sets input '{input_name}' of {node_label} for this run." + (
+            _IMAGE_HELP if spec.folder == "input" else ""),
         schema=_schema(spec),
         default=node.inputs[input_name],
         bindings=[ParamBinding(node_id, input_name)],
     )
+
+
+_IMAGE_HELP = (f" A file name in the input folder, a file:// URI of a file inside it, or an s3:// URI in the input "
+               f"store ({', '.join(IMAGE_TYPES)}).")
 
 
 def _default_title(name: str, node_id: str) -> str:
@@ -170,7 +177,10 @@ def _schema(spec: InputSpec) -> dict[str, Any]:
         schema["enum"] = list(spec.choices)
     if spec.options.get("multiline"):
         schema["format"] = "multiline"
-    if spec.folder:
+    if spec.folder == "input":
+        schema["format"] = INPUT_IMAGE_FORMAT
+        schema["minLength"] = 1
+    elif spec.folder:
         schema["pattern"] = SAFE_FILE_NAME_PATTERN
         schema["minLength"] = 1
     return schema
