@@ -124,3 +124,36 @@ def test_sidecar_errors_name_the_file(text, fragment):
     with pytest.raises(WorkflowError) as info:
         parse_sidecar(text, "wf.comfy.yaml")
     assert fragment in str(info.value) and str(info.value).startswith("wf.comfy.yaml: ")
+
+
+def test_auto_params_list_offers_the_sampler_and_scheduler_as_choices():
+    from airflow_comfy.workflow.core_nodes import SUPPORTED_SAMPLERS, SUPPORTED_SCHEDULERS
+
+    doc = txt2img()
+    params = params_of(doc, auto=["sampler", "scheduler"])
+    assert {"prompt", "seed", "steps", "sampler", "scheduler"} <= set(params)  # added to the automatic ones
+    sampler, scheduler = params["sampler"], params["scheduler"]
+    assert sampler.schema == {"type": "string", "enum": list(SUPPORTED_SAMPLERS)}
+    assert scheduler.schema == {"type": "string", "enum": list(SUPPORTED_SCHEDULERS)}
+    assert sampler.default == doc["3"]["inputs"]["sampler_name"] and scheduler.default == doc["3"]["inputs"]["scheduler"]
+    assert [(b.node, b.input) for b in sampler.bindings] == [("3", "sampler_name")]
+    assert (sampler.title, scheduler.title) == ("Sampler", "Scheduler")
+    assert "sampler" not in params_of(doc)  # only when listed
+    assert set(params_of(doc, auto=["scheduler"])) - set(params_of(doc)) == {"scheduler"}
+
+
+def test_auto_params_sampler_of_two_samplers_gets_node_suffixes():
+    wf = validate(load_workflow(TEMPLATES / "sdxl_simple_example.json", CATALOG), CATALOG)
+    names = {p.name for p in discover_params(wf, CATALOG, auto=["sampler"])}
+    assert {"sampler_10", "sampler_11"} <= names and "sampler" not in names
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("auto_params: [smapler]", "auto_params: 'smapler' is not an automatic param; the names are prompt,"),
+    ("auto_params: [sampler, 3]", "auto_params must be true, false or a list of param names"),
+    ("auto_params: yes-please", "auto_params must be true, false or a list"),
+])
+def test_auto_params_errors_name_the_sidecar(text, fragment):
+    with pytest.raises(WorkflowError) as info:
+        parse_sidecar(text, "portrait.comfy.yaml")
+    assert str(info.value).startswith("portrait.comfy.yaml: ") and fragment in str(info.value)
