@@ -44,7 +44,8 @@ CONFIG_OPTIONS: dict[str, tuple[str, str, str, str | None]] = {
     ),
     "input_path": (
         "string", "{AIRFLOW_HOME}/comfy/input",
-        "Folder that LoadImage/LoadImageMask file names are resolved in (and confined to), as seen by the runner.",
+        "Folder that LoadImage/LoadImageMask file names are resolved in (and confined to), as seen by the runner; "
+        "an image param may also be a file:// URI of a file inside it.",
         "/inputs",
     ),
     "input_store": (
