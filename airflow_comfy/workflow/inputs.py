@@ -85,12 +85,12 @@ def input_image_problem(value: object, roots: InputRoots) -> str | None:
 
 
 def folder_name_problem(value: str) -> str | None:
-    """Why a plain file name (no URI) would not name a file inside the input folder, or ``None``: what the
-    workflow validator says of a LoadImage name, before any folder or store is known."""
+    """Why a plain file name (no URI) would not name an image the runner reads inside the input folder, or
+    ``None``: what the workflow validator says of a LoadImage name, before any folder or store is known."""
     if _SCHEME.match(value):
         return None
     try:
-        _folder_name(value)
+        _check_type(value, _folder_name(value))
     except InputImageError as exc:
         return str(exc)
     return None

@@ -235,7 +235,7 @@ def _check_file_name(value: Any, spec: InputSpec, problems: ProblemCollector, wh
         # URIs (file://, s3://) are checked against the input folder and store where those are known
         sentence = folder_name_problem(value)
         if sentence:
-            problems.add(sentence, "path_escape", input_name=spec.name, **where)
+            problems.add(sentence, "bad_input_image", input_name=spec.name, **where)
         return
     reason = path_escape_reason(value)
     if reason:
