@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from airflow_comfy.artifacts.limits import StoreLimits
 from airflow_comfy.provider_info import CONFIG_OPTIONS
 from airflow_comfy.scheduling.tiers import check_default_tier, parse_priority_classes, parse_tiers
+from airflow_comfy.workflow.inputs import InputRoots
 
 SECTION = "comfy"
 
@@ -26,6 +27,7 @@ class ComfySettings:
     link_endpoint_url: str
     models_path: str
     input_path: str
+    input_store: str
     object_info_files: tuple[str, ...]
     runner_python: str
     runner_image: str
@@ -79,6 +81,11 @@ class ComfySettings:
         """The ``store_*`` settings as the stores take them."""
         return StoreLimits(connect_timeout=self.store_connect_timeout, read_timeout=self.store_read_timeout,
                            operation_timeout=self.store_operation_timeout, attempts=self.store_attempts)
+
+    @property
+    def input_roots(self) -> InputRoots:
+        """Where image params may point: the input folder and the input store."""
+        return InputRoots(folder=os.path.abspath(self.input_path), store=self.input_store)
 
     @property
     def tier_weights(self) -> dict[str, int]:
@@ -146,6 +153,9 @@ def get_settings(**overrides) -> ComfySettings:
                     operation_timeout=values["store_operation_timeout"], attempts=values["store_attempts"])
     except ValueError as exc:
         raise ValueError(f"[comfy] store_* settings: {exc}") from None
+    if values["input_store"] and not values["input_store"].lower().startswith("s3://"):
+        raise ValueError(f"[comfy] input_store must be an s3://bucket/prefix URI or empty, not "
+                         f"{values['input_store']!r}")
     if values["backend"] not in ("local", "kubernetes"):
         raise ValueError(f"[comfy] backend must be 'local' or 'kubernetes', not {values['backend']!r}")
     if values["runner_service_idle_timeout"] <= 0 or values["runner_service_cache_mb"] < 0:

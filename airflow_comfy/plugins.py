@@ -3,7 +3,9 @@
 * its listener starts the VIP preemption watcher in the scheduler (:mod:`airflow_comfy.scheduling.listener`);
 * its FastAPI app, the gallery (:mod:`airflow_comfy.gallery.app`), is mounted by the api-server at ``/comfy``;
 * its external views show the gallery inside the UI: a "ComfyUI outputs" entry under Browse, and a tab of
-  the same name on every DAG run's page (narrowed to that run).
+  the same name on every DAG run's page (narrowed to that run);
+* importing it registers the format of image params (:mod:`airflow_comfy.factory.param_formats`), so that the
+  api-server refuses a bad input image at trigger time with a sentence.
 
 Cheap to import: Airflow loads plugins in every process, and only the api-server serves the app, so FastAPI and
 the gallery are imported when the first request reaches it (:class:`LazyGalleryApp`), never here.
@@ -15,8 +17,11 @@ from typing import Any
 
 from airflow.plugins_manager import AirflowPlugin
 
+from airflow_comfy.factory.param_formats import register_param_formats
 from airflow_comfy.gallery.urls import PREFIX
 from airflow_comfy.scheduling import listener
+
+register_param_formats()
 
 
 class LazyGalleryApp:

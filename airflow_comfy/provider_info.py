@@ -51,8 +51,16 @@ CONFIG_OPTIONS: dict[str, tuple[str, str, str, str | None]] = {
     ),
     "input_path": (
         "string", "{AIRFLOW_HOME}/comfy/input",
-        "Folder that LoadImage/LoadImageMask file names are resolved in (and confined to), as seen by the runner.",
+        "Folder that LoadImage/LoadImageMask file names are resolved in (and confined to), as seen by the runner; "
+        "an image param may also be a file:// URI of a file inside it.",
         "/inputs",
+    ),
+    "input_store": (
+        "string", "",
+        "s3://bucket/prefix of the input store: an image param may name an object under it (s3://bucket/prefix/"
+        "cat.png), which the runner reads with the artifact store's credentials and bounds. Empty: none (image "
+        "params are file names in input_path or file:// URIs inside it).",
+        "s3://my-bucket/comfy-inputs",
     ),
     "object_info_files": (
         "string", "",
