@@ -14,6 +14,7 @@ An entry larger than the whole budget is not kept. :func:`stats` counts hits and
 
 from __future__ import annotations
 
+import gc
 import itertools
 import threading
 from collections import OrderedDict
@@ -97,6 +98,7 @@ class ModelCache(Generic[V]):
             self._entries.clear()
             self._nbytes.clear()
             self._used.clear()
+        forget()
 
     def _touch(self, key: Hashable) -> None:
         self._entries.move_to_end(key)
@@ -106,12 +108,20 @@ class ModelCache(Generic[V]):
         del self._entries[key]
         self._nbytes.pop(key, None)
         self._used.pop(key, None)
+        forget()
 
     def _oldest(self) -> tuple[int, Hashable] | None:
         if not self._entries:
             return None
         key = next(iter(self._entries))
         return self._used.get(key, -1), key
+
+
+def forget() -> None:
+    """Let the garbage collector see the objects a runner service froze (``gc.freeze`` after each job, see
+    :func:`airflow_comfy.runner.service._free_memory`) again: a model just dropped from a cache may sit in
+    reference cycles that only a collection frees."""
+    gc.unfreeze()
 
 
 def _evict_to(budget: int) -> None:
