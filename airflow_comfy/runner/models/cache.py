@@ -3,7 +3,8 @@
 One group often needs the same file twice (a checkpoint's MODEL for the sampler and its VAE for decoding);
 the loaders keep their last few results here, keyed by the file's content (its SHA-256, see
 :func:`~airflow_comfy.runner.models.files.file_key`: one entry for one file under two names, a new load for a
-file changed in place) and how it was loaded (components, device, dtype). :func:`clear_all` forgets every cache (the next load reads the files again).
+file changed in place) and how it was loaded (components, device, dtype). :func:`clear_all` forgets every
+cache (the next load reads the files again).
 
 A runner subprocess bounds each cache by its number of entries (``size``). A runner service
 (:mod:`airflow_comfy.runner.service`) keeps models across jobs and bounds them by memory instead:
