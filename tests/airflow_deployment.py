@@ -4,7 +4,8 @@ api-server, each its own process, on a PostgreSQL metadata database (:mod:`postg
 Never ``airflow standalone``: each service is started as a deployment starts it and stopped by its process id
 (SIGTERM, then SIGKILL of the process group it leads after a grace period). Tasks of the LocalExecutor talk to
 the execution API (Airflow 3), hence the api-server (one worker; by default with the public REST API too,
-:meth:`AirflowDeployment.rest`, open to anyone: ``simple_auth_manager_all_admins``).
+:meth:`AirflowDeployment.rest`, open to anyone: ``simple_auth_manager_all_admins``; a deployment whose ``env``
+turns that off and configures users calls :meth:`AirflowDeployment.log_in` first).
 
 Usage::
 

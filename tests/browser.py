@@ -28,10 +28,16 @@ class ChromiumUnavailable(RuntimeError):
 
 
 def find_chromium() -> str:
-    """The Chromium binary: ``$CHROMIUM``, else ``chromium`` (Debian) or ``chromium-browser`` on the PATH."""
-    candidates = [os.environ.get("CHROMIUM", ""), "chromium", "chromium-browser", "/usr/bin/chromium"]
-    for candidate in filter(None, candidates):
-        found = shutil.which(candidate)
+    """The Chromium binary: ``$CHROMIUM`` when set (it must be one), else ``chromium`` (Debian's package) or
+    ``chromium-browser`` on the PATH."""
+    chosen = os.environ.get("CHROMIUM")
+    if chosen:
+        found = shutil.which(chosen)
+        if not found:
+            raise ChromiumUnavailable(f"CHROMIUM={chosen!r} is not an executable Chromium binary.")
+        return found
+    for name in ("chromium", "chromium-browser"):
+        found = shutil.which(name)
         if found:
             return found
     raise ChromiumUnavailable(

@@ -67,12 +67,13 @@ class FormRun:
 # --- fixtures: one deployment, one browser, one logged-in page --------------------------------------------------
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: pytest sets it up before the session's PostgreSQL server
 def chromium() -> str:
     try:
         return find_chromium()
     except ChromiumUnavailable as exc:
-        pytest.fail(str(exc), pytrace=False)
+        missing = str(exc)
+    pytest.fail(missing, pytrace=False)  # outside the except: the reason alone, not a chained traceback
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +102,8 @@ def browser(chromium: str):
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
+        sync_playwright = None
+    if sync_playwright is None:
         pytest.fail("The UI tests need the playwright package (the dev extra): pip install -e '.[dev]'. "
                     "Never run `playwright install`: the tests use Debian's chromium.", pytrace=False)
     playwright = sync_playwright().start()
