@@ -171,6 +171,19 @@ def form_run(page, ui: UiStack, shots: Screenshots) -> FormRun:
     return run
 
 
+def failed_run_report(ui: UiStack, run: FormRun, lines: int = 40) -> str:
+    """Why a run did not succeed: each task's state and the end of the log of each that failed (REST API)."""
+    base = f"/api/v2/dags/{run.dag_id}/dagRuns/{run.run_id}/taskInstances"
+    report = [f"run {run.run_id}: {run.state}"]
+    for ti in ui.deployment.rest("GET", base)[1].get("task_instances", []):
+        report.append(f"task {ti['task_id']}: {ti['state']}")
+        if ti["state"] in ("failed", "up_for_retry"):
+            status, log = ui.deployment.rest("GET", f"{base}/{ti['task_id']}/logs/{max(ti['try_number'], 1)}")
+            events = [entry.get("event", "") for entry in (log or {}).get("content", [])] if status == 200 else []
+            report += events[-lines:]
+    return "\n".join(report)
+
+
 # --- helpers: the UI's widgets ---------------------------------------------------------------------------------
 
 
@@ -268,7 +281,7 @@ def test_the_trigger_form_shows_the_generated_params_and_the_tier(page, ui: UiSt
 def test_a_run_triggered_from_the_form_succeeds(page, ui: UiStack, form_run: FormRun, shots: Screenshots):
     from playwright.sync_api import expect
 
-    assert form_run.state == "success", ui.deployment.logs_tail()
+    assert form_run.state == "success", failed_run_report(ui, form_run)
     # what was typed and picked in the form is the run's conf
     assert form_run.conf["prompt"] == form_run.prompt and form_run.conf["tier"] == form_run.tier, form_run.conf
     page.goto(form_run.page(ui))
