@@ -1,7 +1,9 @@
 """The Airflow UI as a person uses it, in a real browser: headless Chromium (Debian's ``chromium``, driven by
 Playwright; tests/browser.py) against a real api-server + scheduler + dag-processor on PostgreSQL, set up as
 ``make demo`` sets it up (tests/ui_stack.py: the example workflows, the demo models, the local backend), with a
-login through the simple auth manager's login page.
+login through the simple auth manager's login page. Checked: the login (and a wrong password refused), the DAG
+list, the trigger form's params and tier, a run triggered from the form, its log and XCom, the task's "Output
+images" extra link, the gallery, and that an anonymous gallery request is refused.
 
 One deployment, one browser and one logged-in page serve every check of this module (module-scoped fixtures);
 the checks run in file order and later ones use what earlier ones left (the run triggered from the form). To add
@@ -319,3 +321,51 @@ def test_the_runs_log_and_xcom_show_the_output_image(page, ui: UiStack, form_run
     assert f'"uri":"{uri}"' in shown, shown
     assert f'"sha256":"{hashlib.sha256(image.read_bytes()).hexdigest()}"' in shown, shown
     shots.take(page, "07-task-xcom")
+
+
+# --- outputs in the UI (the plugin: README "Outputs in the UI") -------------------------------------------------
+
+
+def test_the_extra_link_opens_the_output_image(page, ui: UiStack, form_run: FormRun, shots: Screenshots):
+    from playwright.sync_api import expect
+
+    image = next((ui.artifacts / "runs" / form_run.dag_id / form_run.run_id / "outputs").glob("*.png"))
+    # the task's Details tab lists its extra links; a link into the UI's own site opens in the same tab
+    page.goto(form_run.page(ui, "postprocess", "details"))
+    link = page.get_by_role("link", name="Output images")
+    expect(link).to_be_visible()
+    shots.take(page, "08-extra-links")
+    link.click()
+    expect(page).to_have_url(re.compile(re.escape(f"/outputs/{image.name}") + "$"))
+    # the browser shows the picture itself, and what it got are the store's bytes
+    picture = page.locator("img")
+    expect(picture).to_have_count(1)
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=picture.element_handle())
+    assert picture.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [64, 64]
+    assert page.request.get(page.url).body() == image.read_bytes()
+
+
+def test_the_gallery_shows_the_run(page, ui: UiStack, form_run: FormRun, shots: Screenshots):
+    from playwright.sync_api import expect
+
+    page.goto(f"{ui.url}/comfy/gallery?dag_id={form_run.dag_id}")
+    run = page.locator(f"section.comfy-run[data-run-id='{form_run.run_id}']")
+    expect(run).to_be_visible()
+    expect(run.locator(".comfy-run-dag")).to_contain_text(form_run.dag_id)
+    expect(run.locator(".comfy-run-tier")).to_contain_text(form_run.tier)
+    expect(run.locator("code.comfy-run-params")).to_contain_text(form_run.prompt)
+    thumb = run.locator("a.comfy-image img.comfy-thumb").first
+    expect(thumb).to_be_visible()
+    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=thumb.element_handle())
+    shots.take(page, "09-gallery")
+
+
+def test_an_anonymous_gallery_request_is_refused(browser, ui: UiStack):
+    context = browser.new_context(viewport=VIEWPORT)  # no login: no token cookie
+    try:
+        anonymous = context.new_page()
+        for path in ("/comfy/gallery", "/comfy/api/runs?dag_id=txt2img"):
+            response = anonymous.goto(ui.url + path)
+            assert response is not None and response.status == 401, (path, response and response.status)
+    finally:
+        context.close()
