@@ -9,10 +9,10 @@ DEMO    ?= .demo
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install demo test lint bench bench-scheduling clean postgres compose-parser
+.PHONY: install demo test lint bench bench-scheduling clean postgres compose-parser chromium screenshots
 
 # Two installs, each remembered by a stamp file: `make demo` needs the runner extra only; lint, test and bench
-# also need the dev extra (pytest, ruff, moto, the workflow templates, dag-factory).
+# also need the dev extra (pytest, ruff, moto, the workflow templates, dag-factory, playwright).
 RUNNER_STAMP := $(VENV)/.installed-runner
 DEV_STAMP    := $(VENV)/.installed-dev
 
@@ -60,8 +60,22 @@ compose-parser:
 	else echo "WARNING: no docker-compose; the compose file's test will fail." \
 	          "Install it with: sudo apt-get install -y docker-compose" >&2; fi
 
-test: lint postgres compose-parser
+# The UI tests (tests/test_ui_browser.py) drive Debian's chromium through Playwright; nothing downloads a browser
+# (never `playwright install`). As root, install it when it is missing; otherwise say how, and let those tests fail.
+chromium:
+	@if command -v chromium >/dev/null 2>&1 || [ -n "$$CHROMIUM" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Chromium for the UI tests: apt-get install -y chromium"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	else echo "WARNING: no chromium; the UI tests will fail." \
+	          "Install it with: sudo apt-get install -y chromium (or set CHROMIUM to a Chromium binary)" >&2; fi
+
+test: lint postgres compose-parser chromium
 	$(VENV)/bin/pytest -q
+
+# The README's screenshots (docs/screenshots/*.png): the UI tests, with their pictures kept there.
+screenshots: $(DEV_STAMP) postgres chromium
+	AIRFLOW_COMFY_SCREENSHOTS=$(CURDIR)/docs/screenshots $(VENV)/bin/pytest -q tests/test_ui_browser.py
 
 demo: $(RUNNER_STAMP)
 	VENV=$(VENV) DEMO=$(DEMO) bash scripts/demo.sh

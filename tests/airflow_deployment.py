@@ -4,7 +4,8 @@ api-server, each its own process, on a PostgreSQL metadata database (:mod:`postg
 Never ``airflow standalone``: each service is started as a deployment starts it and stopped by its process id
 (SIGTERM, then SIGKILL of the process group it leads after a grace period). Tasks of the LocalExecutor talk to
 the execution API (Airflow 3), hence the api-server (one worker; by default with the public REST API too,
-:meth:`AirflowDeployment.rest`, open to anyone: ``simple_auth_manager_all_admins``).
+:meth:`AirflowDeployment.rest`, open to anyone: ``simple_auth_manager_all_admins``; a deployment whose ``env``
+turns that off and configures users calls :meth:`AirflowDeployment.log_in` first).
 
 Usage::
 
@@ -67,6 +68,8 @@ class AirflowDeployment:
             **(env or {}),
         }
         self.processes: dict[str, subprocess.Popen] = {}
+        #: Sent as a bearer token by :meth:`rest` once :meth:`log_in` got one (a deployment with a real login).
+        self.api_token: str | None = None
 
     # --- services ----------------------------------------------------------------------------------------------
 
@@ -151,13 +154,29 @@ class AirflowDeployment:
         import urllib.request
 
         data = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"}
+        if self.api_token:
+            headers["Authorization"] = f"Bearer {self.api_token}"
         request = urllib.request.Request(f"http://127.0.0.1:{self.api_port}{path}", data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
+                                         headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
                 return response.status, json.loads(response.read() or b"null")
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read() or b"null")
+
+    def log_in(self, username: str, password: str) -> None:
+        """Get a token from the simple auth manager (``POST /auth/token``) for the next :meth:`rest` calls: for a
+        deployment started with ``AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS=False`` and real users."""
+        self.api_token = None
+        status, answer = self.rest("POST", "/auth/token", {"username": username, "password": password})
+        assert status == 201, f"logging in as {username!r}: {status} {answer}"
+        self.api_token = answer["access_token"]
+
+    @property
+    def url(self) -> str:
+        """The api-server's address: the UI, the REST API and the plugins' apps."""
+        return f"http://127.0.0.1:{self.api_port}"
 
     def wait_for_api(self, timeout: float = 120) -> None:
         def up() -> bool:
