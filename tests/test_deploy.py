@@ -283,6 +283,11 @@ def test_the_helm_values_are_valid_for_the_chart():
     pvc = documents(ROOT / "deploy" / "kubernetes" / "models-pvc.yaml")[0]
     assert pvc["metadata"]["name"] == comfy["models_pvc"]
     assert data["dags"]["gitSync"]["enabled"] is True
+    # uploads go to an input store the group pods read with the store Secret, which every Airflow container
+    # (the api-server's gallery and uploads too) gets as well
+    assert comfy["input_store"].startswith("s3://") and comfy["input_store"] != comfy["artifact_store"]
+    env_from = yaml.safe_load(data["extraEnvFrom"])
+    assert {"secretRef": {"name": comfy["aws_secret_name"]}} in env_from
 
 
 @pytest.mark.parametrize("change, error", [
