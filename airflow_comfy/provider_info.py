@@ -58,8 +58,9 @@ CONFIG_OPTIONS: dict[str, tuple[str, str, str, str | None]] = {
     "input_store": (
         "string", "",
         "s3://bucket/prefix of the input store: an image param may name an object under it (s3://bucket/prefix/"
-        "cat.png), which the runner reads with the artifact store's credentials and bounds. Empty: none (image "
-        "params are file names in input_path or file:// URIs inside it).",
+        "cat.png), which the runner reads with the artifact store's credentials and bounds; the gallery's upload "
+        "page writes input images here (else into input_path). Empty: none (image params are file names in "
+        "input_path or file:// URIs inside it).",
         "s3://my-bucket/comfy-inputs",
     ),
     "object_info_files": (

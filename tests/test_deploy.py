@@ -110,6 +110,29 @@ def test_the_compose_file_is_valid_and_says_what_the_stack_needs():
     assert services["minio-init"]["depends_on"]["minio"]["condition"] == "service_healthy"
 
 
+def test_uploads_and_links_are_wired_through_minio():
+    """The api-server saves uploads and reads the gallery's images: it has the store settings and credentials the
+    workers have; uploads go to an input store in MinIO that the tasks hand the runner; the presigned links
+    name MinIO's S3 port as the compose publishes it; and the input folder is one volume, writable only by
+    the api-server, at the same path in the scheduler and the runner."""
+    services = resolved_compose()["services"]
+    api, scheduler = services["airflow-apiserver"], services["airflow-scheduler"]
+    bucket = api["environment"]["AIRFLOW__COMFY__ARTIFACT_STORE"].split("/")[2]
+    for name in AIRFLOW_SERVICES:
+        env = services[name]["environment"]
+        assert env["AIRFLOW__COMFY__INPUT_STORE"] == f"s3://{bucket}/inputs"
+        assert not env["AIRFLOW__COMFY__ARTIFACT_STORE"].startswith(env["AIRFLOW__COMFY__INPUT_STORE"])
+        assert env["AIRFLOW__COMFY__LINK_ENDPOINT_URL"] == "http://localhost:9000"
+        for variable in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3"):
+            assert env[variable] == api["environment"][variable], (name, variable)
+    assert api["environment"]["AWS_SECRET_ACCESS_KEY"] == "change-me-comfy-s3"  # .env.example's
+    assert {"published": 9000, "target": 9000} in services["minio"]["ports"]
+    assert api["environment"]["AWS_ENDPOINT_URL_S3"] == "http://minio:9000"
+    input_path = api["environment"]["AIRFLOW__COMFY__INPUT_PATH"]
+    assert mounts(api)[input_path] == ("comfy-input", False)
+    assert mounts(scheduler)[input_path] == mounts(services["runner"])[input_path] == ("comfy-input", True)
+
+
 def test_the_secrets_come_from_the_env_file(tmp_path: Path):
     empty = tmp_path / "empty.env"
     empty.write_text("")
@@ -260,6 +283,11 @@ def test_the_helm_values_are_valid_for_the_chart():
     pvc = documents(ROOT / "deploy" / "kubernetes" / "models-pvc.yaml")[0]
     assert pvc["metadata"]["name"] == comfy["models_pvc"]
     assert data["dags"]["gitSync"]["enabled"] is True
+    # uploads go to an input store the group pods read with the store Secret, which every Airflow container
+    # (the api-server's gallery and uploads too) gets as well
+    assert comfy["input_store"].startswith("s3://") and comfy["input_store"] != comfy["artifact_store"]
+    env_from = yaml.safe_load(data["extraEnvFrom"])
+    assert {"secretRef": {"name": comfy["aws_secret_name"]}} in env_from
 
 
 @pytest.mark.parametrize("change, error", [

@@ -249,6 +249,10 @@ def test_upload_names_the_image_of_the_next_run(gallery: Gallery):
     assert status == 201, body
     answer = json.loads(body)
     assert answer["name"].startswith("upload-") and "/" not in answer["name"]
+    # no input store here: the page says the input folder, and the bare name is what the form takes
+    assert (answer["where"], answer["value"]) == ("input_path", answer["name"])
+    status, page, _ = gallery.request("GET", "/comfy/upload", user="admin")
+    assert status == 200 and b'id="comfy-upload-target" data-where="input_path"' in page
     assert (gallery.inputs / answer["name"]).read_bytes() == red
     assert gallery.upload("../../red square.png", red)[0] == 201  # the same bytes again: the same name
     assert gallery.trigger_and_wait("gallery_uploaded", {"image": answer["name"]}) == "success"

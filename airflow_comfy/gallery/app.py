@@ -3,10 +3,12 @@
 caller (401 without a valid Airflow token) and checks their permission on the DAG concerned (403)
 (:mod:`airflow_comfy.gallery.auth`); paths in requests are confined to the run's folder of the artifact store,
 or to the input folder for uploads (:mod:`airflow_comfy.gallery.paths`: 400 for a path that tries to leave,
-404 for a symbolic link that does).
+404 for a symbolic link that does). Uploads go to the input store, else the input folder
+(:mod:`airflow_comfy.gallery.uploads`).
 
 The api-server needs the ``[comfy]`` settings the workers have (``artifact_store``, ``aws_conn_id``,
-``input_path``), the input folder mounted where ``input_path`` says, and, for an ``s3://`` store, boto3.
+``input_store``, ``input_path``), the store credentials, the input folder mounted where ``input_path`` says
+(writable) when there is no input store, and, for an ``s3://`` store, boto3.
 """
 
 from __future__ import annotations
@@ -19,19 +21,13 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile, status
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from airflow_comfy.artifacts.errors import ArtifactError, ArtifactExistsError, ArtifactNotFound
+from airflow_comfy.artifacts.errors import ArtifactError, ArtifactNotFound
 from airflow_comfy.artifacts.layout import run_prefix
 from airflow_comfy.artifacts.store import ArtifactStore, LocalStore, guess_content_type
 from airflow_comfy.gallery import auth, pages
-from airflow_comfy.gallery.paths import (
-    BadPath,
-    OutsideStore,
-    confined_file,
-    input_target,
-    run_object_key,
-    upload_name,
-)
+from airflow_comfy.gallery.paths import BadPath, OutsideStore, confined_file, run_object_key
 from airflow_comfy.gallery.runs import recent_runs
+from airflow_comfy.gallery.uploads import save_upload
 from airflow_comfy.gallery.urls import PREFIX
 
 #: The largest input image an upload may carry.
@@ -47,15 +43,33 @@ User = Annotated[Any, Depends(auth.current_user)]
 @functools.cache
 def artifact_store() -> ArtifactStore:
     """The ``[comfy] artifact_store`` as the api-server reads it (S3: with ``aws_conn_id``'s credentials)."""
+    from airflow_comfy.config import get_settings
+
+    return _open_settings_store(get_settings().artifact_store)
+
+
+@functools.cache
+def input_store() -> ArtifactStore | None:
+    """The ``[comfy] input_store`` that uploads go to (None: uploads go to the input folder), opened like the
+    artifact store: the same credentials the tasks hand the runner to read inputs, the same bounds."""
+    from airflow_comfy.config import get_settings
+
+    uri = get_settings().input_store
+    return _open_settings_store(uri) if uri else None
+
+
+def _open_settings_store(uri: str) -> ArtifactStore:
+    """A store named in ``[comfy]``, opened as the workers open it: S3 with ``aws_conn_id``'s credentials when
+    that is set (else boto3's default chain), every operation bounded by the ``store_*`` settings."""
     from airflow_comfy.artifacts.store import open_store
     from airflow_comfy.config import get_settings
     from airflow_comfy.operators.spec_publish import s3_options
 
     settings = get_settings()
     options: dict[str, Any] = {}
-    if settings.artifact_store.startswith("s3://") and settings.aws_conn_id:
+    if uri.startswith("s3://") and settings.aws_conn_id:
         options = s3_options(_connection_env(settings.aws_conn_id))
-    return open_store(settings.artifact_store, limits=settings.store_limits, **options)
+    return open_store(uri, limits=settings.store_limits, **options)
 
 
 def _connection_env(conn_id: str) -> dict[str, str]:
@@ -180,7 +194,9 @@ def create_app() -> FastAPI:
     @app.get("/upload", response_class=HTMLResponse)
     def upload_form(request: Request, user: User, dag_id: str | None = None) -> HTMLResponse:
         triggerable = [dag for dag in sorted(auth.readable_dag_ids(user)) if auth.may(user, dag, "POST")]
-        return HTMLResponse(pages.upload_page(triggerable, ui_base(request), dag_id))
+        store = input_store()
+        return HTMLResponse(pages.upload_page(triggerable, ui_base(request), dag_id,
+                                              store_uri=store.root_uri if store is not None else ""))
 
     @app.post("/upload")
     async def upload(user: User, dag_id: Annotated[str, Form()], file: Annotated[UploadFile, File()]) -> JSONResponse:
@@ -190,19 +206,13 @@ def create_app() -> FastAPI:
             raise HTTPException(status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
                                 f"the image is larger than {MAX_UPLOAD_BYTES // (1024 * 1024)} MiB")
         try:
-            name = upload_name(file.filename or "", data)
-            target = input_target(input_root(), name)
+            saved = save_upload(file.filename or "", data, store=input_store(), input_root=input_root())
         except BadPath as exc:
             raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from None
-        store = LocalStore(target.parent)
-        try:
-            uri = store.put_bytes(name, data)
-        except ArtifactExistsError:  # the same bytes, uploaded before: the name is their hash
-            uri = store.uri(name)
         except ArtifactError as exc:
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"cannot write the input folder: {exc}") \
-                from None
-        return JSONResponse({"name": name, "uri": uri, "param": "image", "dag_id": dag_id},
-                            status_code=status.HTTP_201_CREATED)
+            where = "the input store" if input_store() is not None else "the input folder"
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"cannot write {where}: {exc}") from None
+        return JSONResponse({"name": saved.name, "uri": saved.uri, "value": saved.value, "where": saved.where,
+                             "param": "image", "dag_id": dag_id}, status_code=status.HTTP_201_CREATED)
 
     return app

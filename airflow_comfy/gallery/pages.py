@@ -85,7 +85,7 @@ document.getElementById("comfy-upload-form").addEventListener("submit", async (e
   const answer = await response.json().catch(() => ({detail: response.statusText}));
   if (response.ok) {
     result.innerHTML = 'Use <code id="comfy-upload-name"></code> as the <b>image</b> param of the trigger form.';
-    document.getElementById("comfy-upload-name").textContent = answer.name;
+    document.getElementById("comfy-upload-name").textContent = answer.value;
     result.className = "comfy-ok";
   } else {
     result.textContent = "Refused: " + (answer.detail || response.status);
@@ -95,14 +95,26 @@ document.getElementById("comfy-upload-form").addEventListener("submit", async (e
 """
 
 
-def upload_page(dag_ids: Iterable[str], base: str, selected: str | None = None) -> str:
-    """A form that uploads an input image for one of ``dag_ids`` (those the user may trigger)."""
+def upload_target(store_uri: str) -> str:
+    """The sentence that says where an upload goes and what the page then gives to paste into the form."""
+    if store_uri:
+        return (f"Images are written into the input store {store_uri.rstrip('/')}/; the page then shows the "
+                "image's s3:// URI to give as the image param of the trigger form.")
+    return ("Images are written into the input folder ([comfy] input_path); the page then shows the image's "
+            "file name to give as the image param of the trigger form.")
+
+
+def upload_page(dag_ids: Iterable[str], base: str, selected: str | None = None, *, store_uri: str = "") -> str:
+    """A form that uploads an input image for one of ``dag_ids`` (those the user may trigger) into the input
+    store ``store_uri`` (empty: into the input folder), saying which."""
     options = "".join(f"<option value=\"{escape(dag_id)}\"{' selected' if dag_id == selected else ''}>"
                       f"{escape(dag_id)}</option>" for dag_id in sorted(dag_ids))
     if not options:
         return _page("Upload an input image", "<p id=\"comfy-upload-none\" class=\"comfy-error\">You may not "
                      "trigger any DAG, so you cannot upload input images.</p>", base)
-    body = (f"<form id=\"comfy-upload-form\" method=\"post\" enctype=\"multipart/form-data\" "
+    where = "input_store" if store_uri else "input_path"
+    body = (f"<p id=\"comfy-upload-target\" data-where=\"{where}\">{escape(upload_target(store_uri))}</p>"
+            f"<form id=\"comfy-upload-form\" method=\"post\" enctype=\"multipart/form-data\" "
             f"action=\"{escape(base)}{PREFIX}/upload\">"
             f"<p><label>For the DAG <select id=\"comfy-upload-dag\" name=\"dag_id\">{options}</select></label></p>"
             "<p><label>Image (PNG, JPEG or WebP) <input id=\"comfy-upload-file\" type=\"file\" name=\"file\" "
