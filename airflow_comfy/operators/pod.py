@@ -17,6 +17,7 @@ from airflow_comfy.operators.command import EXIT_BAD_INPUT, RUNNER_MODULE, pod_a
 from airflow_comfy.operators.disruption import PodDisrupted, PodDisruptionMixin
 from airflow_comfy.operators.failure_text import runner_failure
 from airflow_comfy.operators.preemption_log import STOPPED_MESSAGE, log_preemptions
+from airflow_comfy.operators.runner_log import pod_log_formatter
 from airflow_comfy.operators.spec_publish import publish_group_spec
 from airflow_comfy.operators.task_config import GroupTaskConfig
 from airflow_comfy.workflow.groupspec import GroupSpec
@@ -125,6 +126,8 @@ class ComfyGroupPodOperator(PodDisruptionMixin, KubernetesPodOperator):
             volumes.append(_k8s(k8s.V1Volume, name=SCRATCH_VOLUME, empty_dir=_k8s(k8s.V1EmptyDirVolumeSource)))
             mounts.append(_k8s(k8s.V1VolumeMount, name=SCRATCH_VOLUME, mount_path=SCRATCH_PATH))
         kwargs.setdefault("get_logs", True)
+        # the runner's lines keep their level (KPO reads the leading LEVEL word; the formatter drops it)
+        kwargs.setdefault("log_formatter", pod_log_formatter)
         kwargs.setdefault("on_finish_action", "delete_pod")
         # the last lines of the runner's output become the container's termination message (shown on failure)
         kwargs.setdefault("termination_message_policy", "FallbackToLogsOnError")
