@@ -15,6 +15,7 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from airflow_comfy.metrics import emit_group_metrics, task_tags
 from airflow_comfy.operators.command import (
     EXIT_BAD_INPUT,
     EXIT_OK,
@@ -173,6 +174,7 @@ class ComfyGroupLocalOperator(BaseOperator):
         finally:
             self._release_device()
         self.log.info("Runner manifest: %s", manifest.get(MANIFEST_URI_KEY))
+        emit_group_metrics(manifest, task_tags(context, self), self.log)
         return manifest
 
     # --- the GPU ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from kubernetes.client import ApiClient, Configuration
 from kubernetes.client import models as k8s
 
 from airflow_comfy.config import ComfySettings
+from airflow_comfy.metrics import emit_group_metrics, task_tags
 from airflow_comfy.operators.command import EXIT_BAD_INPUT, RUNNER_MODULE, pod_arguments
 from airflow_comfy.operators.disruption import PodDisrupted, PodDisruptionMixin
 from airflow_comfy.operators.failure_text import runner_failure
@@ -148,7 +149,17 @@ class ComfyGroupPodOperator(PodDisruptionMixin, KubernetesPodOperator):
 
             aws_env = aws_env_from_connection(self.aws_conn_id) if self.aws_conn_id else None
             publish_group_spec(self.group_spec, self.spec_sha256, self.store, aws_env=aws_env, log=self.log)
-        return super().execute(context)
+        return self._with_metrics(context, super().execute(context))
+
+    def trigger_reentry(self, context: Any, event: dict[str, Any]) -> Any:
+        """The deferrable path's end: the pod's manifest, after its metrics are sent."""
+        return self._with_metrics(context, super().trigger_reentry(context, event))
+
+    def _with_metrics(self, context: Any, manifest: Any) -> Any:
+        """Send the group's metrics from the manifest the runner left for KPO's xcom sidecar."""
+        if isinstance(manifest, dict):
+            emit_group_metrics(manifest, task_tags(context, self), self.log)
+        return manifest
 
     def on_kill(self) -> None:
         self.log.warning(STOPPED_MESSAGE)

@@ -1,5 +1,5 @@
 """What one group run cost, node by node: the figures the task log shows and the manifest's ``stats`` carry, and
-from which the operators emit the group's metrics (:mod:`airflow_comfy.operators.metrics`).
+from which the operators emit the group's metrics (:mod:`airflow_comfy.metrics`).
 
 Per node: its seconds, split into model load (a loader node: ``CheckpointLoaderSimple``, ``VAELoader``,
 ``LoraLoader``, ...; the catalog's ``loaders`` category) or compute (any other node), and the bytes it read
