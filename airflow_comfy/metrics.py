@@ -1,6 +1,8 @@
-"""The metrics of airflow-comfy, sent through Airflow's own metrics (StatsD, Datadog or OpenTelemetry: whatever ``[metrics]``
-turns on) after a group's runner has returned, from the ``stats`` of its manifest
-(:mod:`airflow_comfy.runner.run_stats`).
+"""The metrics of airflow-comfy, sent through Airflow's own metrics (StatsD, Datadog or OpenTelemetry: whatever
+``[metrics]`` turns on): a group task sends its group's after the runner has returned, from the ``stats`` of its
+manifest (:mod:`airflow_comfy.runner.run_stats`); the scheduler sends each group's queue wait
+(:mod:`airflow_comfy.scheduling.queue_wait`) and the preemption watcher counts preemptions
+(:mod:`airflow_comfy.scheduling.preemption`).
 
 Every name starts with ``comfy.`` (after Airflow's ``[metrics] statsd_prefix``, ``airflow.`` by default).
 Each metric is sent once under its plain name with the tags ``dag_id``, ``task_id`` (the group), ``tier`` and
@@ -9,8 +11,7 @@ Each metric is sent once under its plain name with the tags ``dag_id``, ``task_i
 ``comfy.group.sampling.<dag_id>.<task_id>.<tier>.<pool>``, because plain StatsD drops tags (Airflow names its
 own metrics the same two ways). ``deploy/monitoring/statsd-mapping.yaml`` turns those names back into labels.
 
-:data:`GROUP_TIMINGS`, :data:`GROUP_COUNTERS` and :data:`GROUP_GAUGES` list what a group sends; the README's
-"Metrics" section documents each. Sending never fails the task: a metrics error is a warning in the log.
+:data:`METRIC_TYPES` lists every metric; the README's "Metrics" section documents each. Sending never fails the task: a metrics error is a warning in the log.
 """
 
 from __future__ import annotations
@@ -46,8 +47,12 @@ GROUP_DONE = "comfy.group.done"
 QUEUE_WAIT = "comfy.group.queue_wait"
 #: A counter sent by the preemption watcher (:mod:`airflow_comfy.scheduling.preemption`), per preempted task.
 PREEMPTIONS = "comfy.preemptions"
-#: Every metric name this package sends (the dashboard test checks the panels against it).
-ALL_METRICS = frozenset({*GROUP_TIMINGS, *GROUP_COUNTERS, *GROUP_GAUGES, GROUP_DONE, QUEUE_WAIT, PREEMPTIONS})
+#: Every metric this package sends and its StatsD type (the monitoring files' test checks them against it).
+METRIC_TYPES = {
+    **{name: "timer" for name in (*GROUP_TIMINGS, QUEUE_WAIT)},
+    **{name: "counter" for name in (*GROUP_COUNTERS, GROUP_DONE, PREEMPTIONS)},
+    **{name: "gauge" for name in GROUP_GAUGES},
+}
 
 _UNSAFE = re.compile(r"[^a-zA-Z0-9_-]")
 log = logging.getLogger(__name__)
