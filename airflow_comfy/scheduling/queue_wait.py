@@ -9,8 +9,10 @@ when Airflow's metrics are on, looks every ``poll_seconds`` for group task insta
 last look and sends ``start_date - scheduled_dttm`` (``queued_dttm`` when there is no scheduled time) as a
 timer, tagged with the DAG, the task, its tier (from its priority weight) and its pool.
 
-It looks at starts up to ``settle_seconds`` ago, so that a start written a little late is still seen once.
-With several schedulers each one sends it (a wait is counted once per scheduler).
+Each look takes the group task instances that started in the last ``lookback_seconds`` and sends those it has not
+sent yet (a task's start time is the worker's, and reaches the database a while later on a busy worker, so a
+time window alone would miss some). Starts that happened before the scheduler started are not sent; with several
+schedulers each one sends it (a wait is counted once per scheduler).
 """
 
 from __future__ import annotations
@@ -41,39 +43,43 @@ def queue_wait_seconds(ready: datetime | None, started: datetime | None) -> floa
     return max(0.0, (started - ready).total_seconds())
 
 
-def report_started(session: Any, since: datetime, until: datetime, tiers: dict[str, int]) -> int:
-    """Send the queue wait of every group task instance that started in ``[since, until)``; how many."""
+def started_groups(session: Any, since: datetime) -> list[Any]:
+    """Rows (id, try_number, dag_id, task_id, pool, priority_weight, scheduled_dttm, queued_dttm, start_date) of
+    the group task instances that started at or after ``since``."""
     from airflow.models.taskinstance import TaskInstance as TI
     from sqlalchemy import select
 
+    return list(session.execute(
+        select(TI.id, TI.try_number, TI.dag_id, TI.task_id, TI.pool, TI.priority_weight, TI.scheduled_dttm,
+               TI.queued_dttm, TI.start_date)
+        .where(TI.operator.in_(GROUP_OPERATORS), TI.start_date >= since)
+    ).all())
+
+
+def send_queue_wait(row: Any, tiers: dict[str, int]) -> bool:
+    """Send one task instance's queue wait; False when its times are unknown."""
     from airflow_comfy.metrics import QUEUE_WAIT, group_tags, scheduler_stats, send_timing
     from airflow_comfy.scheduling.tiers import tier_of_weight
 
-    rows = session.execute(
-        select(TI.dag_id, TI.task_id, TI.pool, TI.priority_weight, TI.scheduled_dttm, TI.queued_dttm,
-               TI.start_date)
-        .where(TI.operator.in_(GROUP_OPERATORS), TI.start_date >= since, TI.start_date < until)
-    ).all()
-    sent = 0
-    for row in rows:
-        seconds = queue_wait_seconds(row.scheduled_dttm or row.queued_dttm, row.start_date)
-        if seconds is None:
-            continue
-        tags = group_tags(row.dag_id, row.task_id, tier_of_weight(row.priority_weight or 0, tiers), row.pool)
-        send_timing(QUEUE_WAIT, seconds, tags, stats=scheduler_stats())
-        sent += 1
-    return sent
+    seconds = queue_wait_seconds(row.scheduled_dttm or row.queued_dttm, row.start_date)
+    if seconds is None:
+        return False
+    tags = group_tags(row.dag_id, row.task_id, tier_of_weight(row.priority_weight or 0, tiers), row.pool)
+    send_timing(QUEUE_WAIT, seconds, tags, stats=scheduler_stats())
+    return True
 
 
 class QueueWaitReporter(threading.Thread):
     """The scheduler-side loop (see the module docstring)."""
 
-    def __init__(self, tiers: dict[str, int], poll_seconds: float = 5.0, settle_seconds: float = 5.0):
+    def __init__(self, tiers: dict[str, int], poll_seconds: float = 5.0, lookback_seconds: float = 600.0):
         super().__init__(name="airflow-comfy-queue-wait", daemon=True)
         self.tiers = dict(tiers)
         self.poll_seconds = poll_seconds
-        self.settle = timedelta(seconds=settle_seconds)
-        self.since = datetime.now(timezone.utc) - self.settle
+        self.lookback = timedelta(seconds=lookback_seconds)
+        self.started_at = datetime.now(timezone.utc)
+        self.seen: dict[tuple[Any, int], datetime] = {}
+        """(task instance id, try) -> its start, of the starts already looked at."""
         self._stop_event = threading.Event()
 
     def stop(self) -> None:
@@ -87,11 +93,24 @@ class QueueWaitReporter(threading.Thread):
             except Exception:  # never take the scheduler down; the next tick looks again
                 log.exception("airflow-comfy: queue wait tick failed")
 
-    def tick(self) -> int:
+    def tick(self, now: datetime | None = None) -> int:
+        """Send the queue wait of the group task instances that started since the last look; how many. Starts
+        from before this reporter began are only noted (sent by the scheduler before, or lost)."""
         from airflow.utils.session import create_session
 
-        until = datetime.now(timezone.utc) - self.settle
+        since = (now or datetime.now(timezone.utc)) - self.lookback
         with create_session() as session:
-            sent = report_started(session, self.since, until, self.tiers)
-        self.since = until
+            rows = started_groups(session, since)
+        seen = {key: at for key, at in self.seen.items() if at >= since}
+        sent = 0
+        for row in rows:
+            key = (row.id, row.try_number)
+            if key in seen:
+                continue
+            seen[key] = row.start_date
+            if row.start_date >= self.started_at and send_queue_wait(row, self.tiers):
+                sent += 1
+        self.seen = seen
+        if sent:
+            log.info("airflow-comfy: sent the queue wait of %d group task(s)", sent)
         return sent
