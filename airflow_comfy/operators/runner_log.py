@@ -1,6 +1,6 @@
 """The runner's output in the task log: each line at the level the runner gave it, without the level word.
 
-The runner writes ``LEVEL message`` lines (:mod:`airflow_comfy.runner.log_lines`). The local operator relays
+The runner writes ``LEVEL message`` lines (:mod:`airflow_comfy.log_lines`). The local operator relays
 each line of its runner subprocess, or of its job in the warm runner service, with :func:`relay_line`; for a
 group pod, KubernetesPodOperator reads the leading level itself and calls :func:`pod_log_formatter` for the
 text. A line that is not the runner's stays INFO, as it is. Airflow adds the timestamp.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from airflow_comfy.runner.log_lines import parse_line
+from airflow_comfy.log_lines import parse_line
 
 
 def relay_line(log: logging.Logger, line: str) -> None:

@@ -76,10 +76,10 @@ def main(argv: list[str] | None = None, *, process: bool = False) -> int:
 
 
 def configure_process() -> None:
-    """Logging to stdout (``LEVEL message`` lines, :mod:`airflow_comfy.runner.log_lines`) and the libraries' quiet
+    """Logging to stdout (``LEVEL message`` lines, :mod:`airflow_comfy.log_lines`) and the libraries' quiet
     defaults: what a runner process sets before its job (a runner service once at start, and again, to the same
     effect, for each job: ``basicConfig`` does nothing once the root logger has a handler)."""
-    from airflow_comfy.runner.log_lines import RunnerLogFormatter
+    from airflow_comfy.log_lines import RunnerLogFormatter
 
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(RunnerLogFormatter("%(message)s"))

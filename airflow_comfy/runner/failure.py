@@ -1,7 +1,7 @@
 """How the runner says it failed: one line, last on stderr, that the operators put first in the task's error.
 
 ``airflow-comfy runner: bad input: <sentence>`` (exit 2) or ``airflow-comfy runner: failed: <sentence>``
-(exit 1), written as an ``ERROR`` line (:mod:`airflow_comfy.runner.log_lines`), so that it reaches the task log
+(exit 1), written as an ``ERROR`` line (:mod:`airflow_comfy.log_lines`), so that it reaches the task log
 at that level. The sentence names what failed (node id and class type, input, or URI) and why; a traceback, when
 there is one, goes to the log before it, once. In a Kubernetes pod the line is also the container's
 termination message (``/dev/termination-log``, or ``COMFY_TERMINATION_LOG``), which KubernetesPodOperator
@@ -16,7 +16,7 @@ import sys
 import traceback
 from contextlib import suppress
 
-from airflow_comfy.runner.log_lines import level_line
+from airflow_comfy.log_lines import level_line
 
 PREFIX = "airflow-comfy runner: "
 BAD_INPUT = "bad input"
