@@ -137,6 +137,6 @@ def task_tags(context: Any, task: Any) -> dict[str, str]:
     ti = context.get("ti") if isinstance(context, Mapping) else None
     params = context.get("params") if isinstance(context, Mapping) else None
     tier = params.get("tier") if isinstance(params, Mapping) else None
-    dag_id = getattr(ti, "dag_id", None) or getattr(getattr(task, "dag", None), "dag_id", None) or "unknown"
+    dag_id = getattr(ti, "dag_id", None) or (task.dag_id if task.has_dag() else "unknown")
     return group_tags(dag_id, getattr(ti, "task_id", None) or task.task_id,
                       tier if isinstance(tier, str) else None, getattr(task, "pool", None))
