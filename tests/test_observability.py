@@ -198,7 +198,7 @@ def test_the_task_log_has_the_runners_lines_once_stamped_with_node_figures(deplo
     stamped = [e for e in events if TIMESTAMP_FIRST.match(e)]
     assert not stamped, f"lines with a second timestamp: {stamped[:5]}"
     spec_sha256 = manifest(deployment, "sampling")["spec_sha256"]
-    assert any(e.startswith("Running group sampling: spec file://") and f"(sha256 {spec_sha256})" in e
+    assert any(e.startswith("Running: group sampling: spec file://") and f"(sha256 {spec_sha256})" in e
                for e in events), events[:40]
     (figures,) = [e for e in events if re.match(r"node \d+ \(KSampler\): model load 0\.00 s, compute \d", e)]
     assert "read " in figures and "wrote " in figures

@@ -246,7 +246,7 @@ class ComfyGroupLocalOperator(BaseOperator):
         """Run ``command``, streaming its output (stdout and stderr) line by line into the task log. A held
         device lock is inherited by the runner, so that the device stays taken while the runner lives, even
         if this process dies first."""
-        self.log.info("Running %s", describe_run(command, self._group_name()))
+        self.log.info("Running: %s", describe_run(command, self._group_name()))
         tail: collections.deque[str] = collections.deque(maxlen=ERROR_TAIL_LINES)
         lease = self._lease
         try:
@@ -333,7 +333,7 @@ class ComfyGroupLocalOperator(BaseOperator):
                 relay_line(self.log, line)
 
         def on_started() -> None:
-            self.log.info("Running %s", describe_run(command, self._group_name()))
+            self.log.info("Running: %s", describe_run(command, self._group_name()))
             if self._killed:  # killed while the request was on its way: its cancel may not have been sent
                 session.cancel()
 

@@ -13,11 +13,15 @@ from collections.abc import Sequence
 
 from airflow_comfy.log_lines import parse_line
 
+#: The logger method of each level the runner writes (Airflow's task logger is a structlog logger).
+_METHODS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warning", logging.ERROR: "error",
+            logging.CRITICAL: "critical"}
+
 
 def relay_line(log: logging.Logger, line: str) -> None:
     """Log one line of the runner's output at its level."""
     level, message = parse_line(line)
-    log.log(level, "%s", message)
+    getattr(log, _METHODS[level])("%s", message)
 
 
 def pod_log_formatter(container_name: str, message: str) -> str:
@@ -27,7 +31,7 @@ def pod_log_formatter(container_name: str, message: str) -> str:
 
 
 def describe_run(command: Sequence[str], group: str) -> str:
-    """The ``Running:`` line: the group, its spec's URI and sha256, then the command."""
+    """What the ``Running:`` line says: the group, its spec's URI and sha256, then the command."""
     spec = _option(command, "--spec") or "?"
     sha256 = _option(command, "--spec-sha256") or "?"
     return f"group {group}: spec {spec} (sha256 {sha256}); command: {' '.join(_shorten(command))}"

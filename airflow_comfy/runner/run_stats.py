@@ -119,11 +119,11 @@ def log_lines(stats: dict[str, Any]) -> list[str]:
                      f"{f['compute_s']:.2f} s, read {human_bytes(f['bytes_read'])}, wrote "
                      f"{human_bytes(f['bytes_written'])}")
     t = stats.get("totals", {})
-    cuda = f", peak CUDA {human_bytes(t['peak_cuda_bytes'])}" if "peak_cuda_bytes" in t else ""
+    cuda = f", peak CUDA {t['peak_cuda_bytes'] / 2**20:.1f} MiB" if "peak_cuda_bytes" in t else ""
     lines.append(f"group totals: model load {t['model_load_s']:.2f} s, sampling {t['sampling_s']:.2f} s, decode "
                  f"{t['decode_s']:.2f} s, compute {t['compute_s']:.2f} s; handed off in "
                  f"{human_bytes(t['bytes_in'])}, out {human_bytes(t['bytes_out'])}, images "
-                 f"{human_bytes(t['image_bytes'])}; peak RSS {human_bytes(t['peak_rss_bytes'])}{cuda}")
+                 f"{human_bytes(t['image_bytes'])}; peak RSS {t['peak_rss_bytes'] / 2**20:.1f} MiB{cuda}")
     return lines
 
 
