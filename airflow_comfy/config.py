@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from airflow_comfy.artifacts.limits import StoreLimits
 from airflow_comfy.provider_info import CONFIG_OPTIONS
 from airflow_comfy.scheduling.tiers import check_default_tier, parse_priority_classes, parse_tiers
+from airflow_comfy.workflow.inputs import InputRoots
 
 SECTION = "comfy"
 
@@ -23,8 +24,10 @@ class ComfySettings:
     artifact_store: str
     aws_conn_id: str
     aws_secret_name: str
+    link_endpoint_url: str
     models_path: str
     input_path: str
+    input_store: str
     object_info_files: tuple[str, ...]
     runner_python: str
     runner_image: str
@@ -42,6 +45,7 @@ class ComfySettings:
     device_lock_dir: str
     runner_service: bool
     runner_service_dir: str
+    runner_service_socket: str
     runner_service_idle_timeout: float
     runner_service_cache_mb: float
     runner_service_cpu_slots: int
@@ -77,6 +81,11 @@ class ComfySettings:
         """The ``store_*`` settings as the stores take them."""
         return StoreLimits(connect_timeout=self.store_connect_timeout, read_timeout=self.store_read_timeout,
                            operation_timeout=self.store_operation_timeout, attempts=self.store_attempts)
+
+    @property
+    def input_roots(self) -> InputRoots:
+        """Where image params may point: the input folder and the input store."""
+        return InputRoots(folder=os.path.abspath(self.input_path), store=self.input_store)
 
     @property
     def tier_weights(self) -> dict[str, int]:
@@ -144,6 +153,9 @@ def get_settings(**overrides) -> ComfySettings:
                     operation_timeout=values["store_operation_timeout"], attempts=values["store_attempts"])
     except ValueError as exc:
         raise ValueError(f"[comfy] store_* settings: {exc}") from None
+    if values["input_store"] and not values["input_store"].lower().startswith("s3://"):
+        raise ValueError(f"[comfy] input_store must be an s3://bucket/prefix URI or empty, not "
+                         f"{values['input_store']!r}")
     if values["backend"] not in ("local", "kubernetes"):
         raise ValueError(f"[comfy] backend must be 'local' or 'kubernetes', not {values['backend']!r}")
     if values["runner_service_idle_timeout"] <= 0 or values["runner_service_cache_mb"] < 0:
@@ -157,6 +169,7 @@ def get_settings(**overrides) -> ComfySettings:
     from airflow_comfy.operators.devices import check_local_gpus
 
     check_local_gpus(values["local_gpus"])
+    check_runner_service_socket(values["runner_service_socket"], values["local_gpus"])
     tiers = _tier_pairs(values["tiers"], parse_tiers)
     values["tiers"] = tuple(tiers.items())
     check_default_tier(values["default_tier"], tiers, "[comfy] default_tier")
@@ -168,6 +181,25 @@ def get_settings(**overrides) -> ComfySettings:
     values["priority_classes"] = tuple(
         _tier_pairs(values["priority_classes"], lambda text: parse_priority_classes(text, tiers)).items())
     return ComfySettings(**values)
+
+
+#: Longest path of a Unix socket on Linux (sun_path is 108 bytes, with the final NUL).
+MAX_SOCKET_PATH = 107
+
+
+def check_runner_service_socket(path: str, local_gpus: str) -> None:
+    """``runner_service_socket``: empty, or an absolute path short enough for a Unix socket, never together with
+    ``local_gpus`` (a service in another container holds its own GPUs; the worker has none to hand out)."""
+    if not path.strip():
+        return
+    if not os.path.isabs(path):
+        raise ValueError(f"[comfy] runner_service_socket must be an absolute path, not {path!r}")
+    if len(path.encode("utf-8")) > MAX_SOCKET_PATH:
+        raise ValueError(f"[comfy] runner_service_socket {path!r} is over {MAX_SOCKET_PATH} bytes, the longest "
+                         "Unix socket path")
+    if local_gpus.strip():
+        raise ValueError(f"[comfy] runner_service_socket ({path}) and local_gpus ({local_gpus}) cannot be set "
+                         "together: the runner service's own container holds its GPUs; leave local_gpus empty")
 
 
 def _tier_pairs(value, parse) -> dict:

@@ -36,6 +36,13 @@ CONFIG_OPTIONS: dict[str, tuple[str, str, str, str | None]] = {
         "of every group pod (envFrom). Empty: none (the image, IRSA or a pod template provides credentials).",
         "comfy-s3-credentials",
     ),
+    "link_endpoint_url": (
+        "string", "",
+        "For an s3:// artifact_store: the endpoint the presigned URLs of the tasks' extra links name, when browsers "
+        "reach the store at another address than the workers do (MinIO in a compose stack or a cluster). Empty: "
+        "the workers' endpoint.",
+        "http://localhost:9000",
+    ),
     "models_path": (
         "string", "{AIRFLOW_HOME}/comfy/models",
         "ComfyUI-style models folder (checkpoints/, loras/, vae/, controlnet/, upscale_models/, embeddings/) "
@@ -44,8 +51,16 @@ CONFIG_OPTIONS: dict[str, tuple[str, str, str, str | None]] = {
     ),
     "input_path": (
         "string", "{AIRFLOW_HOME}/comfy/input",
-        "Folder that LoadImage/LoadImageMask file names are resolved in (and confined to), as seen by the runner.",
+        "Folder that LoadImage/LoadImageMask file names are resolved in (and confined to), as seen by the runner; "
+        "an image param may also be a file:// URI of a file inside it.",
         "/inputs",
+    ),
+    "input_store": (
+        "string", "",
+        "s3://bucket/prefix of the input store: an image param may name an object under it (s3://bucket/prefix/"
+        "cat.png), which the runner reads with the artifact store's credentials and bounds. Empty: none (image "
+        "params are file names in input_path or file:// URIs inside it).",
+        "s3://my-bucket/comfy-inputs",
     ),
     "object_info_files": (
         "string", "",
@@ -129,6 +144,18 @@ CONFIG_OPTIONS: dict[str, tuple[str, str, str, str | None]] = {
         "Runtime folder of the runner services' sockets, busy locks and logs; this user's own, mode 0700. Empty: "
         "$XDG_RUNTIME_DIR/airflow-comfy, else <tmp>/airflow-comfy-<uid>.",
         "/run/airflow-comfy",
+    ),
+    "runner_service_socket": (
+        "string", "",
+        "Local backend: the Unix socket of a runner service that runs elsewhere (another container sharing "
+        "this socket's folder, the models folder and the artifact store: the docker-compose stack's 'runner' "
+        "service). Set, the task only connects to it: it never starts a service nor runs a runner subprocess, "
+        "waits while the service runs another task's job, and fails (retried) naming the socket when no "
+        "service answers. The job gets the service's own environment plus the task's variables (AWS_*, "
+        "COMFY_*, the sidecar's env); its manifest is handed back through this socket's folder, so both sides "
+        "must mount it at the same path and run as the same user. Implies runner_service; local_gpus must be "
+        "empty (the service's container owns its GPUs). Empty: services are started on demand.",
+        "/run/airflow-comfy/runner.sock",
     ),
     "runner_service_idle_timeout": (
         "float", "600",
@@ -276,6 +303,10 @@ def provider_info() -> dict:
                 "python-modules": ["airflow_comfy.operators.pod", "airflow_comfy.operators.local"],
             }
         ],
+        # What `airflow providers links` lists. The UI needs no registration: Airflow 3 shows a task's links from
+        # the name -> XCom key pairs of its serialized operator (airflow_comfy/operators/links.py).
+        "extra-links": ["airflow_comfy.operators.links.OutputImagesLink",
+                        "airflow_comfy.operators.links.RunSnapshotLink"],
         "integrations": [
             {
                 "integration-name": "ComfyUI",

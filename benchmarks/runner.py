@@ -52,8 +52,11 @@ Warm path (``--warm-repeat``, default 3; 0 skips it)
     once as a job of the warm runner service (``run_workflow(service=...)``: ``python -m airflow_comfy.runner
     serve`` on a temporary socket, started by the first run, models kept between jobs). The first run of each
     is reported apart (it starts the service); then the median wall time of the next runs, per workflow and per
-    group, and the ratio subprocess / service. Beside them: ComfyUI's own figures as issue 8 quotes them
-    (ComfyUI, GPL-3.0, is not installed here, so they are quoted, not measured).
+    group, and the ratio subprocess / service. The full-size file's txt2img (unless ``--no-full-size``) runs
+    through a service of its own only: its first run (which starts that service: imports and loads from
+    disk), then the median of the next runs, per group with each node's time, beside ComfyUI's next prompt
+    (7-9 s, quoted) as ratios against 8 s and 9 s (issue 8's target: <= 1.1x). ComfyUI's own figures are as
+    issue 8 quotes them (ComfyUI, GPL-3.0, is not installed here, so they are quoted, not measured).
 
 No timing is asserted: this is a report. It exits 0 unless a workflow fails to run.
 """
@@ -537,15 +540,20 @@ def run(root: Path, args: argparse.Namespace) -> int:
         report = cold_path_report(cold, before, None, 0.0, None, demo_ratio)
     print("\n".join(report))
     print(f"benchmark took {time.perf_counter() - t0:.0f} s")
-    if args.warm_repeat > 0 and demo:
+    if args.warm_repeat > 0 and (demo or big):
         print()
         try:
-            lines = warm_path({n: compiled[n, "sliced"] for n in demo}, paths, args.warm_repeat, args.verbose)
+            lines = warm_path({n: compiled[n, "sliced"] for n in demo}, paths, args.warm_repeat, args.verbose) \
+                if demo else [COMFYUI_QUOTED]
+            if big is not None:
+                _, full_root, full_params = workflows["txt2img_full"]
+                lines[-1:-1] = full_size_warm(compiled["txt2img_full", "sliced"], full_root, full_params or {},
+                                              paths, args.warm_repeat, args.verbose)
         except GroupFailed as exc:
             print(f"error: {exc}")
             return 1
         print("\n".join(lines))
-        print(f"benchmark took {time.perf_counter() - t0:.0f} s in all")
+        print(f"benchmark took {time.perf_counter() - t0:.0f} s in all; load average {os.getloadavg()[0]:.2f}")
     return 0
 
 
@@ -557,8 +565,10 @@ COMFYUI_QUOTED = (
 )
 
 
-def timed_run(compiled, paths: dict[str, Path], run_id: str, service=None) -> dict[str, Any]:
-    """One run: its wall time and each group's (from one ``[group] running`` line to the next)."""
+def timed_run(compiled, paths: dict[str, Path], run_id: str, service=None, *, models: Path | None = None,
+              params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One run: its wall time, each group's (from one ``[group] running`` line to the next) and each group's node
+    times from its manifest (``"<id> <class>" -> s``)."""
     from airflow_comfy.local_run import run_workflow
 
     marks: list[tuple[str, float]] = []
@@ -568,11 +578,18 @@ def timed_run(compiled, paths: dict[str, Path], run_id: str, service=None) -> di
             marks.append((message[1:message.index("]")], time.perf_counter()))
 
     began = time.perf_counter()
-    run_workflow(compiled, models=paths["models"], input_dir=paths["input"], store=paths["store"].as_uri(),
-                 run_id=run_id, python=sys.executable, echo=echo, in_process=False, service=service)
+    result = run_workflow(compiled, models=models or paths["models"], input_dir=paths["input"],
+                          store=paths["store"].as_uri(), run_id=run_id, python=sys.executable, params=params,
+                          echo=echo, in_process=False, service=service)
     end = time.perf_counter()
     ends = [t for _, t in marks[1:]] + [end]
-    return {"wall": end - began, "groups": {g: e - t for (g, t), e in zip(marks, ends, strict=True)}}
+    classes = {g["spec"]["group"]: {i: n.get("class_type", "?") for i, n in g["spec"]["nodes"].items()}
+               for g in compiled.groups}
+    nodes = {group: {f"{i} {classes[group].get(i, '?')}": s
+                     for i, s in ((manifest.get("timings") or {}).get("nodes") or {}).items()}
+             for group, manifest in result.manifests.items()}
+    return {"wall": end - began, "groups": {g: e - t for (g, t), e in zip(marks, ends, strict=True)},
+            "nodes": nodes}
 
 
 def warm_path(workflows: dict[str, Any], paths: dict[str, Path], repeat: int, verbose: bool) -> list[str]:
@@ -604,9 +621,57 @@ def warm_path(workflows: dict[str, Any], paths: dict[str, Path], repeat: int, ve
     return lines
 
 
+COMFYUI_NEXT_PROMPT_S = (7.0, 9.0)
+"""ComfyUI's next prompt (models loaded) on the full-size file, 128 px, 4 steps, CPU, as issue 8 quotes it."""
+WARM_TARGET = 1.1
+"""Issue 8's target: the second run of a workflow within 1.1x ComfyUI's next prompt."""
+
+
+def full_size_warm(compiled, models: Path, params: dict[str, Any], paths: dict[str, Path], repeat: int,
+                   verbose: bool) -> list[str]:
+    """The full-size file through the warm runner service alone (a subprocess per group is the cold path,
+    measured above): the first run starts a service of its own (imports, the loads from disk), then ``repeat``
+    runs with the models kept; their median beside ComfyUI's quoted next prompt."""
+    from airflow_comfy.runner_service.client import ServiceConfig, stop_all
+
+    runtime = Path(tempfile.mkdtemp(prefix="acs-bench-full-", dir="/tmp"))
+    config = ServiceConfig(python=sys.executable, directory=str(runtime))
+    try:
+        first = timed_run(compiled, paths, "warm-full-0", config, models=models, params=params)
+        runs = []
+        for rep in range(repeat):
+            runs.append(timed_run(compiled, paths, f"warm-full-{rep + 1}", config, models=models, params=params))
+            if verbose:
+                print(f"  warm run {rep + 1} txt2img_full service wall {runs[-1]['wall']:6.2f} s")
+    finally:
+        stop_all(runtime)
+        shutil.rmtree(runtime, ignore_errors=True)
+    return full_size_lines(first, median_warm(runs), repeat)
+
+
+def full_size_lines(first: dict[str, Any], warm: dict[str, Any], repeat: int) -> list[str]:
+    low, high = COMFYUI_NEXT_PROMPT_S
+    mid = (low + high) / 2
+    wall = warm["wall"]
+    lines = [f"txt2img_full (the full-size SD 1.5-shaped file, ComfyUI's default graph, 128 px, 4 steps, sliced, "
+             f"warm runner service): first run {first['wall']:.2f} s (starts the service: imports + loads from "
+             f"disk); median of the next {repeat} run(s) {wall:.2f} s  |  ComfyUI next prompt {low:g}-{high:g} s "
+             f"(quoted): ratio {wall / mid:.2f}x against {mid:g} s, {wall / high:.2f}x against {high:g} s "
+             f"(issue 8 target <= {WARM_TARGET:g}x)"]
+    width = max(len(group) for group in warm["groups"])
+    for group, seconds in warm["groups"].items():
+        nodes = ", ".join(f"{node} {t:.2f}" for node, t in sorted(warm["nodes"][group].items(),
+                                                                   key=lambda item: -item[1]))
+        lines.append(f"  {group:{width}s}  first {first['groups'][group]:6.2f} s   next {seconds:6.2f} s   "
+                     f"nodes (next, s): {nodes}")
+    return lines
+
+
 def median_warm(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {"wall": statistics.median(r["wall"] for r in runs),
-            "groups": {g: statistics.median(r["groups"][g] for r in runs) for g in runs[0]["groups"]}}
+            "groups": {g: statistics.median(r["groups"][g] for r in runs) for g in runs[0]["groups"]},
+            "nodes": {g: {n: statistics.median(r["nodes"][g][n] for r in runs) for n in nodes}
+                      for g, nodes in runs[0]["nodes"].items()}}
 
 
 def warm_lines(name: str, first: dict[str, dict[str, Any]], warm: dict[str, dict[str, Any]]) -> list[str]:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from airflow.dag_processing.dagbag import DagBag
 from airflow.sdk.exceptions import ParamValidationError
-from workflow_builders import REPO, TEMPLATES, TXT2IMG, txt2img
+from workflow_builders import EXAMPLES, REPO, TEMPLATES, TXT2IMG, txt2img
 
 from airflow_comfy.config import get_settings
 from airflow_comfy.factory.cache import clear_memory
@@ -170,6 +170,25 @@ def test_dag_documents_its_groups(templates_bag: DagBag):
         assert f"ComfyUI group `{task.task_id}`" in task.doc_md
 
 
+def test_dag_docs_draw_the_groups_and_name_the_workflow_file(tmp_path: Path):
+    folder = dags_folder(tmp_path / "dags", {"img2img.json": (EXAMPLES / "img2img.json").read_text()})
+    doc = parse(folder).dags["img2img"].doc_md
+    diagram = doc[doc.index("```text\n") + 8:doc.index("\n```\n")].splitlines()
+    # one box per group in task order, and what each hands to which node input of a later group
+    assert [line.split()[1] for line in diagram if line.startswith("┌─ ")] == [
+        "prompts", "load_and_encode_the_image", "sample", "decode_and_save"]
+    assert "│ 10 LoadImage · 11 ImageScale · 12 VAEEncode" in diagram
+    assert "│ replays 1 CheckpointLoaderSimple (VAE)" in diagram
+    assert [line.strip() for line in diagram if "─▶" in line] == [
+        "├─▶ sample: CONDITIONING 2 CLIPTextEncode → 13 KSampler.positive",
+        "└─▶ sample: CONDITIONING 3 CLIPTextEncode → 13 KSampler.negative",
+        "└─▶ sample: LATENT 12 VAEEncode → 13 KSampler.latent_image",
+        "└─▶ decode_and_save: LATENT 13 KSampler → 14 VAEDecode.samples",
+    ]
+    assert f"**Workflow file:** `img2img.json` in the workflows folder (`{folder}`)" in doc
+    assert "The *Code* tab shows the loader stub" in doc
+
+
 def test_trigger_params_have_types_bounds_and_the_workflows_defaults(templates_bag: DagBag):
     params = templates_bag.dags["default"].params
     assert set(params) == {"seed", "steps", "cfg", "denoise", "width", "height", "batch_size", "prompt",
@@ -205,9 +224,12 @@ def test_trigger_params_have_types_bounds_and_the_workflows_defaults(templates_b
     image = templates_bag.dags["image2image"].params.get_param("image")
     assert image.value == "example.png"
     assert image.resolve("cats/cat.png") == "cats/cat.png"
-    for escape in ("../../etc/passwd", "/etc/passwd"):
-        with pytest.raises(ParamValidationError):
+    for escape, sentence in (("../../etc/passwd", "'../../etc/passwd' leaves the input folder"),
+                             ("/etc/passwd", "'/etc/passwd' is an absolute path"),
+                             ("cat.gif", "'cat.gif' is not an image type the runner reads (png, jpg, jpeg, webp)")):
+        with pytest.raises(ParamValidationError) as refused:
             image.resolve(escape)
+        assert str(refused.value).startswith(sentence), str(refused.value)  # a sentence first, no regex
 
 
 def test_params_live_on_the_dag_not_copied_into_every_task(templates_bag: DagBag):

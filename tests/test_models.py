@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import shutil
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,6 +19,7 @@ from airflow_comfy.runner.models import (
     apply_lora,
     apply_lora_file,
     apply_lora_state_dict,
+    cache,
     clear_cache,
     control_residuals,
     demo,
@@ -41,6 +41,7 @@ from airflow_comfy.runner.models import (
     shipped_config,
     upscale_image,
 )
+from airflow_comfy.runner.models.checkpoint import cached_entries
 from airflow_comfy.runner.models.config import _clip_config
 from airflow_comfy.runner.models.files import TensorReader, list_model_files
 
@@ -78,10 +79,7 @@ def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("models")
-    began = time.perf_counter()
     written = make_demo_models(root)
-    elapsed = time.perf_counter() - began
-    assert elapsed < 10, f"make_demo_models took {elapsed:.1f} s"
     assert sorted(p.relative_to(root).as_posix() for p in written) == EXPECTED_FILES
     clear_cache()
     return root
@@ -409,6 +407,73 @@ def test_cache_serves_repeated_and_smaller_loads(models):
     clear_cache()
 
 
+def _overwrite_tensor(path: Path, key: str, value: float) -> None:
+    """Write ``value`` over every element of tensor ``key`` of a float32 safetensors file, in place: the same
+    size, and the file's mtime set back to what it was (only its ctime tells)."""
+    before = path.stat()
+    data = path.read_bytes()
+    header_size = int.from_bytes(data[:8], "little")
+    entry = json.loads(data[8:8 + header_size])[key]
+    assert entry["dtype"] == "F32"
+    begin, end = (8 + header_size + offset for offset in entry["data_offsets"])
+    with open(path, "r+b") as handle:
+        handle.seek(begin)
+        handle.write(torch.full(((end - begin) // 4,), value, dtype=torch.float32).numpy().tobytes())
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+
+
+def test_the_cache_knows_a_checkpoint_by_its_content(models, tmp_path):
+    for name in ("a.safetensors", "b.safetensors"):  # two copies: two names, two inodes, one content
+        (tmp_path / "checkpoints").mkdir(exist_ok=True)
+        shutil.copy(models / "checkpoints" / CKPT, tmp_path / "checkpoints" / name)
+    ctx = _ctx(tmp_path)
+    clear_cache()
+    first = load_checkpoint(ctx, "a.safetensors", {"MODEL"})
+    second = load_checkpoint(ctx, "b.safetensors", {"MODEL"})
+    assert not first.from_cache and first.tensors_read > 0
+    assert second.from_cache and second.tensors_read == 0 and second.model.unet is first.model.unet
+    assert second.path == tmp_path / "checkpoints" / "b.safetensors"
+    assert second.model.recipe.file == "b.safetensors" and first.model.recipe.file == "a.safetensors"
+    assert ctx.model_files["checkpoints/a.safetensors"] == ctx.model_files["checkpoints/b.safetensors"]
+    assert len(cached_entries()) == 1
+
+    key = "model.diffusion_model.out.2.bias"
+    _overwrite_tensor(tmp_path / "checkpoints" / "b.safetensors", key, 7.0)
+    changed = load_checkpoint(ctx, "b.safetensors", {"MODEL"})
+    assert not changed.from_cache and changed.tensors_read > 0
+    assert torch.all(changed.model.unet.conv_out.bias == 7.0) and not torch.all(first.model.unet.conv_out.bias == 7.0)
+    assert ctx.model_files["checkpoints/b.safetensors"] == sha256_of(tmp_path / "checkpoints" / "b.safetensors")
+    assert ctx.model_files["checkpoints/b.safetensors"] != ctx.model_files["checkpoints/a.safetensors"]
+    assert load_checkpoint(ctx, "a.safetensors", {"MODEL"}).from_cache  # the unchanged copy is still cached
+    clear_cache()
+
+
+def test_a_memory_budget_keeps_the_last_checkpoint_and_loads_an_evicted_one_again(models, tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    for name in ("a.safetensors", "b.safetensors"):
+        shutil.copy(models / "checkpoints" / CKPT, tmp_path / "checkpoints" / name)
+    _overwrite_tensor(tmp_path / "checkpoints" / "b.safetensors", "model.diffusion_model.out.2.bias", 7.0)
+    ctx = _ctx(tmp_path)
+    clear_cache()
+    try:
+        cache.set_memory_budget(2**40)
+        first = load_checkpoint(ctx, "a.safetensors", {"MODEL"})
+        one_model = cache.stats().nbytes
+        assert one_model == cache.tensor_bytes(first.model.unet) > 0
+        cache.set_memory_budget(one_model * 3 // 2)  # room for one of the two
+        assert load_checkpoint(ctx, "a.safetensors", {"MODEL"}).model.unet is first.model.unet
+        assert not load_checkpoint(ctx, "b.safetensors", {"MODEL"}).from_cache
+        assert cache.stats().nbytes == one_model and len(cached_entries()) == 1
+        again = load_checkpoint(ctx, "a.safetensors", {"MODEL"})  # evicted: read from disk again
+        assert not again.from_cache and again.model.unet is not first.model.unet
+        assert _same_state(again.model.unet, first.model.unet)
+    finally:
+        cache.set_memory_budget(None)
+        clear_cache()
+
+
 def test_run_context_entry_points_record_hashes(models):
     ctx = _ctx(models)
     loaded = load_checkpoint(ctx, CKPT, {"MODEL", "CLIP"})
@@ -435,7 +500,17 @@ def test_missing_tokenizer_is_a_clear_error(models, tmp_path):
     vocab, merges = demo.learn_bpe("just a few words here", 5)
     (wrong / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
     (wrong / "merges.txt").write_text("".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
-    with pytest.raises(ModelFileError, match="tokens but the text encoder has 714"):
+    with pytest.raises(ModelFileError, match=r"tokens but the SD 1\.x text encoder \(CLIP ViT-L/14\) has 714"):
+        load_checkpoint_file(path, {"CLIP"}, use_cache=False)
+
+
+def test_a_missing_sd2_tokenizer_is_named_for_sd2(tmp_path):
+    (path, _) = (p for p in demo.make_sd2_demo_models(tmp_path) if p.suffix == ".safetensors")
+    shutil.rmtree(tmp_path / "tokenizers")  # the demo vocabulary is not CLIP's: nothing to fall back on
+    message = (r"checkpoints/demo-sd2-tiny.safetensors: no CLIP tokenizer found for the SD 2\.x text encoder "
+               r"\(OpenCLIP ViT-H/14\), whose vocabulary has 714 tokens .*put that encoder's vocab\.json and "
+               r"merges\.txt into <models>/tokenizers/clip/")
+    with pytest.raises(ModelFileError, match=message):
         load_checkpoint_file(path, {"CLIP"}, use_cache=False)
 
 

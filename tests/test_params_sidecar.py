@@ -11,6 +11,7 @@ from airflow_comfy.factory.sidecar import parse_sidecar
 from airflow_comfy.workflow.api_format import convert_api
 from airflow_comfy.workflow.catalog import Catalog
 from airflow_comfy.workflow.errors import WorkflowError
+from airflow_comfy.workflow.inputs import INPUT_IMAGE_FORMAT
 from airflow_comfy.workflow.loader import load_workflow
 from airflow_comfy.workflow.params import SAFE_FILE_NAME_PATTERN, discover_params
 from airflow_comfy.workflow.validate import validate
@@ -55,12 +56,14 @@ def test_roles_follow_controlnet_outputs():
     wf = validate(load_workflow(TEMPLATES / "controlnet_example.json", CATALOG), CATALOG)
     params = {p.name: p for p in discover_params(wf, CATALOG)}
     assert params["prompt"].bindings[0].node == "6" and params["negative_prompt"].bindings[0].node == "7"
-    assert params["image"].schema["pattern"] == SAFE_FILE_NAME_PATTERN
+    # an image param is checked by its format (sentences), not by a regular expression
+    assert params["image"].schema == {"type": "string", "format": INPUT_IMAGE_FORMAT, "minLength": 1}
+    assert "s3:// URI in the input store" in params["image"].description
 
 
-def test_image_param_pattern_refuses_escapes():
+def test_model_file_param_pattern_refuses_escapes():
     pattern = re.compile(SAFE_FILE_NAME_PATTERN)
-    assert pattern.match("photo.png") and pattern.match("sub/dir/photo.png")
+    assert pattern.match("photo.safetensors") and pattern.match("sub/dir/photo.safetensors")
     for bad in ("../x.png", "/etc/passwd", "a/../../b", "C:\\x.png", "..\\x"):
         assert not pattern.match(bad), bad
 
@@ -121,3 +124,36 @@ def test_sidecar_errors_name_the_file(text, fragment):
     with pytest.raises(WorkflowError) as info:
         parse_sidecar(text, "wf.comfy.yaml")
     assert fragment in str(info.value) and str(info.value).startswith("wf.comfy.yaml: ")
+
+
+def test_auto_params_list_offers_the_sampler_and_scheduler_as_choices():
+    from airflow_comfy.workflow.core_nodes import SUPPORTED_SAMPLERS, SUPPORTED_SCHEDULERS
+
+    doc = txt2img()
+    params = params_of(doc, auto=["sampler", "scheduler"])
+    assert {"prompt", "seed", "steps", "sampler", "scheduler"} <= set(params)  # added to the automatic ones
+    sampler, scheduler = params["sampler"], params["scheduler"]
+    assert sampler.schema == {"type": "string", "enum": list(SUPPORTED_SAMPLERS)}
+    assert scheduler.schema == {"type": "string", "enum": list(SUPPORTED_SCHEDULERS)}
+    assert sampler.default == doc["3"]["inputs"]["sampler_name"] and scheduler.default == doc["3"]["inputs"]["scheduler"]
+    assert [(b.node, b.input) for b in sampler.bindings] == [("3", "sampler_name")]
+    assert (sampler.title, scheduler.title) == ("Sampler", "Scheduler")
+    assert "sampler" not in params_of(doc)  # only when listed
+    assert set(params_of(doc, auto=["scheduler"])) - set(params_of(doc)) == {"scheduler"}
+
+
+def test_auto_params_sampler_of_two_samplers_gets_node_suffixes():
+    wf = validate(load_workflow(TEMPLATES / "sdxl_simple_example.json", CATALOG), CATALOG)
+    names = {p.name for p in discover_params(wf, CATALOG, auto=["sampler"])}
+    assert {"sampler_10", "sampler_11"} <= names and "sampler" not in names
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("auto_params: [smapler]", "auto_params: 'smapler' is not an automatic param; the names are prompt,"),
+    ("auto_params: [sampler, 3]", "auto_params must be true, false or a list of param names"),
+    ("auto_params: yes-please", "auto_params must be true, false or a list"),
+])
+def test_auto_params_errors_name_the_sidecar(text, fragment):
+    with pytest.raises(WorkflowError) as info:
+        parse_sidecar(text, "portrait.comfy.yaml")
+    assert str(info.value).startswith("portrait.comfy.yaml: ") and fragment in str(info.value)

@@ -160,7 +160,8 @@ def test_compiling_refuses_path_escapes_before_any_runner(tmp_path: Path):
     workflow["10"]["inputs"]["image"] = "../../etc/passwd"
     path = tmp_path / "escape.json"
     path.write_text(json.dumps(workflow), encoding="utf-8")
-    with pytest.raises(WorkflowError, match=r"node 10 \(LoadImage\).*'image'.*escapes"):
+    with pytest.raises(WorkflowError,
+                       match=r"node 10 \(LoadImage\).*'image'.*'\.\./\.\./etc/passwd' leaves the input folder"):
         compile_for_run(path)
 
 

@@ -12,6 +12,7 @@ processes: real services on temporary sockets, real runner subprocesses, the tin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -462,3 +463,39 @@ def test_a_memory_budget_evicts_the_least_recently_used_model(budget_caches: Cal
     cache.set_memory_budget(None)  # back to sizes: one entry per cache
     vaes.put("e", torch.zeros(1))
     assert vaes.keys() == ["e"]
+
+
+def test_a_model_evicted_after_a_job_is_given_back(budget_caches: Callable[[int], Any]):
+    """The service freezes what outlives a job (so that the next job's collection scans only its own objects);
+    a model dropped from the cache later, even one held in reference cycles, is still collected."""
+    import gc
+    import weakref
+
+    import torch
+
+    from airflow_comfy.runner import service
+    from airflow_comfy.runner.models import cache
+
+    @dataclasses.dataclass
+    class Model:  # a loaded model that refers to itself (modules, hooks and closures often do)
+        weights: torch.Tensor = dataclasses.field(default_factory=lambda: torch.zeros(2**18))  # 1 MiB
+        me: Any = None
+
+        def __post_init__(self) -> None:
+            self.me = self
+
+    mib = 2**20
+    models = budget_caches(1)
+    cache.set_memory_budget(mib)
+    try:
+        first = Model()
+        gone = weakref.ref(first)
+        models.put("first", first)
+        del first
+        service._free_memory()  # the end of a job: the cached model is frozen with the rest
+        assert gc.get_freeze_count() > 0 and gone() is not None
+        models.put("second", Model())  # the budget holds one: the first goes
+        service._free_memory()  # the end of the next job
+        assert gone() is None
+    finally:
+        gc.unfreeze()

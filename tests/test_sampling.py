@@ -62,8 +62,7 @@ def test_registries_match_the_node_catalog():
     assert tuple(SAMPLERS) == SUPPORTED_SAMPLERS
     assert tuple(SCHEDULERS) == SUPPORTED_SCHEDULERS
     assert set(COMFY_EXACT) == set(SAMPLERS)
-    # lms: ComfyUI integrates its coefficients with scipy.quad; uni_pc: not checked bit for bit.
-    assert set(SAMPLERS) - {"lms", "uni_pc", "uni_pc_bh2"} == BIT_EXACT_ON_CPU
+    assert set(SAMPLERS) == BIT_EXACT_ON_CPU
     assert SDE_SAMPLERS <= BIT_EXACT_ON_CPU and ANCESTRAL_SAMPLERS <= BIT_EXACT_ON_CPU
     assert {"dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"} == DISCARD_PENULTIMATE_SIGMA_SAMPLERS
 
@@ -506,6 +505,143 @@ def test_lms_coefficients_are_exact_integrals():
         assert sum(coeffs) == pytest.approx(t[i + 1] - t[i], rel=1e-12)  # the basis sums to 1
     with pytest.raises(ValueError):
         lms_coefficient(4, t, 1, 0)
+
+
+def kdiffusion_lms(model, x, sigmas, order=4):
+    """k-diffusion's ``sample_lms`` and ``linear_multistep_coeff`` (MIT, Katherine Crowson), as ComfyUI 0.3.64
+    runs them, written out from the published formula: the reference lms must equal bit for bit."""
+    from scipy import integrate
+
+    def coeff(order, t, i, j):
+        def fn(tau):
+            prod = 1.
+            for k in range(order):
+                if j == k:
+                    continue
+                prod *= (tau - t[i - k]) / (t[i - j] - t[i - k])
+            return prod
+        return integrate.quad(fn, t[i], t[i + 1], epsrel=1e-4)[0]
+
+    s_in = x.new_ones([x.shape[0]])
+    sigmas_cpu = sigmas.detach().cpu().numpy()
+    ds = []
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in)
+        ds.append((x - denoised) / sigmas[i][(None,) * x.ndim])
+        if len(ds) > order:
+            ds.pop(0)
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            cur_order = min(i + 1, order)
+            coeffs = [coeff(cur_order, sigmas_cpu, i, j) for j in range(cur_order)]
+            x = x + sum(c * d for c, d in zip(coeffs, reversed(ds), strict=True))
+    return x
+
+
+@pytest.mark.parametrize("scheduler", ["normal", "karras", "exponential"])
+def test_lms_is_bit_for_bit_kdiffusions(scheduler):
+    sigmas = sigmas_for(scheduler, 12, sampler_name="lms")
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(5)) * sigmas[0]
+
+    def denoise(x, sigma):  # smooth and nonlinear, so every coefficient's last bit shows in the result
+        return torch.tanh(x / (1 + sigma[:, None, None, None] ** 2) ** 0.5) * 0.7 + 0.05 * x.roll(1, -1)
+
+    assert torch.equal(SAMPLERS["lms"](denoise, x.clone(), sigmas), kdiffusion_lms(denoise, x.clone(), sigmas))
+
+
+def unipc_reference(model, noise, sigmas, variant):
+    """UniPC as ComfyUI 0.3.64's KSampler runs ``uni_pc`` / ``uni_pc_bh2``, written out from the authors'
+    multistep B(h) solver with data prediction (https://github.com/wl-zhao/UniPC, MIT, Wenliang Zhao): the VE
+    schedule seen as a VP process (α = 1/√(1+σ²)), the last σ = 0 replaced by 0.001, order min(3, steps − 1),
+    lower orders on the final steps, no corrector after the last step, the result divided by α(σ_last)."""
+    def log_alpha(s):
+        return 0.5 * torch.log(1 / ((s * s) + 1))
+
+    def std(s):
+        return torch.sqrt(1. - torch.exp(2. * log_alpha(s)))
+
+    def lam(s):
+        return log_alpha(s) - 0.5 * torch.log(1. - torch.exp(2. * log_alpha(s)))
+
+    def expand(v, dims):
+        return v[(...,) + (None,) * (dims - 1)]
+
+    def data_prediction(x, t):
+        sigma = t.view(t.shape[:1] + (1,) * (x.ndim - 1))
+        scaled = x * ((sigma ** 2 + 1.0) ** 0.5)
+        eps = (scaled - model(scaled, t)) / sigma
+        return (x - expand(std(t), x.dim()) * eps) / expand(torch.exp(log_alpha(t)), x.dim())
+
+    def update(x, model_prev_list, t_prev_list, t, order, use_corrector):
+        dims = x.dim()
+        t_prev_0, model_prev_0 = t_prev_list[-1], model_prev_list[-1]
+        lambda_prev_0 = lam(t_prev_0)
+        alpha_t = torch.exp(log_alpha(t))
+        h = lam(t) - lambda_prev_0
+        rks, D1s = [], []
+        for i in range(1, order):
+            rk = ((lam(t_prev_list[-(i + 1)]) - lambda_prev_0) / h)[0]
+            rks.append(rk)
+            D1s.append((model_prev_list[-(i + 1)] - model_prev_0) / rk)
+        rks.append(1.)
+        rks = torch.tensor(rks, device=x.device)
+        hh = -h[0]
+        h_phi_1 = torch.expm1(hh)
+        h_phi_k = h_phi_1 / hh - 1
+        B_h = hh if variant == "bh1" else torch.expm1(hh)
+        R, b, factorial_i = [], [], 1
+        for i in range(1, order + 1):
+            R.append(torch.pow(rks, i - 1))
+            b.append(h_phi_k * factorial_i / B_h)
+            factorial_i *= i + 1
+            h_phi_k = h_phi_k / hh - 1 / factorial_i
+        R, b = torch.stack(R), torch.tensor(b, device=x.device)
+        D1s = torch.stack(D1s, dim=1) if D1s else None
+        if D1s is not None:
+            rhos_p = torch.tensor([0.5]) if order == 2 else torch.linalg.solve(R[:-1, :-1], b[:-1])
+        x_t_ = expand(std(t) / std(t_prev_0), dims) * x - expand(alpha_t * h_phi_1, dims) * model_prev_0
+        pred_res = torch.einsum("k,bkchw->bchw", rhos_p, D1s) if D1s is not None else 0
+        x_t = x_t_ - expand(alpha_t * B_h, dims) * pred_res
+        if not use_corrector:
+            return x_t, None
+        rhos_c = torch.tensor([0.5]) if order == 1 else torch.linalg.solve(R, b)
+        model_t = data_prediction(x_t, t)
+        corr_res = torch.einsum("k,bkchw->bchw", rhos_c[:-1], D1s) if D1s is not None else 0
+        return x_t_ - expand(alpha_t * B_h, dims) * (corr_res + rhos_c[-1] * (model_t - model_prev_0)), model_t
+
+    timesteps = sigmas.clone()
+    if timesteps[-1] == 0:
+        timesteps[-1] = 0.001
+    x = noise / torch.sqrt(1.0 + timesteps[0] ** 2.0)
+    steps, order = len(timesteps) - 1, min(3, len(timesteps) - 2)
+    t_prev_list = [timesteps[0].expand(x.shape[0])]
+    model_prev_list = [data_prediction(x, t_prev_list[0])]
+    for step in range(1, order):
+        t = timesteps[step].expand(x.shape[0])
+        x, model_x = update(x, model_prev_list, t_prev_list, t, step, True)
+        t_prev_list.append(t)
+        model_prev_list.append(model_x)
+    for step in range(order, steps + 1) if order > 0 else ():
+        t = timesteps[step].expand(x.shape[0])
+        x, model_x = update(x, model_prev_list, t_prev_list, t, min(order, steps + 1 - step), step != steps)
+        t_prev_list = t_prev_list[1:] + [t]
+        if step < steps:
+            model_prev_list = model_prev_list[1:] + [model_x]
+    return x / torch.exp(log_alpha(timesteps[-1]))
+
+
+@pytest.mark.parametrize("name", ["uni_pc", "uni_pc_bh2"])
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 9])
+def test_uni_pc_is_bit_for_bit_the_reference(name, steps):
+    sigmas = sigmas_for("karras" if steps % 2 else "normal", steps, sampler_name=name)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(steps)) * sigmas[0]
+
+    def denoise(x, sigma):
+        return torch.tanh(x / (1 + sigma[:, None, None, None] ** 2) ** 0.5) * 0.7 + 0.05 * x.roll(1, -1)
+
+    variant = "bh2" if name.endswith("bh2") else "bh1"
+    assert torch.equal(SAMPLERS[name](denoise, x.clone(), sigmas), unipc_reference(denoise, x.clone(), sigmas, variant))
 
 
 def test_callback_once_per_step():

@@ -108,7 +108,7 @@ def test_load_tokenizer_uses_the_shipped_vocabulary_offline(tmp_path):
     assert tok("a photo of a cat")["input_ids"] == PUBLISHED[0][1]
     bigg = load_tokenizer(checkpoint, tmp_path, vocab_size=CLIP_VOCAB_SIZE, pad_token="!")
     assert bigg.pad_token == "!" and tok.pad_token == "<|endoftext|>"
-    with pytest.raises(ModelFileError, match="no CLIP tokenizer found for a vocabulary of 1000 tokens"):
+    with pytest.raises(ModelFileError, match="no CLIP tokenizer found for the text encoder, whose vocabulary has 1000 tokens"):
         load_tokenizer(checkpoint, tmp_path, vocab_size=1000)
 
 

@@ -160,3 +160,30 @@ def test_types_compatible_follows_comfyui():
 @pytest.fixture(scope="module")
 def reference_catalog():
     return CATALOG.extended(object_info(), source=str(OBJECT_INFO))
+
+
+def _with_load_image(name: str) -> dict:
+    """txt2img whose sampler starts from an encoded input image ``name``."""
+    doc = txt2img()
+    doc["10"] = {"class_type": "LoadImage", "inputs": {"image": name}}
+    doc["11"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["10", 0], "vae": ["4", 2]}}
+    doc["3"]["inputs"]["latent_image"] = ["11", 0]
+    return doc
+
+
+@pytest.mark.parametrize("name, sentence", [
+    ("../secret.png", "'../secret.png' leaves the input folder"),
+    ("/etc/x.png", "'/etc/x.png' is an absolute path"),
+    ("x.gif", "'x.gif' is not an image type the runner reads (png, jpg, jpeg, webp)"),
+])
+def test_load_image_names_the_runner_would_refuse_are_sentences(name: str, sentence: str):
+    problem = only(_with_load_image(name))
+    assert (problem.kind, problem.node_id, problem.input_name) == ("bad_input_image", "10", "image")
+    assert sentence in problem.message
+
+
+@pytest.mark.parametrize("name", ["photo.png", "shots/photo.JPEG", "photo.webp [input]",
+                                  "s3://bucket/inputs/photo.png", "file:///data/input/photo.png"])
+def test_load_image_names_and_uris_pass(name: str):
+    # URIs are judged where the input folder and store are known (trigger time and the runner)
+    assert check(_with_load_image(name)).nodes["10"].inputs["image"] == name

@@ -14,6 +14,7 @@ Shape (version 1)::
                   "width": 512, "height": 512, "sha256": "..."}],
       "timings": {"nodes": {"3": 12.5}, "totals": {"total": 14.1}},
       "models": {"checkpoints/sd15.safetensors": "<64 hex>"},
+      "inputs": {"s3://bucket/inputs/cat.png": "<64 hex>"},
       "package_version": "0.1.0",
       "low_memory": {"6": {"group": "postprocess", "class_type": "VAEDecode", "error": "OutOfMemoryError: ...",
                            "vae": "decode in tiles", "tile_px": 256, "overlap_px": 64, "tiles": 9, ...}},
@@ -28,6 +29,10 @@ Shape (version 1)::
 ``low_memory`` lists the nodes that ran out of memory and were retried in low-memory mode (tiled VAE, sliced
 attention), so their values may differ slightly from a normal run: this group's, and those its input manifests
 list (each entry names its group). Older manifests have none.
+
+``inputs``: the input images read (as the workflow or a param named them: a file name, a ``file://`` or an
+``s3://`` URI) and the sha256 of their bytes, this group's and those its input manifests list. Older manifests
+have none.
 
 ``spec_sha256`` (the group spec's) and ``params`` (the run's values of the params this group binds) say what
 committed the group: a later try, or a rerun under the same run key, with the same spec and params returns this
@@ -123,6 +128,8 @@ class GroupManifest:
     """sha256 of the group spec that made it ("" in manifests from before this field)."""
     params: dict[str, Any] = field(default_factory=dict)
     """The run's values of the params this group binds."""
+    inputs: dict[str, str] = field(default_factory=dict)
+    """Input image (as named) -> sha256 of its bytes: this group's and its upstream groups'."""
     stats: dict[str, Any] = field(default_factory=dict)
     """Per-node and group figures (seconds, bytes, peak memory); ``{}`` in manifests from before this field."""
 
@@ -155,6 +162,7 @@ class GroupManifest:
             "manifest_uri": self.manifest_uri,
             "spec_sha256": self.spec_sha256,
             "params": dict(self.params),
+            "inputs": dict(self.inputs),
             "stats": dict(self.stats),
         }
 
@@ -309,6 +317,8 @@ def _parse(data: Any) -> GroupManifest:
                     for k, v in _dict(_get(data, "low_memory", "", default={}), "low_memory").items()},
         spec_sha256=_optional_sha256(_get(data, "spec_sha256", "", default=""), "spec_sha256"),
         params=dict(_dict(_get(data, "params", "", default={}), "params")),
+        inputs={_str(k, "inputs key"): _sha256(v, f"inputs[{k!r}]")
+                for k, v in _dict(_get(data, "inputs", "", default={}), "inputs").items()},
         stats=_stats(_get(data, "stats", "", default={})),
     )
 

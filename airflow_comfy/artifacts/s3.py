@@ -295,6 +295,13 @@ class S3Store(ArtifactStore):
 
         return self._bounded("write", uri, copy)
 
+    def presigned_url(self, key: str, *, expires_in: int) -> str:
+        """A URL that lets whoever holds it GET the object at ``key`` for ``expires_in`` seconds, without
+        credentials (signed locally with this store's credentials: no request is made). Its host is this store's
+        endpoint, so the endpoint must be one the browser can reach."""
+        return self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": self.object_key(key)}, ExpiresIn=int(expires_in))
+
     def delete(self, key: str) -> None:
         self._bounded("delete", self.uri(key),
                       lambda: self.client.delete_object(Bucket=self.bucket, Key=self.object_key(key)))

@@ -47,6 +47,7 @@ from airflow.sdk import DAG, Param
 from airflow_comfy.config import ComfySettings, get_settings
 from airflow_comfy.factory.cache import ParseCache
 from airflow_comfy.factory.compile import CompiledWorkflow, cache_key, compile_workflow, dag_id_for
+from airflow_comfy.factory.param_formats import register_param_formats
 from airflow_comfy.factory.sidecar import Sidecar, load_sidecar, sidecar_path
 from airflow_comfy.operators.build import build_group_task
 from airflow_comfy.operators.task_config import GroupTaskConfig
@@ -66,6 +67,8 @@ from airflow_comfy.workflow.groupspec import GroupSpec
 from airflow_comfy.workflow.loader import read_workflow_file
 
 log = logging.getLogger(__name__)
+
+register_param_formats()  # a task validating its params (and dag.test()) gets the sentences too
 
 DEFAULT_START_DATE = datetime(2024, 1, 1, tzinfo=timezone.utc)
 SKIPPED_SUFFIXES = (".object_info.json",)

@@ -28,7 +28,8 @@ Example::
         node_selector: {gpu: a100}
     params:                        # extra trigger params: name -> "node.input" or a mapping
       style: {node: "6", input: text, title: Style prompt}
-    auto_params: true              # the built-in prompt/seed/steps/... params
+    auto_params: [sampler, scheduler]   # the built-in prompt/seed/steps/... params, plus the KSampler's
+                                   # sampler and scheduler as choices (true: the built-in ones; false: none)
 
 Unknown keys are errors (a typo must not be silently ignored); every error names the sidecar file.
 """
@@ -45,6 +46,7 @@ import yaml
 
 from airflow_comfy.scheduling.tiers import TierError, check_priority_class_name
 from airflow_comfy.workflow.errors import Problem, WorkflowError
+from airflow_comfy.workflow.params import AUTO_PARAM_NAMES
 from airflow_comfy.workflow.slicing import SLICING_MODES
 
 SIDECAR_SUFFIX = ".comfy.yaml"
@@ -80,7 +82,8 @@ class Sidecar:
     slicing: str = "auto"
     groups: dict[str, list[str]] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
-    auto_params: bool = True
+    auto_params: bool | list[str] = True
+    """True: the automatic params; False: none; a list: the automatic ones plus the optional ones it names."""
     max_active_runs: int | None = None
     priority: str | None = None
     """The default tier of the workflow's runs (a run's trigger conf ``tier`` wins); checked against the
@@ -135,7 +138,7 @@ def parse_sidecar(text: str, source: str) -> Sidecar:
         raise _error(source, f"slicing must be one of {', '.join(SLICING_MODES)}, not {sidecar.slicing!r}")
     sidecar.groups = _groups(data.get("groups"), source)
     sidecar.params = dict(_mapping(data, "params", source))
-    sidecar.auto_params = _bool(data, "auto_params", True, source)
+    sidecar.auto_params = _auto_params(data.get("auto_params", True), source)
     if data.get("max_active_runs") is not None:
         sidecar.max_active_runs = _int(data["max_active_runs"], "max_active_runs", source, minimum=1)
     sidecar.priority = _optional_str(data, "priority", source)
@@ -192,6 +195,20 @@ def _task_settings(data: Mapping[str, Any], source: str, prefix: str) -> dict[st
     if not isinstance(tolerations, list) or not all(isinstance(t, Mapping) for t in tolerations):
         raise _error(source, f"{prefix}tolerations must be a list of mappings")
     return out
+
+
+def _auto_params(value: Any, source: str) -> bool | list[str]:
+    """``auto_params``: true, false, or a list of names from :data:`AUTO_PARAM_NAMES`."""
+    if isinstance(value, bool):
+        return value
+    if not isinstance(value, list) or not all(isinstance(name, str) for name in value):
+        raise _error(source, f"auto_params must be true, false or a list of param names, not {value!r}")
+    unknown = [name for name in value if name not in AUTO_PARAM_NAMES]
+    if unknown:
+        raise _error(source, f"auto_params: {', '.join(map(repr, unknown))} "
+                             f"{'is not an automatic param' if len(unknown) == 1 else 'are not automatic params'}; "
+                             f"the names are {', '.join(AUTO_PARAM_NAMES)}")
+    return list(dict.fromkeys(value))
 
 
 def _refuse_retired(data: Mapping[str, Any], source: str, prefix: str) -> None:

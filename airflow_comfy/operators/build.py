@@ -130,6 +130,8 @@ def _pod_task(
         input_path=settings.pod_input_path,
         upstream_task_ids=upstream_task_ids,
         spec_sha256=spec_sha256,
+        input_store=settings.input_store,
+        input_root=settings.input_roots.folder,  # file:// URIs name the folder as input_path does
     )
     dag_id = dag.dag_id if dag is not None else spec.workflow_name
     pod_kwargs = group_pod_kwargs(spec, task_config=task_config, settings=settings, dag_id=dag_id)
@@ -158,6 +160,7 @@ def _local_task(
         input_path=settings.input_path,
         upstream_task_ids=upstream_task_ids,
         spec_sha256=spec_sha256,
+        input_store=settings.input_store,
     )
     return ComfyGroupLocalOperator(
         arguments=arguments,

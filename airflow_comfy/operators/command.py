@@ -10,6 +10,8 @@ Both operators (Kubernetes pod and local subprocess) run the very same command::
         --params "{{ params | tojson }}"
         [--inputs "{{ ti.xcom_pull(task_ids='encode')['manifest_uri'] }}"]   # once per upstream group
         --models <models folder> --input-dir <input folder>
+        [--input-store s3://bucket/prefix]         # image params may name objects under it
+        [--input-root <input_path>]                # pod only: the folder file:// image URIs name
         [--xcom-path /airflow/xcom/return.json]    # pod only: KPO's xcom sidecar reads that file
         [--manifest-out <file>]                    # local only: where the runner writes its manifest
 
@@ -82,6 +84,8 @@ def runner_arguments(
     try_number: str = TRY_TEMPLATE,
     params: str = PARAMS_TEMPLATE,
     input_uris: Sequence[str] | None = None,
+    input_store: str = "",
+    input_root: str | None = None,
 ) -> list[str]:
     """Arguments of the runner command common to both backends.
 
@@ -91,7 +95,9 @@ def runner_arguments(
     concrete values instead (``run_key``, ``try_number``, ``params`` JSON, ``input_uris``). ``spec_sha256`` is
     ``spec.sha256()`` when the caller already has it (the parse cache keeps it); the spec itself is published
     to ``store`` by whoever starts the runner (:func:`airflow_comfy.artifacts.specs.publish_spec`). The backend
-    adds ``--xcom-path`` (pod) or ``--manifest-out`` (local).
+    adds ``--xcom-path`` (pod) or ``--manifest-out`` (local). ``input_store``: the ``s3://`` input store image
+    params may name; ``input_root``: the input folder as ``file://`` image URIs name it, where the runner sees
+    it elsewhere (``input_path``, in a pod).
     """
     if input_uris is None:
         upstream = list(spec.upstream if upstream_task_ids is None else upstream_task_ids)
@@ -109,6 +115,10 @@ def runner_arguments(
     for uri in input_uris:
         arguments += ["--inputs", uri]
     arguments += ["--models", models_path, "--input-dir", input_path]
+    if input_store:
+        arguments += ["--input-store", input_store]
+    if input_root is not None and input_root != input_path:
+        arguments += ["--input-root", input_root]
     return arguments
 
 

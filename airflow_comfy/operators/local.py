@@ -31,6 +31,7 @@ from airflow_comfy.operators.devices import (
     resolve_gpus,
 )
 from airflow_comfy.operators.failure_text import runner_failure
+from airflow_comfy.operators.links import GROUP_TASK_LINKS, MANIFEST_ATTRIBUTE
 from airflow_comfy.operators.preemption_log import STOPPED_MESSAGE, log_preemptions
 from airflow_comfy.operators.runner_log import describe_run, relay_line
 from airflow_comfy.operators.spec_publish import publish_group_spec
@@ -75,6 +76,8 @@ class ComfyGroupLocalOperator(BaseOperator):
     :param runner_service: ``[comfy] runner_service``: run the command as a job of the warm runner service;
         None: the worker's setting. Never with ``runner_command``.
     :param runner_service_dir: ``[comfy] runner_service_dir``; None: the worker's setting.
+    :param runner_service_socket: ``[comfy] runner_service_socket``: the socket of a runner service that runs
+        elsewhere (another container), which this task only connects to; "": none; None: the worker's setting.
 
     With managed GPUs, a group that needs one waits for a free device slot (a lock file in
     ``device_lock_dir``, held by this task's process and inherited by its runner), runs its runner with
@@ -88,6 +91,11 @@ class ComfyGroupLocalOperator(BaseOperator):
     (not startable, busy, unreachable, refusing) means a subprocess instead; one that dies during the job fails
     the try (retried). A killed task cancels its job: it stops at the next node or sampler step.
 
+    With ``runner_service_socket``, the service runs in another container: the task waits for its turn, sends
+    the job with its own variables only (``AWS_*``, ``COMFY_*``, ``env``; the service keeps its interpreter,
+    folders and process variables), has the manifest written to a folder beside the socket (the one folder both
+    sides see), and never runs a subprocess: no service there fails the try (retried), naming the socket.
+
     Returns the manifest the runner wrote (pushed as XCom ``return_value``). Exit code 2 (bad input) raises
     ``AirflowFailException`` (no retry); any other failure raises ``AirflowException`` (retried).
     """
@@ -95,6 +103,7 @@ class ComfyGroupLocalOperator(BaseOperator):
     template_fields: Sequence[str] = ("arguments", "env")
     template_fields_renderers = {"arguments": "py", "env": "json"}
     ui_color = "#e8f4fd"
+    operator_extra_links = GROUP_TASK_LINKS
     #: Seconds between two tries for a device slot while every slot is held.
     device_poll_seconds: float = 1.0
     #: Seconds a cancelled job of the runner service has to stop before the service is ended.
@@ -117,6 +126,7 @@ class ComfyGroupLocalOperator(BaseOperator):
         device_lock_dir: str | None = None,
         runner_service: bool | None = None,
         runner_service_dir: str | None = None,
+        runner_service_socket: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -136,6 +146,7 @@ class ComfyGroupLocalOperator(BaseOperator):
         self.device_lock_dir = device_lock_dir
         self.runner_service = runner_service
         self.runner_service_dir = runner_service_dir
+        self.runner_service_socket = runner_service_socket
         self._process: subprocess.Popen[str] | None = None
         self._session: ServiceSession | None = None
         self._lease: DeviceLease | None = None
@@ -155,25 +166,41 @@ class ComfyGroupLocalOperator(BaseOperator):
                 base.pop(name, None)
         return {**base, **(credentials or {}), **self.env, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
+    def forwarded_env(self, credentials: dict[str, str] | None = None) -> dict[str, str]:
+        """The variables a runner service elsewhere gets with the job, on top of its own environment: the
+        worker's store and runner settings (:data:`FORWARDED_ENV_PREFIXES`; its AWS identity only when
+        ``credentials`` do not replace it), ``credentials`` and the task's ``env``. Never the rest of the
+        worker's environment (Airflow's own secrets, its interpreter's and folders' variables)."""
+        ambient = {name: value for name, value in os.environ.items() if name.startswith(FORWARDED_ENV_PREFIXES)}
+        if credentials is not None:
+            for name in AWS_IDENTITY_ENV:
+                ambient.pop(name, None)
+        return {**ambient, **(credentials or {}), **self.env}
+
     def execute(self, context: Any) -> dict[str, Any]:
         self._killed = False
         log_preemptions(context, self.log)
         credentials = aws_env_from_connection(self.aws_conn_id) if self.aws_conn_id else None
         if self.group_spec is not None and self.spec_sha256 and self.store:
             publish_group_spec(self.group_spec, self.spec_sha256, self.store, aws_env=credentials, log=self.log)
+        service = self._service_config()
         try:
             device_env = self._take_device(context)
-            with tempfile.TemporaryDirectory(prefix="airflow-comfy-") as tmp:
+            with manifest_folder(service) as tmp:
                 manifest_out = os.path.join(tmp, "manifest.json")
-                env = {**self.subprocess_env(credentials), **device_env}
+                if service is not None and service.external:
+                    env = {**self.forwarded_env(credentials), **device_env}
+                else:
+                    env = {**self.subprocess_env(credentials), **device_env}
                 command = self.command(manifest_out)
-                warm = self._run_in_service(command, local_arguments(self.arguments, manifest_out), env)
+                warm = self._run_in_service(service, command, local_arguments(self.arguments, manifest_out), env)
                 returncode, tail = warm if warm is not None else self._run(command, env)
                 raise_for_exit(returncode, tail)
                 manifest = read_manifest(manifest_out)
         finally:
             self._release_device()
         self.log.info("Runner manifest: %s", manifest.get(MANIFEST_URI_KEY))
+        setattr(self, MANIFEST_ATTRIBUTE, manifest)  # for the extra links, made when the task finishes
         emit_group_metrics(manifest, task_tags(context, self), self.log)
         return manifest
 
@@ -282,35 +309,38 @@ class ComfyGroupLocalOperator(BaseOperator):
         """How to reach the runner service; None when this task does not use one."""
         if self.runner_command is not None:  # a command of its own: no service runs it
             return None
-        enabled, directory = self.runner_service, self.runner_service_dir
+        enabled, directory, socket_path = self.runner_service, self.runner_service_dir, self.runner_service_socket
         from airflow_comfy.config import get_settings
 
         try:
             current = get_settings()
         except ValueError as exc:
             raise AirflowFailException(f"the [comfy] settings are invalid: {exc}") from None
-        if not (current.runner_service if enabled is None else enabled):
+        socket_path = current.runner_service_socket if socket_path is None else socket_path
+        if not socket_path.strip() and not (current.runner_service if enabled is None else enabled):
             return None
         return ServiceConfig(
             python=self.runner_python or sys.executable,
             directory=current.runner_service_dir if directory is None else directory,
             idle_timeout=current.runner_service_idle_timeout, cache_budget_mb=current.runner_service_cache_mb,
-            cancel_grace=self.service_cancel_grace, cpu_slots=current.runner_service_cpu_slots)
+            cancel_grace=self.service_cancel_grace, cpu_slots=current.runner_service_cpu_slots,
+            socket=socket_path.strip())
 
-    def _run_in_service(self, command: list[str], argv: list[str],
+    def _run_in_service(self, config: ServiceConfig | None, command: list[str], argv: list[str],
                         env: dict[str, str]) -> tuple[int, list[str]] | None:
         """Run the job in the runner service: its exit code and last lines, or None when no service can run it
-        (the caller runs the subprocess)."""
-        config = self._service_config()
+        (the caller runs the subprocess). A service that runs elsewhere and cannot run it fails the try."""
         if config is None:
             return None
         lease = self._lease
         session = ServiceSession(config, env, slot=slot_name(lease.device, lease.slot) if lease else None,
-                                 log=self.log.info)
+                                 log=self.log.info, should_stop=lambda: self._killed)
         self._session = session
         try:
             return self._run_session(session, command, argv, env)
         except ServiceUnavailable as exc:
+            if config.external:
+                raise AirflowException(external_service_failure(config.socket, exc)) from None
             self.log.warning("The runner service cannot run this job (%s): running a runner subprocess instead", exc)
             return None
         finally:
@@ -342,7 +372,9 @@ class ComfyGroupLocalOperator(BaseOperator):
         try:
             result: JobResult = session.run(argv, env, fds=fds, on_lines=on_lines, on_started=on_started)
         except ServiceDied as exc:
-            raise AirflowException(f"{exc}. The next try starts a fresh runner service.") from None
+            after = ("The next try waits for it at its socket" if session.config.external
+                     else "The next try starts a fresh runner service")
+            raise AirflowException(f"{exc}. {after}.") from None
         self.log.info("The runner %s", result.describe())
         return result.code, list(tail)
 
@@ -371,6 +403,33 @@ class ComfyGroupLocalOperator(BaseOperator):
             return
         self._stop_process()
         self._release_device()
+
+
+#: The worker's variables that go with every job to a runner service elsewhere: the store's (AWS_*: keys,
+#: region, endpoint) and the runner's own settings (COMFY_*).
+FORWARDED_ENV_PREFIXES = ("AWS_", "COMFY_")
+
+
+def manifest_folder(service: ServiceConfig | None) -> tempfile.TemporaryDirectory[str]:
+    """A fresh folder for the runner's ``--manifest-out``: beside the socket of a service that runs elsewhere
+    (the one folder that both the task's and the service's containers see, at the same path), else in the
+    worker's temporary folder."""
+    if service is not None and service.external:
+        try:
+            return tempfile.TemporaryDirectory(prefix="manifest-", dir=os.path.dirname(service.socket))
+        except OSError as exc:
+            raise AirflowException(external_service_failure(service.socket, exc)) from None
+    return tempfile.TemporaryDirectory(prefix="airflow-comfy-")
+
+
+def external_service_failure(socket_path: str, exc: Exception) -> str:
+    """The try's error when the runner service that runs elsewhere cannot take its job: what, where, what to
+    do. Retried: the service may be starting or restarting."""
+    return (f"The runner service at {socket_path} ([comfy] runner_service_socket) cannot run this group: {exc}. "
+            "This worker never runs the runner itself: start that service (in the docker-compose stack, the "
+            "'runner' service: `docker compose up -d runner`; elsewhere `python -m airflow_comfy.runner serve "
+            f"--socket {socket_path}`) with the same socket folder, models folder and artifact store. The task is "
+            "retried.")
 
 
 def task_holder(context: Any, task_id: str) -> str:

@@ -17,6 +17,7 @@ from airflow_comfy.metrics import emit_group_metrics, task_tags
 from airflow_comfy.operators.command import EXIT_BAD_INPUT, RUNNER_MODULE, pod_arguments
 from airflow_comfy.operators.disruption import PodDisrupted, PodDisruptionMixin
 from airflow_comfy.operators.failure_text import runner_failure
+from airflow_comfy.operators.links import GROUP_TASK_LINKS, MANIFEST_ATTRIBUTE
 from airflow_comfy.operators.preemption_log import STOPPED_MESSAGE, log_preemptions
 from airflow_comfy.operators.runner_log import pod_log_formatter
 from airflow_comfy.operators.spec_publish import publish_group_spec
@@ -97,6 +98,7 @@ class ComfyGroupPodOperator(PodDisruptionMixin, KubernetesPodOperator):
     # priority_class_name is templated: rendered from the run's params when the task runs, it gives the pod the
     # priority class of the run's tier (airflow_comfy.scheduling.tiers), so one DAG serves every tier.
     template_fields = (*KubernetesPodOperator.template_fields, "priority_class_name")
+    operator_extra_links = GROUP_TASK_LINKS
 
     def __init__(
         self,
@@ -149,14 +151,16 @@ class ComfyGroupPodOperator(PodDisruptionMixin, KubernetesPodOperator):
 
             aws_env = aws_env_from_connection(self.aws_conn_id) if self.aws_conn_id else None
             publish_group_spec(self.group_spec, self.spec_sha256, self.store, aws_env=aws_env, log=self.log)
-        return self._with_metrics(context, super().execute(context))
+        return self._finished(context, super().execute(context))
 
     def trigger_reentry(self, context: Any, event: dict[str, Any]) -> Any:
-        """The deferrable path's end: the pod's manifest, after its metrics are sent."""
-        return self._with_metrics(context, super().trigger_reentry(context, event))
+        """A deferred try ends here, not in ``execute``: the same as the end of ``execute``."""
+        return self._finished(context, super().trigger_reentry(context, event))
 
-    def _with_metrics(self, context: Any, manifest: Any) -> Any:
-        """Send the group's metrics from the manifest the runner left for KPO's xcom sidecar."""
+    def _finished(self, context: Any, manifest: Any) -> Any:
+        """The manifest the runner left for KPO's xcom sidecar: kept for the extra links (made when the task
+        finishes), and the group's metrics sent from it."""
+        setattr(self, MANIFEST_ATTRIBUTE, manifest)
         if isinstance(manifest, dict):
             emit_group_metrics(manifest, task_tags(context, self), self.log)
         return manifest

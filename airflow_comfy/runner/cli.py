@@ -110,6 +110,10 @@ def _parser() -> argparse.ArgumentParser:
     run_.add_argument("--inputs", action="append", default=[], help="manifest URI of an upstream group")
     run_.add_argument("--models", required=True, type=Path, help="ComfyUI-style models folder")
     run_.add_argument("--input-dir", required=True, type=Path, help="folder LoadImage reads from")
+    run_.add_argument("--input-store", default="",
+                      help="s3://bucket/prefix of the input store: image inputs may name objects under it")
+    run_.add_argument("--input-root", default=None, type=Path,
+                      help="the input folder as file:// image URIs name it (default: --input-dir)")
     run_.add_argument("--xcom-path", default=None, help="pod: write the manifest here for KPO's xcom sidecar")
     run_.add_argument("--manifest-out", default=None, help="local: write the manifest here")
     run_.add_argument("--device", default=os.environ.get("COMFY_RUNNER_DEVICE", "auto"),
@@ -217,6 +221,7 @@ def _execute(args: argparse.Namespace, store, spec: GroupSpec, spec_sha256: str,
     torch.set_num_threads(max(1, args.threads))
     device = _device(args.device)
     context = RunContext(models_root=args.models, input_dir=args.input_dir, device=device,
+                         input_store=args.input_store, input_root=args.input_root,
                          dtype=_dtype(args.precision, device), allow_pickle=args.allow_pickle,
                          memory_budget=None if args.memory_budget_mb is None else int(args.memory_budget_mb * 2**20))
     state["context"] = context

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from airflow_comfy.workflow.inputs import InputRoots
 
 log = logging.getLogger("airflow_comfy.runner")
 
@@ -42,6 +45,11 @@ class RunContext:
     input_dir: Path
     device: torch.device
     dtype: torch.dtype
+    input_store: str = ""
+    """``s3://bucket/prefix`` of the input store (``--input-store``): image params may name objects under it."""
+    input_root: Path | None = None
+    """The input folder as ``file://`` URIs name it (``--input-root``; default ``input_dir``): a pod mounts the
+    folder elsewhere than the worker that validated the URI."""
     allow_pickle: bool = False
     prompt: dict | None = None
     """The full API prompt (params applied) for PNG metadata."""
@@ -56,12 +64,19 @@ class RunContext:
     """Recipe node id -> the outputs (MODEL / CLIP / VAE ...) this group uses: a loader loads only those."""
     model_files: dict[str, str] = field(default_factory=dict)
     """file path -> sha256 of every model file loaded (the run snapshot)."""
+    input_files: dict[str, str] = field(default_factory=dict)
+    """input image (as the workflow or param names it) -> sha256 of the bytes read (the run snapshot)."""
     cache: dict[Any, Any] = field(default_factory=dict)
     memory_budget: int | None = None
     """Bytes one allocation of the VAE or of an attention may take (``--memory-budget-mb``; see
     :mod:`airflow_comfy.runner.memory`); ``None``: no budget, nothing is checked."""
     current_node: str | None = None
     """``node <id> (<class>)`` while a node runs: what a failure message names."""
+
+    @property
+    def input_roots(self) -> InputRoots:
+        """Where input images may be (:mod:`airflow_comfy.workflow.inputs`)."""
+        return InputRoots(folder=os.path.abspath(self.input_root or self.input_dir), store=self.input_store)
 
 
 @dataclass

@@ -138,6 +138,7 @@ class GroupRun:
             low_memory=self._low_memory_record(),
             spec_sha256=self.spec_sha256,
             params={name: self.params[name] for name in sorted(self.spec.params) if name in self.params},
+            inputs=self._inputs_record(),
             stats=stats,
         )
         return self.outputs.commit(manifest, self._snapshot(manifest) if self.context.saved else None)
@@ -220,6 +221,14 @@ class GroupRun:
         record.update(copy.deepcopy(self.low_memory))
         return record
 
+    def _inputs_record(self) -> dict[str, str]:
+        """The input images this group read and those its upstream groups read, with their sha256."""
+        record: dict[str, str] = {}
+        for manifest in self.input_manifests:
+            record.update(manifest.inputs)
+        record.update(self.context.input_files)
+        return record
+
     def _save_image(self, node: str, subfolder: str, filename: str, png: bytes, width: int,
                     height: int) -> SavedImage:
         uri, sha256 = self.outputs.stage(node, subfolder, filename, png)
@@ -245,6 +254,7 @@ class GroupRun:
             "ui_workflow": self.spec.metadata.get("workflow"),
             "package_version": __version__,
             "models": dict(self.context.model_files),
+            "inputs": manifest.inputs,
             "images": [s.uri for s in self.context.saved],
             "low_memory": manifest.low_memory,
         }
@@ -311,10 +321,10 @@ def _check_file(node_context: NodeContext, folder: str, input_name: str, name: s
         pickle_refused,
         resolve_model_file,
     )
-    from airflow_comfy.runner.nodes.image import input_file
+    from airflow_comfy.runner.nodes.image import check_input
 
     if folder == "input":
-        input_file(node_context, name, input_name)
+        check_input(node_context, name, input_name)
         return
     if folder not in MODEL_FOLDERS:
         return

@@ -9,10 +9,15 @@ subprocess would start. The socket is ``<runtime dir>/<slot>-<fingerprint>.sock`
 ``flock`` held by the one task using the service, which is also the only one that may start it: no two tasks
 start the same service) and ``.log`` (the service's own output between jobs).
 
+A service that runs elsewhere (``ServiceConfig.socket``: another container that shares the socket's folder, the
+models and the store) is only connected to, never started: the task waits for its turn on the ``.busy`` lock
+beside that socket, and its job runs in the service's own environment plus the job's variables (the request's
+``env_base: service``; the service's folders, interpreter and process variables are its own).
+
 :class:`ServiceUnavailable` means the job did not start (no usable runtime folder, all CPU slots busy, the
 service would not start, refused the job or went away before starting it): the caller runs a subprocess
-instead. :class:`ServiceDied` means it started and the service ended without an exit status (killed,
-crashed, out of memory): an infrastructure failure of this try.
+instead, or, with a service that runs elsewhere, fails the try. :class:`ServiceDied` means it started and the
+service ended without an exit status (killed, crashed, out of memory): an infrastructure failure of this try.
 
 Standard library only: the task side never imports torch.
 """
@@ -50,6 +55,8 @@ KILL_MARGIN = 3.0
 MAX_SOCKET_PATH = 107
 #: A service log over this many bytes is started afresh.
 MAX_LOG_BYTES = 10 * 2**20
+#: Seconds between two tries for the busy lock of a service that runs elsewhere while another task uses it.
+TURN_POLL = 0.25
 
 
 class ServiceUnavailable(Exception):
@@ -72,6 +79,13 @@ class ServiceConfig:
     cancel_grace: float = 5.0
     cpu_slots: int = 1
     start_timeout: float = START_TIMEOUT
+    socket: str = ""
+    """The socket of a service that runs elsewhere (connect only: never started here); empty: services are
+    started on demand in :attr:`directory`."""
+
+    @property
+    def external(self) -> bool:
+        return bool(self.socket.strip())
 
 
 @dataclass
@@ -163,8 +177,10 @@ class ServiceSession:
     :meth:`stop` waits until it has, :meth:`close` lets the slot go. A context manager."""
 
     def __init__(self, config: ServiceConfig, env: Mapping[str, str], *, slot: str | None = None,
-                 log: Callable[[str], None] = lambda _message: None):
+                 log: Callable[[str], None] = lambda _message: None,
+                 should_stop: Callable[[], bool] = lambda: False):
         self.config, self.env, self.slot, self.log = config, dict(env), slot, log
+        self.should_stop = should_stop
         self.socket_path: Path | None = None
         self.pid: int | None = None
         self.started_service = False
@@ -185,6 +201,8 @@ class ServiceSession:
     # -- claim and connect --
 
     def open(self) -> ServiceSession:
+        if self.config.external:
+            return self._open_external(Path(self.config.socket))
         directory = runtime_dir(self.config.directory)
         stem = f"-{fingerprint(self.config.python, self.env)}"
         names = [self.slot] if self.slot else [f"cpu.{n}" for n in range(max(1, self.config.cpu_slots))]
@@ -211,6 +229,40 @@ class ServiceSession:
             self.close()
             raise
         return self
+
+    def _open_external(self, path: Path) -> ServiceSession:
+        """Wait for this task's turn at the service that runs elsewhere (its ``.busy`` lock), then connect."""
+        self.socket_path = path
+        self._busy = self._wait_for_turn(path.with_suffix(".busy"))
+        try:
+            self._attach(self._connect_external())
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _wait_for_turn(self, busy_path: Path) -> int:
+        waiting = False
+        while True:
+            try:
+                busy = _try_lock(busy_path)
+            except OSError as exc:
+                raise ServiceUnavailable(f"cannot lock {busy_path}: {exc}") from None
+            if busy is not None:
+                return busy
+            if self.should_stop():
+                raise ServiceUnavailable("the task was stopped while it waited for its turn at the runner service")
+            if not waiting:
+                self.log(f"waiting for the runner service at {self.config.socket}: it runs another task's job")
+                waiting = True
+            time.sleep(TURN_POLL)
+
+    def _connect_external(self) -> socket.socket:
+        assert self.socket_path is not None
+        sock = _connect(self.socket_path)
+        if sock is None:
+            raise ServiceUnavailable(f"no runner service answers at {self.socket_path}")
+        return sock
 
     def _connect_or_start(self) -> None:
         assert self.socket_path is not None
@@ -266,14 +318,18 @@ class ServiceSession:
         are held by the service while the job runs. ``on_started()`` is called once the service runs the job,
         and the log lines go to ``on_lines`` as they come."""
         self._on_lines = on_lines
-        request = {"op": "run", "version": protocol.VERSION, "argv": list(argv), "env": dict(env),
-                   "cwd": cwd or os.getcwd()}
+        request: dict[str, Any] = {"op": "run", "version": protocol.VERSION, "argv": list(argv), "env": dict(env)}
+        if self.config.external:  # its folders are not ours: it runs in its own environment and folder
+            request["env_base"] = protocol.ENV_BASE_SERVICE
+        else:
+            request["cwd"] = cwd or os.getcwd()
         first = self._request(request, fds)
         if first is None and not self.started_service:
             # The service may have been ending (idle) as we connected: one fresh try.
-            self.log("the runner service closed the connection before the job started; starting a fresh one")
+            self.log("the runner service closed the connection before the job started; "
+                     + ("connecting again" if self.config.external else "starting a fresh one"))
             self._drop_connection()
-            self._attach(self._start())
+            self._attach(self._connect_external() if self.config.external else self._start())
             first = self._request(request, fds)
         if first is None:
             raise ServiceUnavailable("the runner service closed the connection before the job started")
@@ -326,6 +382,8 @@ class ServiceSession:
         return frame
 
     def _why_gone(self) -> str:
+        if self.config.external:
+            return "it runs elsewhere: its own log says why"
         if self.pid is None:
             return "pid unknown"
         if not _alive(self.pid):
@@ -333,6 +391,8 @@ class ServiceSession:
         return "its process is still there"
 
     def _log_path(self) -> str:
+        if self.config.external:
+            return "the output of the process that serves it (in the docker-compose stack: docker compose logs runner)"
         return str(self.socket_path.with_suffix(".log")) if self.socket_path else "its log"
 
     # -- cancel --
@@ -358,6 +418,10 @@ class ServiceSession:
             return
         self.cancel()
         if self._drain(self.config.cancel_grace + KILL_MARGIN):
+            return
+        if self.config.external:  # its pid is another machine's or container's: it ends itself after its grace
+            self.log(f"the runner service at {self.socket_path} did not stop the job: leaving it (it exits "
+                     "when its own cancel grace has passed)")
             return
         self.log(f"the runner service (pid {self.pid}) did not stop the job: killing it")
         with contextlib.suppress(OSError):

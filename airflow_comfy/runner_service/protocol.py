@@ -7,6 +7,7 @@ the job runs, as a runner subprocess does by inheriting the lock.
 Task -> service::
 
     {"op": "run", "version": 1, "argv": [...], "env": {...}, "cwd": "..."}   # + the lock's descriptor
+    {"op": "run", ..., "env": {...}, "env_base": "service"}  # a task elsewhere: env adds to the service's own
     {"op": "cancel"}                 # or closing the connection: either cancels the job
     {"op": "ping"} / {"op": "stop"}  # a status frame; stop also ends the service
 
@@ -27,6 +28,9 @@ import struct
 from typing import Any
 
 VERSION = 1
+#: ``env_base`` of a run request from a task in another container: the job's environment is the service's own
+#: plus the request's ``env`` (whose process variables must equal the service's), in the service's own folder.
+ENV_BASE_SERVICE = "service"
 MAX_FRAME = 64 * 2**20
 MAX_FDS = 4
 _HEADER = struct.Struct(">I")

@@ -17,7 +17,7 @@ When a name would be used by more than one node, each gets the node id as a suff
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,7 @@ from airflow_comfy.workflow.catalog import Catalog, InputSpec
 from airflow_comfy.workflow.errors import Problem, WorkflowError
 from airflow_comfy.workflow.graph import Link, Workflow, sorted_node_ids
 from airflow_comfy.workflow.groupspec import ParamBinding
+from airflow_comfy.workflow.inputs import IMAGE_TYPES, INPUT_IMAGE_FORMAT
 
 DEFAULT_PARAM_INPUTS: dict[str, tuple[tuple[str, str], ...]] = {
     # class_type: ((input name, param name), ...)
@@ -36,14 +37,28 @@ DEFAULT_PARAM_INPUTS: dict[str, tuple[tuple[str, str], ...]] = {
     "EmptyLatentImage": (("width", "width"), ("height", "height"), ("batch_size", "batch_size")),
 }
 
+#: Offered only when the sidecar's ``auto_params`` lists them: class_type -> ((input name, param name), ...).
+#: Their choices are the catalog's, which for these nodes are what the runner implements.
+OPTIONAL_PARAM_INPUTS: dict[str, tuple[tuple[str, str], ...]] = {
+    "KSampler": (("sampler_name", "sampler"), ("scheduler", "scheduler")),
+    "KSamplerAdvanced": (("sampler_name", "sampler"), ("scheduler", "scheduler")),
+}
+#: The names ``auto_params`` may list: the automatic ones (offered anyway) and the optional ones.
+AUTO_PARAM_NAMES: tuple[str, ...] = (
+    "prompt", "negative_prompt", "text",
+    *dict.fromkeys(name for pairs in DEFAULT_PARAM_INPUTS.values() for _, name in pairs if name != "text"),
+    *dict.fromkeys(name for pairs in OPTIONAL_PARAM_INPUTS.values() for _, name in pairs),
+)
+
 _PARAM_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-# A file name that stays inside its folder: not absolute, no '..' segment (checked again by the runner).
+# A model file name that stays inside its folder: not absolute, no '..' segment (checked again by the runner).
+# Input images are checked by the format INPUT_IMAGE_FORMAT instead, whose refusals are sentences.
 SAFE_FILE_NAME_PATTERN = r"^(?![/\\])(?![A-Za-z]:)(?!.*(^|[/\\])\.\.([/\\]|$)).+$"
 
 _TITLES = {
     "prompt": "Prompt", "negative_prompt": "Negative prompt", "text": "Text", "seed": "Seed", "steps": "Steps",
     "cfg": "CFG scale", "denoise": "Denoise", "image": "Input image", "mask_image": "Mask image",
-    "width": "Width", "height": "Height", "batch_size": "Batch size",
+    "width": "Width", "height": "Height", "batch_size": "Batch size", "sampler": "Sampler", "scheduler": "Scheduler",
 }
 
 
@@ -58,14 +73,15 @@ class ParamDef:
     bindings: list[ParamBinding] = field(default_factory=list)
 
 
-def discover_params(workflow: Workflow, catalog: Catalog, *, auto: bool = True,
+def discover_params(workflow: Workflow, catalog: Catalog, *, auto: bool | Sequence[str] = True,
                     declared: Mapping[str, Any] | None = None) -> list[ParamDef]:
-    """The workflow's trigger params: the automatic set (unless ``auto`` is false) plus the sidecar's
-    ``params`` (``{name: "node.input"}`` or ``{name: {node, input, title?, description?}}``), which win on
-    name clashes."""
+    """The workflow's trigger params: the automatic set (unless ``auto`` is false; a list of names adds the
+    optional ones it names, ``sampler`` and ``scheduler``) plus the sidecar's ``params`` (``{name:
+    "node.input"}`` or ``{name: {node, input, title?, description?}}``), which win on name clashes."""
     found: dict[str, ParamDef] = {}
-    if auto:
-        candidates = _automatic_candidates(workflow, catalog)
+    if auto is not False:
+        optional = frozenset(auto) if not isinstance(auto, bool) else frozenset()
+        candidates = _automatic_candidates(workflow, catalog, optional)
         counts: dict[str, int] = {}
         for base, _, _ in candidates:
             counts[base] = counts.get(base, 0) + 1
@@ -81,12 +97,14 @@ def bindings(params: list[ParamDef]) -> dict[str, list[ParamBinding]]:
     return {p.name: list(p.bindings) for p in params}
 
 
-def _automatic_candidates(workflow: Workflow, catalog: Catalog) -> list[tuple[str, str, str]]:
+def _automatic_candidates(workflow: Workflow, catalog: Catalog,
+                          optional: frozenset[str] = frozenset()) -> list[tuple[str, str, str]]:
     roles = _conditioning_roles(workflow, catalog)
     out = []
     for node_id in sorted_node_ids(workflow.nodes):
         node = workflow.nodes[node_id]
-        for input_name, base in DEFAULT_PARAM_INPUTS.get(node.class_type, ()):
+        chosen = [pair for pair in OPTIONAL_PARAM_INPUTS.get(node.class_type, ()) if pair[1] in optional]
+        for input_name, base in (*DEFAULT_PARAM_INPUTS.get(node.class_type, ()), *chosen):
             if input_name not in node.inputs or isinstance(node.inputs[input_name], Link):
                 continue
             if node.class_type == "CLIPTextEncode":
@@ -136,11 +154,16 @@ def _make_param(workflow: Workflow, catalog: Catalog, name: str, node_id: str, i
     return ParamDef(
         name=name,
         title=title or _default_title(name, node_id),
-        description=description or f"Sets input '{input_name}' of {node_label} for this run.",
+        description=description or f"Sets input '{input_name}' of {node_label} for this run." + (
+            _IMAGE_HELP if spec.folder == "input" else ""),
         schema=_schema(spec),
         default=node.inputs[input_name],
         bindings=[ParamBinding(node_id, input_name)],
     )
+
+
+_IMAGE_HELP = (f" A file name in the input folder, a file:// URI of a file inside it, or an s3:// URI in the input "
+               f"store ({', '.join(IMAGE_TYPES)}).")
 
 
 def _default_title(name: str, node_id: str) -> str:
@@ -170,7 +193,10 @@ def _schema(spec: InputSpec) -> dict[str, Any]:
         schema["enum"] = list(spec.choices)
     if spec.options.get("multiline"):
         schema["format"] = "multiline"
-    if spec.folder:
+    if spec.folder == "input":
+        schema["format"] = INPUT_IMAGE_FORMAT
+        schema["minLength"] = 1
+    elif spec.folder:
         schema["pattern"] = SAFE_FILE_NAME_PATTERN
         schema["minLength"] = 1
     return schema

@@ -15,6 +15,7 @@ from typing import Any
 from airflow_comfy.workflow.catalog import Catalog, InputSpec, NodeSpec
 from airflow_comfy.workflow.errors import Problem, ProblemCollector, WorkflowError
 from airflow_comfy.workflow.graph import Link, Node, Workflow, sorted_node_ids
+from airflow_comfy.workflow.inputs import folder_name_problem
 
 # LoadImage accepts "name.png [input]" style annotations selecting the base folder
 # (ComfyUI's ``folder_paths.get_annotated_filepath``).
@@ -229,6 +230,12 @@ def _check_bounds(value: float, spec: InputSpec, problems: ProblemCollector, whe
 
 def _check_file_name(value: Any, spec: InputSpec, problems: ProblemCollector, where: dict) -> None:
     if not isinstance(value, str):
+        return
+    if spec.folder == "input":
+        # URIs (file://, s3://) are checked against the input folder and store where those are known
+        sentence = folder_name_problem(value)
+        if sentence:
+            problems.add(sentence, "bad_input_image", input_name=spec.name, **where)
         return
     reason = path_escape_reason(value)
     if reason:

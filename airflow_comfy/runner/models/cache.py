@@ -1,8 +1,10 @@
 """A small bounded in-process cache of loaded models (least recently used goes first).
 
 One group often needs the same file twice (a checkpoint's MODEL for the sampler and its VAE for decoding);
-the loaders keep their last few results here, keyed by the file's identity (path, mtime, size) and how it was
-loaded. :func:`clear_all` forgets every cache (the next load reads the files again).
+the loaders keep their last few results here, keyed by the file's content (its SHA-256, see
+:func:`~airflow_comfy.runner.models.files.file_key`: one entry for one file under two names, a new load for a
+file changed in place) and how it was loaded (components, device, dtype). :func:`clear_all` forgets every
+cache (the next load reads the files again).
 
 A runner subprocess bounds each cache by its number of entries (``size``). A runner service
 (:mod:`airflow_comfy.runner.service`) keeps models across jobs and bounds them by memory instead:
@@ -13,6 +15,7 @@ An entry larger than the whole budget is not kept. :func:`stats` counts hits and
 
 from __future__ import annotations
 
+import gc
 import itertools
 import threading
 from collections import OrderedDict
@@ -96,6 +99,7 @@ class ModelCache(Generic[V]):
             self._entries.clear()
             self._nbytes.clear()
             self._used.clear()
+        forget()
 
     def _touch(self, key: Hashable) -> None:
         self._entries.move_to_end(key)
@@ -105,12 +109,20 @@ class ModelCache(Generic[V]):
         del self._entries[key]
         self._nbytes.pop(key, None)
         self._used.pop(key, None)
+        forget()
 
     def _oldest(self) -> tuple[int, Hashable] | None:
         if not self._entries:
             return None
         key = next(iter(self._entries))
         return self._used.get(key, -1), key
+
+
+def forget() -> None:
+    """Let the garbage collector see the objects a runner service froze (``gc.freeze`` after each job, see
+    :func:`airflow_comfy.runner.service._free_memory`) again: a model just dropped from a cache may sit in
+    reference cycles that only a collection frees."""
+    gc.unfreeze()
 
 
 def _evict_to(budget: int) -> None:

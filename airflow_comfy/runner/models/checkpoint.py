@@ -52,14 +52,15 @@ def cached_entries() -> list[tuple]:
     return _CACHE.keys()
 
 
-def _subset(entry: LoadedCheckpoint, components: frozenset[str]) -> LoadedCheckpoint:
-    """Fresh containers (sharing the modules) for the requested components of a cached load."""
+def _subset(entry: LoadedCheckpoint, components: frozenset[str], path: Path) -> LoadedCheckpoint:
+    """Fresh containers (sharing the modules) for the requested components of a cached load of ``path`` (the
+    entry may have been loaded from another path with the same content)."""
     return LoadedCheckpoint(
         model=replace(entry.model) if entry.model is not None and "MODEL" in components else None,
         clip=replace(entry.clip, tokenizers=list(entry.clip.tokenizers), models=list(entry.clip.models))
         if entry.clip is not None and "CLIP" in components else None,
         vae=replace(entry.vae) if entry.vae is not None and "VAE" in components else None,
-        family=entry.family, components=components, path=entry.path, tensors_read=0,
+        family=entry.family, components=components, path=path, tensors_read=0,
         tensors_total=entry.tensors_total, from_cache=True)
 
 
@@ -87,26 +88,27 @@ def load_checkpoint_file(
     checkpoint or a diffusers folder. ``name`` is what the recipe records (default: the file name);
     ``models_root`` is where tokenizers and embeddings are looked for (default: found above ``checkpoints/``).
 
-    Loads are cached in-process (the last two, keyed by path, mtime, size, components, device and dtypes); a
-    request for fewer components than a cached load is served from it."""
+    Loads are cached in-process (the last two, or within the service's memory budget), keyed by the file's
+    content (its SHA-256: the same file under another name is served from the entry, a file changed in place
+    is read again), the components, device and dtypes; a request for fewer components than a cached load is
+    served from it."""
     p = Path(path)
     wanted = _components(components)
     root = Path(models_root) if models_root is not None else models_root_of(p)
     name = name or p.name
     if not p.exists():
         raise ModelFileError(f"{_label(p)}: checkpoint not found")
-    fkey = file_key(p)
-    base_key = (fkey, str(device), str(dtype), str(vae_dtype), str(root), allow_pickle)
+    base_key = (file_key(p), str(device), str(dtype), str(vae_dtype), str(root), allow_pickle) if use_cache else ()
     if use_cache:
         entry = _CACHE.find(lambda key, entry: key[:-1] == base_key and wanted <= entry.components)
         if entry is not None:
-            return _renamed(_subset(entry, wanted), name)
+            return _renamed(_subset(entry, wanted, p), name)
     loader = _load_diffusers_folder if p.is_dir() else _load_single_file
     loaded = loader(p, wanted, name=name, models_root=root, allow_pickle=allow_pickle, device=device, dtype=dtype,
                     vae_dtype=vae_dtype)
     if use_cache:
         _CACHE.put((*base_key, wanted), loaded)
-        return _renamed(_subset(loaded, wanted), name, fresh=loaded)
+        return _renamed(_subset(loaded, wanted, p), name, fresh=loaded)
     return loaded
 
 

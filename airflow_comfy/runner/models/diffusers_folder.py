@@ -18,7 +18,7 @@ from airflow_comfy.runner.models.config import LATENT_SCALE, _public
 from airflow_comfy.runner.models.families import INPAINT_CHANNELS, V_PROBE, detect_prediction, unsupported
 from airflow_comfy.runner.models.files import ModelFileError, TensorReader, _label, is_pickle_file
 from airflow_comfy.runner.models.loaded import LoadedCheckpoint
-from airflow_comfy.runner.models.tokenizers import load_tokenizer, tokenizer_from_dir
+from airflow_comfy.runner.models.tokenizers import load_tokenizer, text_encoder_name, tokenizer_from_dir
 from airflow_comfy.runner.values import DiffusionModel, Recipe, TextEncoder, VAEModel
 
 
@@ -113,13 +113,16 @@ def _load_diffusers_folder(path: Path, components: frozenset[str], *, name: str,
             if (tok_dir / "vocab.json").is_file() and (tok_dir / "merges.txt").is_file():
                 tokenizer = tokenizer_from_dir(tok_dir, model_max_length=max_len)
                 if len(tokenizer) != config.get("vocab_size", len(tokenizer)):
-                    raise ModelFileError(f"{label}: {tok_dir.name} has {len(tokenizer)} tokens, the text encoder "
-                                         f"{config.get('vocab_size')}")
+                    raise ModelFileError(f"{label}: {tok_dir.name}/ has {len(tokenizer)} tokens, the "
+                                         f"{text_encoder_name(family, role)} in {role}/ "
+                                         f"{config.get('vocab_size')}: give {tok_dir.name}/ that encoder's "
+                                         f"vocab.json and merges.txt")
             else:
                 open_clip = role == "text_encoder_2" or family == "sd2"
                 tokenizer = load_tokenizer(path, models_root, vocab_size=int(config.get("vocab_size", 49408)),
                                            pad_token="!" if open_clip else None,
-                                           model_max_length=max_len, label=label)
+                                           model_max_length=max_len, label=label,
+                                           encoder=text_encoder_name(family, role))
             tokenizers.append(tokenizer)
         embeddings = models_root / "embeddings" if models_root is not None else None
         clip = TextEncoder(tokenizers=tokenizers, models=models, family=family, recipe=recipe,

@@ -270,18 +270,27 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
 
 # --- hashing -------------------------------------------------------------------------------------------------
 
-_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+FileVersion = tuple[int, int, int, int, int]
+"""``(st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns)``: one version of one file. Writing a file in place
+changes its ctime even when its size stays and its mtime is set back (ctime cannot be set), and replacing it
+(a rename over it) gives a new inode, so a new version always gets a new tuple."""
+
+_SHA_CACHE: dict[FileVersion | tuple[tuple[str, FileVersion], ...], str] = {}
 _SHA_LOCK = threading.Lock()
 
 
-def file_key(path: Path) -> tuple[str, int, int]:
-    """``(resolved path, mtime_ns, size)``: identifies one version of a file (a folder: newest member)."""
+def _version(st: os.stat_result) -> FileVersion:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def file_version(path: Path) -> FileVersion | tuple[tuple[str, FileVersion], ...]:
+    """What :func:`sha256_of` remembers a hash by: the :data:`FileVersion` of a file; for a folder, its files'
+    relative paths with their versions (sorted). One ``stat`` per file: no reading."""
     real = path.resolve()
     if real.is_dir():
-        stats = [p.stat() for p in sorted(real.rglob("*")) if p.is_file()]
-        return (str(real), max((s.st_mtime_ns for s in stats), default=0), sum(s.st_size for s in stats))
-    st = real.stat()
-    return (str(real), st.st_mtime_ns, st.st_size)
+        return tuple((f.relative_to(real).as_posix(), _version(f.stat()))
+                     for f in sorted(real.rglob("*")) if f.is_file())
+    return _version(real.stat())
 
 
 def _sha256_file(path: Path) -> str:
@@ -293,12 +302,16 @@ def _sha256_file(path: Path) -> str:
 
 
 def sha256_of(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of a model file (hex), cached by path, mtime and size. For a diffusers folder: the SHA-256 of
-    the sorted ``relative-path  sha256`` lines of its files."""
+    """SHA-256 of a model file (hex). For a diffusers folder: the SHA-256 of the sorted
+    ``relative-path  sha256`` lines of its files.
+
+    The process remembers each hash by the file's version (:func:`file_version`), so a file is read once per
+    version however many runs, names or paths use it: the run snapshot (:func:`record_model_file`) and the
+    model caches' keys (:func:`file_key`) share this one hash."""
     p = Path(path)
-    key = file_key(p)
+    version = file_version(p)
     with _SHA_LOCK:
-        cached = _SHA_CACHE.get(key)
+        cached = _SHA_CACHE.get(version)
     if cached is not None:
         return cached
     real = p.resolve()
@@ -309,8 +322,16 @@ def sha256_of(path: str | os.PathLike[str]) -> str:
     else:
         value = _sha256_file(real)
     with _SHA_LOCK:
-        _SHA_CACHE[key] = value
+        _SHA_CACHE[version] = value
     return value
+
+
+def file_key(path: Path) -> str:
+    """What the model caches key a file by: its content (``sha256:<hex>``), not its name or path. The same
+    file under two names shares one cache entry, and a file changed in place is loaded again, whatever its
+    mtime says. Costs a ``stat`` once the process has hashed this version of the file (the run snapshot
+    already does, before every load)."""
+    return f"sha256:{sha256_of(path)}"
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -30,7 +30,7 @@ from airflow_comfy.runner.models.config import (
 from airflow_comfy.runner.models.families import V_PROBE, detect_family, detect_prediction
 from airflow_comfy.runner.models.files import ModelFileError, TensorReader, _label
 from airflow_comfy.runner.models.loaded import LoadedCheckpoint
-from airflow_comfy.runner.models.tokenizers import _token_text, load_tokenizer
+from airflow_comfy.runner.models.tokenizers import _token_text, load_tokenizer, text_encoder_name
 from airflow_comfy.runner.values import DiffusionModel, Recipe, TextEncoder, VAEModel
 
 
@@ -116,7 +116,8 @@ def _load_single_file_clip(reader: TensorReader, family: str, configs: Mapping[s
                                           else "tokenizer_config")
         pad = _token_text(tokenizer_config.get("pad_token")) or ("!" if role == "text_encoder_2" else None)
         tokenizers.append(load_tokenizer(path, models_root, vocab_size=config["vocab_size"], pad_token=pad,
-                                         model_max_length=config.get("max_position_embeddings", 77), label=label))
+                                         model_max_length=config.get("max_position_embeddings", 77), label=label,
+                                         encoder=text_encoder_name(family, role)))
     embeddings = models_root / "embeddings" if models_root is not None else None
     return TextEncoder(tokenizers=tokenizers, models=models, family=family, recipe=recipe,
                        embeddings_dir=str(embeddings) if embeddings is not None and embeddings.is_dir() else None)

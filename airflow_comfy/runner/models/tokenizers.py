@@ -1,8 +1,8 @@
 """CLIP tokenizers: built in memory from a CLIP-layout vocabulary and BPE merges.
 
 CLIP's BPE merges (``data/bpe_simple_vocab_16e6.txt.gz``, OpenAI CLIP, MIT licence; provenance in
-``data/README.md``) ship with the package, so real SD 1.x/SDXL checkpoints (49,408-token vocabulary) need no
-extra files. A tokenizer folder (``vocab.json`` + ``merges.txt`` [+ ``tokenizer_config.json``]) overrides it;
+``data/README.md``) ship with the package, so real SD 1.x, SD 2.x and SDXL checkpoints need no extra files: their
+CLIP and OpenCLIP text encoders all use CLIP's 49,408-token vocabulary (OpenCLIP pads with ``!``, id 0). A tokenizer folder (``vocab.json`` + ``merges.txt`` [+ ``tokenizer_config.json``]) overrides it;
 the folders looked at, in order: a diffusers folder's own ``tokenizer/``, ``<models>/tokenizers/<checkpoint
 stem>/``, a ``tokenizer/`` folder beside the checkpoint, ``<models>/tokenizers/clip/``. The tokenizer's
 vocabulary size must match the text encoder's.
@@ -150,9 +150,25 @@ def tokenizer_search_dirs(path: Path, models_root: Path | None) -> list[Path]:
     return dirs
 
 
+_TEXT_ENCODERS = {
+    ("sd1", "text_encoder"): "SD 1.x text encoder (CLIP ViT-L/14)",
+    ("sd2", "text_encoder"): "SD 2.x text encoder (OpenCLIP ViT-H/14)",
+    ("sdxl", "text_encoder"): "SDXL first text encoder (CLIP ViT-L/14)",
+    ("sdxl", "text_encoder_2"): "SDXL second text encoder (OpenCLIP ViT-bigG/14)",
+    ("sdxl_refiner", "text_encoder_2"): "SDXL refiner's text encoder (OpenCLIP ViT-bigG/14)",
+}
+
+
+def text_encoder_name(family: str | None, role: str = "text_encoder") -> str:
+    """What an error calls the text encoder ``role`` of ``family`` (``"SD 2.x text encoder (OpenCLIP
+    ViT-H/14)"``), so that it names the model being loaded; "text encoder" when the family is not known."""
+    return _TEXT_ENCODERS.get((family or "", role), "text encoder")
+
+
 def load_tokenizer(path: Path, models_root: Path | None, *, vocab_size: int, pad_token: str | None = None,
-                   model_max_length: int = 77, label: str | None = None) -> Any:
-    """The CLIP tokenizer for checkpoint ``path``; its vocabulary must have ``vocab_size`` tokens."""
+                   model_max_length: int = 77, label: str | None = None, encoder: str = "text encoder") -> Any:
+    """The CLIP tokenizer for checkpoint ``path``; its vocabulary must have ``vocab_size`` tokens. ``encoder``
+    (:func:`text_encoder_name`) is what the errors call the text encoder it is for."""
     label = label or _label(path)
     searched = tokenizer_search_dirs(path, models_root)
     tokenizer = None
@@ -168,14 +184,15 @@ def load_tokenizer(path: Path, models_root: Path | None, *, vocab_size: int, pad
     if tokenizer is None:
         where = ", ".join(str(d) for d in searched)
         raise ModelFileError(
-            f"{label}: no CLIP tokenizer found for a vocabulary of {vocab_size} tokens (searched {where}; the "
-            f"shipped CLIP BPE has {CLIP_VOCAB_SIZE}): put the text encoder's vocab.json and merges.txt into "
-            f"<models>/tokenizers/clip/")
+            f"{label}: no CLIP tokenizer found for the {encoder}, whose vocabulary has {vocab_size} tokens "
+            f"(searched {where}; the shipped CLIP BPE has {CLIP_VOCAB_SIZE}): put that encoder's vocab.json and "
+            f"merges.txt into <models>/tokenizers/clip/")
     if len(tokenizer) != vocab_size:
         raise ModelFileError(
-            f"{label}: the tokenizer from {source} has {len(tokenizer)} tokens but the text encoder has "
-            f"{vocab_size}; a made-up vocabulary gives wrong text embeddings. Provide the matching vocab.json and "
-            f"merges.txt (real SD 1.x/SDXL: CLIP's 49,408-token BPE) in <models>/tokenizers/clip/")
+            f"{label}: the tokenizer from {source} has {len(tokenizer)} tokens but the {encoder} has "
+            f"{vocab_size}; a made-up vocabulary gives wrong text embeddings. Provide the {encoder}'s own "
+            f"vocab.json and merges.txt in <models>/tokenizers/clip/ (a real SD 1.x, SD 2.x or SDXL checkpoint "
+            f"needs none: they use CLIP's {CLIP_VOCAB_SIZE:,}-token BPE, which ships with the runner)")
     return tokenizer
 
 

@@ -1,30 +1,34 @@
-"""Image nodes: loading (confined to the input folder), scaling, inverting, batching, padding, Canny."""
+"""Image nodes: loading (from the input folder or the input store), scaling, inverting, batching, padding, Canny."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 from pathlib import Path
 
 import torch
 
+from airflow_comfy.artifacts.errors import ArtifactNotFound
+from airflow_comfy.artifacts.store import split_uri
 from airflow_comfy.runner.context import NodeContext
 from airflow_comfy.runner.ops import canny as canny_ops
 from airflow_comfy.runner.ops import image as image_ops
 from airflow_comfy.runner.registry import implements
-from airflow_comfy.workflow.validate import path_escape_reason
+from airflow_comfy.workflow.inputs import InputImage, InputImageError, locate_input_image
 
-_ANNOTATIONS = (" [input]", " [output]", " [temp]")
+
+def locate_input(ctx: NodeContext, value: str, input_name: str = "image") -> InputImage:
+    """Where a LoadImage value points (a name in the input folder, a file:// URI inside it, an s3:// object of
+    the input store); anything else is bad input with the sentence why (:mod:`airflow_comfy.workflow.inputs`)."""
+    try:
+        return locate_input_image(value, ctx.run.input_roots)
+    except InputImageError as exc:
+        raise ctx.bad_input(str(exc), input_name) from None
 
 
 def input_file(ctx: NodeContext, name: str, input_name: str = "image") -> Path:
-    """A LoadImage file name resolved inside the input folder; escapes and missing files are bad input."""
-    reason = path_escape_reason(name)
-    if reason:
-        raise ctx.bad_input(f"file name {name!r} escapes the input folder: {reason}", input_name)
-    for suffix in _ANNOTATIONS:
-        if name.endswith(suffix):
-            if suffix != " [input]":
-                raise ctx.bad_input(f"{name!r}: only images of the input folder can be loaded", input_name)
-            name = name[: -len(suffix)]
+    """A name inside the input folder resolved to its file (links may not lead out of the folder); a missing
+    file is bad input."""
     root = ctx.run.input_dir.resolve()
     path = (root / name).resolve()
     if root != path and root not in path.parents:
@@ -34,20 +38,46 @@ def input_file(ctx: NodeContext, name: str, input_name: str = "image") -> Path:
     return path
 
 
+def check_input(ctx: NodeContext, value: str, input_name: str = "image") -> None:
+    """Before any node runs: the input image is there (a file in the folder, an object in the store)."""
+    image = locate_input(ctx, value, input_name)
+    if image.name is not None:
+        input_file(ctx, image.name, input_name)
+        return
+    store, key = split_uri(image.uri)
+    if not store.exists(key):
+        raise ctx.bad_input(f"input image {image.uri!r} not found in the input store", input_name)
+
+
+def read_input(ctx: NodeContext, value: str, input_name: str = "image") -> io.BytesIO:
+    """The bytes of an input image, read once; its sha256 goes into the run snapshot (``inputs``)."""
+    image = locate_input(ctx, value, input_name)
+    if image.name is not None:
+        data = input_file(ctx, image.name, input_name).read_bytes()
+    else:
+        store, key = split_uri(image.uri)
+        try:
+            data = store.get_bytes(key)
+        except ArtifactNotFound:
+            raise ctx.bad_input(f"input image {image.uri!r} not found in the input store", input_name) from None
+    ctx.run.input_files[value] = hashlib.sha256(data).hexdigest()
+    return io.BytesIO(data)
+
+
 @implements("LoadImage")
 def load_image(ctx: NodeContext, image: str) -> tuple:
-    path = input_file(ctx, image)
+    source = read_input(ctx, image)
     try:
-        return image_ops.load_image(path, name=image)
+        return image_ops.load_image(source, name=image)
     except ValueError as exc:
         raise ctx.bad_input(str(exc), "image") from exc
 
 
 @implements("LoadImageMask")
 def load_image_mask(ctx: NodeContext, image: str, channel: str) -> tuple:
-    path = input_file(ctx, image)
+    source = read_input(ctx, image)
     try:
-        return (image_ops.load_image_mask(path, channel, name=image),)
+        return (image_ops.load_image_mask(source, channel, name=image),)
     except ValueError as exc:
         raise ctx.bad_input(str(exc), "image") from exc
 

@@ -1,6 +1,6 @@
 """ComfyUI's sampling (KSampler, samplers, schedulers, CFG) re-implemented with torch.
 
-* :mod:`.schedule` — σ table of SD 1.x/SDXL, σ <-> timestep, the seven schedulers;
+* :mod:`.schedule` — σ table of SD 1.x, 2.x and SDXL, σ <-> timestep, the seven schedulers;
 * :mod:`.samplers` — sampler name -> solver (:data:`~.samplers.SAMPLERS`) and the noise each one gets;
 * :mod:`.solvers` — the solvers, one module per family (operation order of k-diffusion's, for ComfyUI's bits);
 * :mod:`.noise` — the per-step noise: a seeded generator, or torchsde's Brownian tree for the SDE samplers;

@@ -71,9 +71,9 @@ COMFY_EXACT: dict[str, str] = {
     "dpm_2_ancestral": _SAME_OPS + _SAME_NOISE_CPU,
     "dpmpp_sde": _SAME_OPS + _SAME_TREE,
     "dpmpp_2m_sde": _SAME_OPS + _SAME_TREE,
-    "lms": "same math; coefficients by exact Gauss-Legendre quadrature instead of scipy.quad (may differ by an ulp)",
-    "uni_pc": "same math in the same VP formulation; not checked bit for bit",
-    "uni_pc_bh2": "same math in the same VP formulation; not checked bit for bit",
+    "lms": _SAME_OPS + "; its coefficients by scipy.integrate.quad on the same float32 schedule, as ComfyUI's",
+    "uni_pc": _SAME_OPS + "; the authors' UniPC (bh1) in ComfyUI's VP view of the schedule",
+    "uni_pc_bh2": _SAME_OPS + "; the authors' UniPC (bh2) in ComfyUI's VP view of the schedule",
 }
 """How close each sampler is to ComfyUI 0.3.64 given the same denoiser (for documentation and reports)."""
 

@@ -2,8 +2,11 @@
 Models", arXiv:2302.04867): multistep predictor-corrector with data prediction, run as ComfyUI runs it, in the
 variance-preserving view of the VE schedule (α = 1/√(1+σ²)), with the final σ = 0 replaced by 0.001.
 
-Same math and formulation as ComfyUI's ``uni_pc`` (itself adapted from the authors' implementation); not checked
-bit for bit against it.
+Bit for bit ComfyUI 0.3.64's ``uni_pc`` / ``uni_pc_bh2`` as its KSampler runs them (the authors' multistep
+B(h) solver, https://github.com/wl-zhao/UniPC, MIT, with data prediction, order min(3, steps − 1), lower orders
+on the final steps, no corrector after the last): the same tensor operations in the same order, checked against
+a reference written from the authors' implementation in ``tests/test_sampling.py``. The noise scaling before and
+the inverse scaling after are KSampler's, shared with every sampler (:mod:`..ksampler`).
 """
 
 from __future__ import annotations
@@ -100,8 +103,8 @@ def _sample_unipc(denoise_fn: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, 
                   callback: Callback | None) -> torch.Tensor:
     """Multistep UniPC (order min(3, steps − 1), lower order on the final steps) in the VP parametrisation of
     the same schedule, as ComfyUI runs it: a final σ = 0 is replaced by 0.001 and the result rescaled by
-    1/α(σ_last). (For a single step ComfyUI's order would be 0 and it would return the scaled noise; this
-    takes one first-order step instead.)"""
+    1/α(σ_last). A single step has order 0 there: the model is evaluated once and the starting latent comes
+    back (rescaled), unsampled; so it does here, to give ComfyUI's pixels."""
     vp = _VPView()
     times = sigmas.clone()
     if times[-1] == 0:
@@ -109,7 +112,7 @@ def _sample_unipc(denoise_fn: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, 
     steps = len(times) - 1
     if steps < 1:
         return x
-    order = max(1, min(3, len(times) - 2))
+    order = min(3, steps - 1)
     batch = x.shape[0]
 
     def predict_x0(x_vp: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -127,6 +130,8 @@ def _sample_unipc(denoise_fn: DenoiseFn, x: torch.Tensor, sigmas: torch.Tensor, 
     t = times[0].expand(batch)
     x0_history, t_history = [predict_x0(x, t)], [t]
     report(0, x, t, x0_history[-1])
+    if order == 0:
+        return x / vp.alpha(times[-1])
     for step in range(1, order):  # warm-up at orders 1 .. order − 1
         t = times[step].expand(batch)
         x, x0 = _unipc_step(predict_x0, vp, x, x0_history, t_history, t, step, variant, True)
