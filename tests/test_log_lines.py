@@ -99,3 +99,10 @@ def test_tier_of_a_weight():
     tiers = {"vip": 10000, "high": 1000, "normal": 100, "batch": 10}
     assert [tier_of_weight(w, tiers) for w in (10000, 1001, 100, 11, 10, 9)] == [
         "vip", "high", "normal", "batch", "batch", "none"]
+
+
+def test_group_pods_are_built_with_the_formatter():
+    from airflow_comfy.operators.pod import ComfyGroupPodOperator
+
+    task = ComfyGroupPodOperator(task_id="sampling", arguments=["run"], image="runner:1")
+    assert task.log_formatter is pod_log_formatter

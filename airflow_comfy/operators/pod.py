@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import re
 from typing import Any, TypeVar
 
@@ -129,8 +130,10 @@ class ComfyGroupPodOperator(PodDisruptionMixin, KubernetesPodOperator):
             volumes.append(_k8s(k8s.V1Volume, name=SCRATCH_VOLUME, empty_dir=_k8s(k8s.V1EmptyDirVolumeSource)))
             mounts.append(_k8s(k8s.V1VolumeMount, name=SCRATCH_VOLUME, mount_path=SCRATCH_PATH))
         kwargs.setdefault("get_logs", True)
-        # the runner's lines keep their level (KPO reads the leading LEVEL word; the formatter drops it)
-        kwargs.setdefault("log_formatter", pod_log_formatter)
+        # the runner's lines keep their level: KPO (10.x versions that read a line's leading level) logs each at
+        # the level the runner wrote; the formatter drops the word. An older KPO logs them at INFO, word and all.
+        if "log_formatter" in kpo_parameters():
+            kwargs.setdefault("log_formatter", pod_log_formatter)
         kwargs.setdefault("on_finish_action", "delete_pod")
         # the last lines of the runner's output become the container's termination message (shown on failure)
         kwargs.setdefault("termination_message_policy", "FallbackToLogsOnError")
@@ -201,6 +204,12 @@ class ComfyGroupPodOperator(PodDisruptionMixin, KubernetesPodOperator):
             if code == EXIT_BAD_INPUT:
                 raise AirflowFailException(message) from None
             raise AirflowException(message) from None
+
+
+@functools.lru_cache(maxsize=1)
+def kpo_parameters() -> frozenset[str]:
+    """The keyword arguments the installed KubernetesPodOperator takes."""
+    return frozenset(inspect.signature(KubernetesPodOperator.__init__).parameters)
 
 
 @functools.lru_cache(maxsize=1)
