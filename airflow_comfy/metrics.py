@@ -11,7 +11,8 @@ Each metric is sent once under its plain name with the tags ``dag_id``, ``task_i
 ``comfy.group.sampling.<dag_id>.<task_id>.<tier>.<pool>``, because plain StatsD drops tags (Airflow names its
 own metrics the same two ways). ``deploy/monitoring/statsd-mapping.yaml`` turns those names back into labels.
 
-:data:`METRIC_TYPES` lists every metric; the README's "Metrics" section documents each. Sending never fails the task: a metrics error is a warning in the log.
+:data:`METRIC_TYPES` lists every metric; the README's "Metrics" section documents each. Sending never fails the
+task: a metrics error is a warning in the log.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
-PREFIX = "comfy"
 #: Timers (sent in milliseconds): metric name -> the manifest's ``stats.totals`` key (seconds).
 GROUP_TIMINGS = {
     "comfy.group.model_load": "model_load_s",
