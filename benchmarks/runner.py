@@ -30,8 +30,8 @@ What runs
 How it measures (nothing is added to the package)
     ``run_workflow(python=...)`` is given a small wrapper instead of the interpreter. The runner's command is
     unchanged; the wrapper starts it (under ``/usr/bin/time -v`` when available) and records, per group
-    process: its wall time (spawn to exit), its stdout/stderr (the runner's INFO log, with timestamps) and its
-    peak RSS. Then:
+    process: its wall time (spawn to exit), its stdout/stderr (the runner's log, each line stamped with the time
+    it arrived: the runner's lines carry no timestamp) and its peak RSS. Then:
     * cold start: spawn -> the first ``node X (Class): start`` log line (interpreter, imports, spec, store,
       upstream manifests; not the lazy imports inside the first loader node, which count as model load);
     * nodes / model load / boundary read: from the group's manifest ``timings`` (model load = the nodes whose
@@ -73,7 +73,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -90,18 +89,25 @@ cmd = [python, *flags, *sys.argv[1:]]
 if time_bin:
     cmd = [time_bin, "-v", "-o", os.path.join(record, "time.txt"), *cmd]
 start = time.time()
-done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+lines, stamps = [], []
+with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+    for line in proc.stdout:  # each line's arrival time: the runner's lines carry no timestamp of their own
+        stamps.append(b"%.6f\t%s" % (time.time(), line))
+        lines.append(line)
+returncode = proc.returncode
 end = time.time()
 with open(os.path.join(record, "log.txt"), "wb") as out:
-    out.write(done.stdout)
+    out.write(b"".join(lines))
+with open(os.path.join(record, "stamped.txt"), "wb") as out:
+    out.write(b"".join(stamps))
 with open(os.path.join(record, "record.json"), "w") as out:
-    json.dump({{"start": start, "end": end, "returncode": done.returncode, "argv": sys.argv[1:],
+    json.dump({{"start": start, "end": end, "returncode": returncode, "argv": sys.argv[1:],
                "maxrss_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}}, out)
-sys.stdout.buffer.write(done.stdout)
-sys.exit(done.returncode)
+sys.stdout.buffer.write(b"".join(lines))
+sys.exit(returncode)
 '''
 
-LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO node (\S+) \(([^)]+)\): (start|done in)")
+LOG_LINE = re.compile(r"^INFO node (\S+) \(([^)]+)\): (start|done in)")
 
 
 # -------------------------------------------------------------------------------------------------- setup
@@ -173,14 +179,14 @@ def run_once(compiled, paths: dict[str, Path], run_id: str, *, models: Path | No
 
 def group_measures(manifest: dict[str, Any], record_dir: Path) -> dict[str, Any]:
     record = json.loads((record_dir / "record.json").read_text())
-    log = (record_dir / "log.txt").read_text(errors="replace")
+    log = (record_dir / "stamped.txt").read_text(errors="replace")
     starts, dones, classes = [], [], {}
-    for line in log.splitlines():
+    for stamped in log.splitlines():
+        arrived, _, line = stamped.partition("\t")
         m = LOG_LINE.match(line)
         if m:
-            stamp = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()  # local time, like asctime
-            (starts if m.group(4) == "start" else dones).append(stamp)
-            classes[m.group(2)] = m.group(3)
+            (starts if m.group(3) == "start" else dones).append(float(arrived))
+            classes[m.group(1)] = m.group(2)
     timings = manifest.get("timings") or {}
     totals = {**(timings.get("totals") or {}), **{k: v for k, v in timings.items() if k not in ("nodes", "totals")}}
     nodes = timings.get("nodes") or {}

@@ -37,6 +37,7 @@ from s3_server import MotoProcess, moto_s3_process
 from airflow_comfy.artifacts.specs import publish_spec
 from airflow_comfy.artifacts.store import TMP_PREFIX, open_store
 from airflow_comfy.local_run import compile_for_run
+from airflow_comfy.log_lines import parse_line
 from airflow_comfy.operators.command import local_arguments, runner_arguments, runner_prefix
 from airflow_comfy.runner.faults import ENV as CRASH_AT
 from airflow_comfy.workflow.groupspec import GroupSpec
@@ -75,7 +76,8 @@ class Outcome:
 
     @property
     def last_line(self) -> str:
-        return self.output.strip().splitlines()[-1] if self.output.strip() else ""
+        """The output's last line, without the runner's level word."""
+        return parse_line(self.output.strip().splitlines()[-1])[1] if self.output.strip() else ""
 
 
 @dataclass

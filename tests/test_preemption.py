@@ -31,6 +31,7 @@ import pytest
 from airflow_deployment import AirflowDeployment
 from PIL import Image
 from postgres import migrated_airflow_database
+from statsd_listener import StatsdListener
 from workflow_builders import EXAMPLES, REPO
 
 from airflow_comfy.local_run import compile_for_run, run_workflow
@@ -46,7 +47,16 @@ PREEMPT_AFTER = 1
 
 
 @pytest.fixture(scope="module")
-def deployment(postgres_server, demo_models: Path, demo_inputs: Path,
+def statsd() -> Iterator[StatsdListener]:
+    listener = StatsdListener()
+    try:
+        yield listener
+    finally:
+        listener.close()
+
+
+@pytest.fixture(scope="module")
+def deployment(postgres_server, demo_models: Path, demo_inputs: Path, statsd: StatsdListener,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[AirflowDeployment]:
     home = tmp_path_factory.mktemp("preempt-airflow")
     dags = home / "dags"
@@ -71,6 +81,11 @@ def deployment(postgres_server, demo_models: Path, demo_inputs: Path,
         "AIRFLOW__COMFY__PREEMPT_AFTER": str(PREEMPT_AFTER),
         "AIRFLOW__COMFY__PREEMPT_MAX": "1",
         "COMFY_RUNNER_THREADS": "1",
+        # the watcher counts each preemption (comfy.preemptions) through Airflow's StatsD client
+        "AIRFLOW__METRICS__STATSD_ON": "True",
+        "AIRFLOW__METRICS__STATSD_HOST": "127.0.0.1",
+        "AIRFLOW__METRICS__STATSD_PORT": str(statsd.port),
+        "AIRFLOW__METRICS__METRICS_ALLOW_LIST": "comfy",
     })
     deployment.airflow("pools", "set", POOL, "1", "airflow-comfy preemption test")
     with deployment:
@@ -119,7 +134,8 @@ def final_image(deployment: AirflowDeployment, run_id: str) -> np.ndarray:
 
 
 def test_a_vip_run_preempts_a_batch_task_which_runs_again_to_the_same_pixels(
-        deployment: AirflowDeployment, demo_models: Path, demo_inputs: Path, tmp_path: Path):
+        deployment: AirflowDeployment, demo_models: Path, demo_inputs: Path, tmp_path: Path,
+        statsd: StatsdListener):
     started = time.monotonic()
     trigger(deployment, "batch-1", "batch", BATCH_STEPS)
     deployment.wait_for("the batch run's sampling task to run", lambda: task(
@@ -183,6 +199,9 @@ def test_a_vip_run_preempts_a_batch_task_which_runs_again_to_the_same_pixels(
     assert "Airflow stopped this try while it was running" in task_log(deployment, "batch-1", "sampling", 1)
     assert "preempted by run vip-1 of DAG preempt" in task_log(deployment, "batch-1", "sampling", 2)
     assert "preempted task sampling of run batch-1 of DAG preempt" in task_log(deployment, "vip-1", "sampling", 1)
+    # and the metrics: one preemption, of the batch run's sampling task in its pool
+    assert statsd.values(f"airflow.comfy.preemptions.{DAG_ID}.sampling.batch.{POOL}") == [(1.0, "c")]
+    assert statsd.values("airflow.comfy.preemptions") == [(1.0, "c")]
 
     # the same pixels as an uninterrupted run of the same params
     compiled = compile_for_run(EXAMPLES / "txt2img_grouped.json")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -28,6 +29,7 @@ from airflow_comfy.artifacts.manifest import GroupManifest, OutputRecord
 from airflow_comfy.artifacts.specs import publish_spec
 from airflow_comfy.artifacts.store import open_store
 from airflow_comfy.local_run import compile_for_run
+from airflow_comfy.log_lines import parse_line
 from airflow_comfy.operators.command import local_arguments, runner_arguments, runner_prefix
 from airflow_comfy.runner.cli import main as runner_main
 from airflow_comfy.workflow.errors import WorkflowError
@@ -102,8 +104,8 @@ def set_input(node: str, name: str, value: Any) -> Callable[[dict], None]:
 
 def assert_bad_input(failure: Failure, *parts: str) -> None:
     assert failure.returncode == BAD_INPUT, failure.stderr[-3000:]
-    last = failure.stderr.strip().splitlines()[-1]
-    assert last.startswith("airflow-comfy runner: bad input: "), failure.stderr[-3000:]
+    level, last = parse_line(failure.stderr.strip().splitlines()[-1])
+    assert level == logging.ERROR and last.startswith("airflow-comfy runner: bad input: "), failure.stderr[-3000:]
     assert "Traceback" not in failure.stderr  # a clear message, not a stack trace
     for part in parts:
         assert part in last, f"{part!r} not in {last!r}"
@@ -333,6 +335,7 @@ def test_unwritable_store_is_refused_before_anything_is_computed(run_group):
     failure = run_group("txt2img_api.json", store="file:///proc/forbidden")
     assert failure.returncode == BAD_INPUT, failure.stderr[-3000:]
     [line] = failure.stderr.strip().splitlines()
+    line = parse_line(line)[1]
     assert line.startswith("airflow-comfy runner: bad input: the artifact store file:///proc/forbidden cannot be "
                            "written (cannot write file:///proc/forbidden/runs/"), line
     assert "No such file or directory" in line and "Traceback" not in failure.stderr

@@ -37,6 +37,7 @@ from airflow_comfy.artifacts.manifest import GroupManifest
 from airflow_comfy.artifacts.specs import publish_spec
 from airflow_comfy.artifacts.store import file_uri_path, open_store
 from airflow_comfy.local_run import GroupFailed, compile_for_run, run_workflow
+from airflow_comfy.log_lines import parse_line
 from airflow_comfy.operators.command import local_arguments, runner_arguments, runner_prefix
 from airflow_comfy.runner import memory, registry
 from airflow_comfy.runner.context import NodeContext, RunContext
@@ -296,7 +297,7 @@ def test_out_of_memory_twice_is_an_infrastructure_failure(demo_models: Path, dem
     with pytest.raises(GroupFailed) as failed:
         _run(TXT2IMG, demo_models, demo_inputs, store, f"fails-{budget}", budget)
     assert failed.value.returncode == 1  # retryable
-    last = capsys.readouterr().err.strip().splitlines()[-1]
+    last = parse_line(capsys.readouterr().err.strip().splitlines()[-1])[1]
     assert last.startswith(f"airflow-comfy runner: failed: NodeOutOfMemory: node {node} ran out of memory, and "
                            "again when retried in low-memory mode (tiled VAE, sliced attention): OutOfMemoryError: "
                            "out of memory (memory budget): "), last

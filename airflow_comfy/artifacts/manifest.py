@@ -18,6 +18,11 @@ Shape (version 1)::
       "package_version": "0.1.0",
       "low_memory": {"6": {"group": "postprocess", "class_type": "VAEDecode", "error": "OutOfMemoryError: ...",
                            "vae": "decode in tiles", "tile_px": 256, "overlap_px": 64, "tiles": 9, ...}},
+      "stats": {"nodes": {"3": {"class_type": "KSampler", "role": "sampling", "seconds": 12.5, "load_s": 0.0,
+                                "compute_s": 12.5, "bytes_read": 1544, "bytes_written": 16472}},
+                "totals": {"model_load_s": 1.2, "sampling_s": 12.5, "decode_s": 0.4, "compute_s": 12.9,
+                           "bytes_in": 1544, "bytes_out": 16472, "image_bytes": 0,
+                           "peak_rss_bytes": 2147483648, "peak_cuda_bytes": 4294967296}},
       "manifest_uri": "s3://.../manifest.json"
     }
 
@@ -33,6 +38,11 @@ have none.
 committed the group: a later try, or a rerun under the same run key, with the same spec and params returns this
 manifest instead of computing again; one with another spec or other params is a run key collision (see
 :mod:`airflow_comfy.runner.preflight`). Older manifests have neither.
+
+``stats`` (:mod:`airflow_comfy.runner.run_stats`): per node its seconds split into model load and compute, and
+the bytes it read and wrote; group totals of model load, sampling, decode and compute seconds, bytes handed off
+in and out, image bytes, peak RSS, and peak CUDA memory when the group ran on CUDA. The operators emit the
+group's metrics from it. Older manifests have none (``{}``); readers must not require any key of it.
 """
 
 from __future__ import annotations
@@ -120,6 +130,8 @@ class GroupManifest:
     """The run's values of the params this group binds."""
     inputs: dict[str, str] = field(default_factory=dict)
     """Input image (as named) -> sha256 of its bytes: this group's and its upstream groups'."""
+    stats: dict[str, Any] = field(default_factory=dict)
+    """Per-node and group figures (seconds, bytes, peak memory); ``{}`` in manifests from before this field."""
 
     def __post_init__(self) -> None:
         if isinstance(self.timings, dict):
@@ -151,6 +163,7 @@ class GroupManifest:
             "spec_sha256": self.spec_sha256,
             "params": dict(self.params),
             "inputs": dict(self.inputs),
+            "stats": dict(self.stats),
         }
 
     def to_json(self, *, indent: int | None = 2) -> str:
@@ -306,7 +319,18 @@ def _parse(data: Any) -> GroupManifest:
         params=dict(_dict(_get(data, "params", "", default={}), "params")),
         inputs={_str(k, "inputs key"): _sha256(v, f"inputs[{k!r}]")
                 for k, v in _dict(_get(data, "inputs", "", default={}), "inputs").items()},
+        stats=_stats(_get(data, "stats", "", default={})),
     )
+
+
+def _stats(data: Any) -> dict[str, Any]:
+    """The ``stats`` object: ``nodes`` and ``totals`` objects when present (their figures are not checked: they
+    inform, nothing reads them to compute)."""
+    data = dict(_dict(data, "stats"))
+    for name in ("nodes", "totals"):
+        if name in data:
+            _dict(data[name], f"stats.{name}")
+    return data
 
 
 def _optional_sha256(value: Any, where: str) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
+from airflow_comfy.metrics import emit_group_metrics, task_tags
 from airflow_comfy.operators.command import (
     EXIT_BAD_INPUT,
     EXIT_OK,
@@ -32,6 +33,7 @@ from airflow_comfy.operators.devices import (
 from airflow_comfy.operators.failure_text import runner_failure
 from airflow_comfy.operators.links import GROUP_TASK_LINKS, MANIFEST_ATTRIBUTE
 from airflow_comfy.operators.preemption_log import STOPPED_MESSAGE, log_preemptions
+from airflow_comfy.operators.runner_log import describe_run, relay_line
 from airflow_comfy.operators.spec_publish import publish_group_spec
 from airflow_comfy.runner_service.client import (
     JobResult,
@@ -199,6 +201,7 @@ class ComfyGroupLocalOperator(BaseOperator):
             self._release_device()
         self.log.info("Runner manifest: %s", manifest.get(MANIFEST_URI_KEY))
         setattr(self, MANIFEST_ATTRIBUTE, manifest)  # for the extra links, made when the task finishes
+        emit_group_metrics(manifest, task_tags(context, self), self.log)
         return manifest
 
     # --- the GPU ---------------------------------------------------------------------------------------------
@@ -270,7 +273,7 @@ class ComfyGroupLocalOperator(BaseOperator):
         """Run ``command``, streaming its output (stdout and stderr) line by line into the task log. A held
         device lock is inherited by the runner, so that the device stays taken while the runner lives, even
         if this process dies first."""
-        self.log.info("Running: %s", describe_command(command))
+        self.log.info("Running: %s", describe_run(command, self._group_name()))
         tail: collections.deque[str] = collections.deque(maxlen=ERROR_TAIL_LINES)
         lease = self._lease
         try:
@@ -294,7 +297,7 @@ class ComfyGroupLocalOperator(BaseOperator):
             for raw in self._process.stdout:
                 line = raw.rstrip("\n")
                 tail.append(line)
-                self.log.info("%s", line)
+                relay_line(self.log, line)
             returncode = self._process.wait()
         finally:
             self._stop_process()  # still running only if we were interrupted (timeout, kill)
@@ -357,10 +360,10 @@ class ComfyGroupLocalOperator(BaseOperator):
         def on_lines(lines: list[str]) -> None:
             for line in lines:
                 tail.append(line)
-                self.log.info("%s", line)
+                relay_line(self.log, line)
 
         def on_started() -> None:
-            self.log.info("Running: %s", describe_command(command))
+            self.log.info("Running: %s", describe_run(command, self._group_name()))
             if self._killed:  # killed while the request was on its way: its cancel may not have been sent
                 session.cancel()
 
@@ -374,6 +377,9 @@ class ComfyGroupLocalOperator(BaseOperator):
             raise AirflowException(f"{exc}. {after}.") from None
         self.log.info("The runner %s", result.describe())
         return result.code, list(tail)
+
+    def _group_name(self) -> str:
+        return self.group_spec.group if self.group_spec is not None else self.task_id
 
     def _stop_process(self) -> None:
         process = self._process
@@ -484,12 +490,6 @@ def _mask(*secrets: str | None) -> None:
     for secret in secrets:
         if secret:
             mask_secret(secret)
-
-
-def describe_command(command: list[str], max_arg: int = 120) -> str:
-    """The command for the log, with long arguments (the spec's data: URI) shortened."""
-    short = [arg if len(arg) <= max_arg else f"{arg[:max_arg]}...({len(arg)} chars)" for arg in command]
-    return " ".join(short)
 
 
 def raise_for_exit(returncode: int, tail: list[str]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import re
 from typing import Any, TypeVar
 
@@ -13,11 +14,13 @@ from kubernetes.client import ApiClient, Configuration
 from kubernetes.client import models as k8s
 
 from airflow_comfy.config import ComfySettings
+from airflow_comfy.metrics import emit_group_metrics, task_tags
 from airflow_comfy.operators.command import EXIT_BAD_INPUT, RUNNER_MODULE, pod_arguments
 from airflow_comfy.operators.disruption import PodDisrupted, PodDisruptionMixin
 from airflow_comfy.operators.failure_text import runner_failure
 from airflow_comfy.operators.links import GROUP_TASK_LINKS, MANIFEST_ATTRIBUTE
 from airflow_comfy.operators.preemption_log import STOPPED_MESSAGE, log_preemptions
+from airflow_comfy.operators.runner_log import pod_log_formatter
 from airflow_comfy.operators.spec_publish import publish_group_spec
 from airflow_comfy.operators.task_config import GroupTaskConfig
 from airflow_comfy.workflow.groupspec import GroupSpec
@@ -127,6 +130,10 @@ class ComfyGroupPodOperator(PodDisruptionMixin, KubernetesPodOperator):
             volumes.append(_k8s(k8s.V1Volume, name=SCRATCH_VOLUME, empty_dir=_k8s(k8s.V1EmptyDirVolumeSource)))
             mounts.append(_k8s(k8s.V1VolumeMount, name=SCRATCH_VOLUME, mount_path=SCRATCH_PATH))
         kwargs.setdefault("get_logs", True)
+        # the runner's lines keep their level: KPO (10.x versions that read a line's leading level) logs each at
+        # the level the runner wrote; the formatter drops the word. An older KPO logs them at INFO, word and all.
+        if "log_formatter" in kpo_parameters():
+            kwargs.setdefault("log_formatter", pod_log_formatter)
         kwargs.setdefault("on_finish_action", "delete_pod")
         # the last lines of the runner's output become the container's termination message (shown on failure)
         kwargs.setdefault("termination_message_policy", "FallbackToLogsOnError")
@@ -147,14 +154,18 @@ class ComfyGroupPodOperator(PodDisruptionMixin, KubernetesPodOperator):
 
             aws_env = aws_env_from_connection(self.aws_conn_id) if self.aws_conn_id else None
             publish_group_spec(self.group_spec, self.spec_sha256, self.store, aws_env=aws_env, log=self.log)
-        manifest = super().execute(context)
-        setattr(self, MANIFEST_ATTRIBUTE, manifest)  # for the extra links, made when the task finishes
-        return manifest
+        return self._finished(context, super().execute(context))
 
     def trigger_reentry(self, context: Any, event: dict[str, Any]) -> Any:
-        """A deferred try ends here, not in ``execute``: keep its manifest for the extra links too."""
-        manifest = super().trigger_reentry(context, event)
+        """A deferred try ends here, not in ``execute``: the same as the end of ``execute``."""
+        return self._finished(context, super().trigger_reentry(context, event))
+
+    def _finished(self, context: Any, manifest: Any) -> Any:
+        """The manifest the runner left for KPO's xcom sidecar: kept for the extra links (made when the task
+        finishes), and the group's metrics sent from it."""
         setattr(self, MANIFEST_ATTRIBUTE, manifest)
+        if isinstance(manifest, dict):
+            emit_group_metrics(manifest, task_tags(context, self), self.log)
         return manifest
 
     def on_kill(self) -> None:
@@ -193,6 +204,12 @@ class ComfyGroupPodOperator(PodDisruptionMixin, KubernetesPodOperator):
             if code == EXIT_BAD_INPUT:
                 raise AirflowFailException(message) from None
             raise AirflowException(message) from None
+
+
+@functools.lru_cache(maxsize=1)
+def kpo_parameters() -> frozenset[str]:
+    """The keyword arguments the installed KubernetesPodOperator takes."""
+    return frozenset(inspect.signature(KubernetesPodOperator.__init__).parameters)
 
 
 @functools.lru_cache(maxsize=1)

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import sys
-import traceback
 from pathlib import Path
 
 from airflow_comfy.workflow.groupspec import (
@@ -45,7 +44,7 @@ def main(argv: list[str] | None = None, *, process: bool = False) -> int:
                      cancel_grace=args.cancel_grace)
     configure_process()
     from airflow_comfy.runner.deadline import start_watchdog
-    from airflow_comfy.runner.failure import BAD_INPUT, FAILED, describe, report
+    from airflow_comfy.runner.failure import BAD_INPUT, FAILED, describe, print_traceback, report
 
     state: dict = {}
     # In a runner process only: a runner service's job is bounded by its task (its timeout cancels the job).
@@ -61,7 +60,7 @@ def main(argv: list[str] | None = None, *, process: bool = False) -> int:
 
         store_error = isinstance(exc, ArtifactError)  # says all there is (the URI and why): no traceback
         if not store_error:
-            traceback.print_exc()
+            print_traceback()
         report(FAILED, describe(exc, getattr(state.get("context"), "current_node", None), with_type=not store_error))
         return EXIT_INFRASTRUCTURE
     finally:
@@ -77,9 +76,14 @@ def main(argv: list[str] | None = None, *, process: bool = False) -> int:
 
 
 def configure_process() -> None:
-    """Logging to stdout and the libraries' quiet defaults: what a runner process sets before its job (a runner
-    service once at start, and again, to the same effect, for each job)."""
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(message)s")
+    """Logging to stdout (``LEVEL message`` lines, :mod:`airflow_comfy.log_lines`) and the libraries' quiet
+    defaults: what a runner process sets before its job (a runner service once at start, and again, to the same
+    effect, for each job: ``basicConfig`` does nothing once the root logger has a handler)."""
+    from airflow_comfy.log_lines import RunnerLogFormatter
+
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(RunnerLogFormatter("%(message)s"))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     # diffusers/transformers report every dtype move ("modules ... should be kept in float32") at INFO/WARNING:
     # noise in a task log. Their errors still show.
     # (They configure their loggers on import, from these variables.)

@@ -29,6 +29,7 @@ from airflow_comfy.runner.context import BadInput, NodeContext, NodeOutOfMemory,
 from airflow_comfy.runner.memory import free_memory, is_out_of_memory
 from airflow_comfy.runner.models.files import ModelFileError
 from airflow_comfy.runner.registry import implementation
+from airflow_comfy.runner.run_stats import GroupStats, log_lines
 from airflow_comfy.version import __version__
 from airflow_comfy.workflow.api_format import convert_api
 from airflow_comfy.workflow.catalog import Catalog
@@ -53,9 +54,12 @@ class GroupRun:
     spec_sha256: str = ""
     outputs: TryOutputs | None = None
     """Staged images and the commit (made from the store, run key, group and try when not given)."""
+    stats: GroupStats | None = None
+    """Per-node seconds and bytes, peak memory (the manifest's ``stats``; made when the run starts)."""
 
     def execute(self) -> GroupManifest:
         started = time.perf_counter()
+        self.stats = GroupStats(self.context.device)
         if self.outputs is None:
             self.outputs = TryOutputs(self.store, self.run_key, self.spec.group, self.try_number)
         nodes = self._nodes_with_params()
@@ -74,12 +78,14 @@ class GroupRun:
             node = nodes[node_id]
             node_context = NodeContext(self.context, node_id, node.class_type)
             kwargs = {}
+            bytes_before = boundary.bytes
             for name, value in self._declared_inputs(node).items():
                 try:
                     kwargs[name] = self._resolve(value, results, boundary) if isinstance(value, Link) else value
                 except (BadInput, BadArtifact, ModelFileError) as exc:
                     # Say which node and input needed the missing or unreadable upstream value.
                     raise node_context.bad_input(str(exc), name) from exc
+            self.stats.read(node_id, node.class_type, boundary.bytes - bytes_before)
             began = time.perf_counter()
             self.context.current_node = f"node {node_id} ({node.class_type})"
             log.info("node %s (%s): start", node_id, node.class_type)
@@ -108,11 +114,17 @@ class GroupRun:
                 self.low_memory[node_id] = {"group": self.spec.group, "class_type": node.class_type,
                                             "error": error[:1000], **node_context.low_memory_report}
             self.timings[node_id] = round(time.perf_counter() - began, 4)
+            self.stats.node(node_id, node.class_type).seconds = self.timings[node_id]
             log.info("node %s (%s): done in %.2fs%s", node_id, node.class_type, self.timings[node_id],
                      " (low-memory mode)" if node_context.low_memory else "")
             results[node_id] = tuple(outputs)
         self.context.current_node = None
         records = [self._persist(p.node, p.output, p.type, results) for p in self.spec.persist]
+        for record in records:
+            self.stats.handed_off(record.node, nodes[record.node].class_type, record.bytes)
+        stats = self.stats.to_dict()
+        for line in log_lines(stats):
+            log.info("%s", line)
         manifest = GroupManifest(
             workflow_name=self.spec.workflow_name, workflow_sha256=self.spec.workflow_sha256,
             group=self.spec.group, run_key=self.run_key, try_number=self.try_number,
@@ -127,6 +139,7 @@ class GroupRun:
             spec_sha256=self.spec_sha256,
             params={name: self.params[name] for name in sorted(self.spec.params) if name in self.params},
             inputs=self._inputs_record(),
+            stats=stats,
         )
         return self.outputs.commit(manifest, self._snapshot(manifest) if self.context.saved else None)
 
@@ -220,6 +233,8 @@ class GroupRun:
                     height: int) -> SavedImage:
         uri, sha256 = self.outputs.stage(node, subfolder, filename, png)
         saved = SavedImage(node, filename, subfolder, uri, width, height, sha256)
+        if self.stats is not None:
+            self.stats.image(node, self.stats.nodes[node].class_type if node in self.stats.nodes else "?", len(png))
         self.context.saved.append(saved)
         return saved
 
@@ -254,6 +269,8 @@ class _BoundaryReader:
         self.context = context
         self.store = store
         self.seconds = 0.0
+        self.bytes = 0
+        """Bytes read from the store so far."""
         self._records: dict[tuple[str, int], OutputRecord] = {}
         for manifest in manifests:
             for record in manifest.outputs:
@@ -270,7 +287,9 @@ class _BoundaryReader:
                            f"{expected!r}, but no --inputs manifest provides it")
         record = self._records[key]
         began = time.perf_counter()
-        value = decode_value(record.type, self.store.read_uri(record.uri), load_control_net=self._load_control_net,
+        data = self.store.read_uri(record.uri)
+        self.bytes += len(data)
+        value = decode_value(record.type, data, load_control_net=self._load_control_net,
                              uri=record.uri, sha256=record.sha256)
         self.seconds += time.perf_counter() - began
         self._cache[key] = value

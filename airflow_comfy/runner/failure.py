@@ -1,7 +1,8 @@
 """How the runner says it failed: one line, last on stderr, that the operators put first in the task's error.
 
 ``airflow-comfy runner: bad input: <sentence>`` (exit 2) or ``airflow-comfy runner: failed: <sentence>``
-(exit 1). The sentence names what failed (node id and class type, input, or URI) and why; a traceback, when
+(exit 1), written as an ``ERROR`` line (:mod:`airflow_comfy.log_lines`), so that it reaches the task log
+at that level. The sentence names what failed (node id and class type, input, or URI) and why; a traceback, when
 there is one, goes to the log before it, once. In a Kubernetes pod the line is also the container's
 termination message (``/dev/termination-log``, or ``COMFY_TERMINATION_LOG``), which KubernetesPodOperator
 reports when the pod fails.
@@ -12,7 +13,10 @@ from __future__ import annotations
 import os
 import re
 import sys
+import traceback
 from contextlib import suppress
+
+from airflow_comfy.log_lines import level_line
 
 PREFIX = "airflow-comfy runner: "
 BAD_INPUT = "bad input"
@@ -43,8 +47,14 @@ def report(kind: str, sentence: str) -> None:
     for one."""
     line = f"{PREFIX}{kind}: {one_line(sentence)}"
     sys.stdout.flush()
-    print(line, file=sys.stderr, flush=True)
+    print(level_line("ERROR", line), file=sys.stderr, flush=True)
     path = os.environ.get(TERMINATION_LOG_ENV) or DEFAULT_TERMINATION_LOG
     if os.path.exists(path) or TERMINATION_LOG_ENV in os.environ:
         with suppress(OSError), open(path, "w", encoding="utf-8") as handle:
             handle.write(line + "\n")
+
+
+def print_traceback() -> None:
+    """The exception being handled, as ERROR lines on stderr (each line carries the level)."""
+    sys.stdout.flush()
+    print(level_line("ERROR", traceback.format_exc().rstrip("\n")), file=sys.stderr, flush=True)

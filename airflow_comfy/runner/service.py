@@ -36,7 +36,6 @@ import socket
 import sys
 import threading
 import time
-import traceback
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from airflow_comfy.runner import cancel
+from airflow_comfy.runner.failure import print_traceback
 from airflow_comfy.runner_service import protocol
 from airflow_comfy.workflow.groupspec import EXIT_INFRASTRUCTURE
 
@@ -511,12 +511,12 @@ class Service:
             self.baseline.enter(env, request.get("cwd"))
             code = cli.main([str(arg) for arg in request["argv"]])
         except cancel.JobCancelled:
-            print("airflow-comfy runner: cancelled", file=sys.stderr, flush=True)
+            print("WARNING airflow-comfy runner: cancelled", file=sys.stderr, flush=True)
             code, cancelled = EXIT_CANCELLED, True
         except SystemExit as exc:
             code = _exit_code(exc.code)
         except BaseException:  # the job's failure must not end the service
-            traceback.print_exc()
+            print_traceback()
             code = EXIT_INFRASTRUCTURE
         finally:
             cancelled = cancelled or cancel.requested()

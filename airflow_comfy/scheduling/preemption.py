@@ -71,6 +71,15 @@ class PreemptionPolicy:
     """The weights of the configured tiers: a preempted task's weight goes up within its tier, never to the
     next tier's weight."""
 
+    tier_names: tuple[tuple[int, str], ...] = ()
+    """(weight, tier name) of the configured tiers: what the preemption metric calls a task's tier."""
+
+    def tier_of(self, weight: int) -> str:
+        """The tier of a task of ``weight``: the one with the highest weight not above it ("none" below all)."""
+        from airflow_comfy.scheduling.tiers import tier_of_weight
+
+        return tier_of_weight(weight, {name: w for w, name in self.tier_names})
+
     def resume_weight(self, weight: int) -> int:
         """The weight of a task preempted at ``weight``: one more, while that stays below the next tier."""
         ceiling = min((w for w in (*self.tier_weights, self.vip_weight) if w > weight), default=None)
@@ -101,6 +110,8 @@ class Preemption:
     at: str
     count: int
     """How many times the victim has been preempted, this time included."""
+    tier: str = ""
+    """The victim's tier ("" in events recorded before this field)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,7 +119,7 @@ class Preemption:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Preemption:
         return cls(victim=TaskRef(**data["victim"]), by=TaskRef(**data["by"]), pool=data["pool"], at=data["at"],
-                   count=int(data["count"]))
+                   count=int(data["count"]), tier=str(data.get("tier", "")))
 
 
 def preemption_count(note: str | None) -> int:
@@ -178,7 +189,7 @@ def _preempt(session: Any, victim: Any, waiting: Any, now: datetime, policy: Pre
     from airflow.models.taskinstance import clear_task_instances
 
     event = Preemption(victim=TaskRef.of(victim), by=TaskRef.of(waiting), pool=victim.pool, at=now.isoformat(),
-                       count=preemption_count(victim.note) + 1)
+                       count=preemption_count(victim.note) + 1, tier=policy.tier_of(victim.priority_weight or 0))
     log.warning("airflow-comfy: preempting %s (pool %s) for %s", event.victim, event.pool, event.by)
     clear_task_instances([victim], session, dag_run_state=False)
     # A running task instance that is cleared keeps its weight through ``restarting`` and its next try (Airflow
@@ -294,7 +305,22 @@ class PreemptionWatcher(threading.Thread):
         with create_session() as session:
             if not _take_lock(session):
                 return []
-            return run_tick(session, self.policy)
+            done = run_tick(session, self.policy)
+        for event in done:  # committed
+            count_preemption(event)
+        return done
+
+
+def count_preemption(event: Preemption) -> None:
+    """The ``comfy.preemptions`` counter, tagged with the preempted task's DAG, task, tier and pool. Never
+    raises."""
+    try:
+        from airflow_comfy.metrics import PREEMPTIONS, group_tags, scheduler_stats, send_count
+
+        tags = group_tags(event.victim.dag_id, event.victim.task_id, event.tier or None, event.pool)
+        send_count(PREEMPTIONS, 1, tags, stats=scheduler_stats())
+    except Exception:
+        log.exception("airflow-comfy: could not count the preemption of %s", event.victim)
 
 
 def _take_lock(session: Any) -> bool:
@@ -333,6 +359,7 @@ def preemption_policy(settings: Any = None) -> PreemptionPolicy | None:
         preempt_after=settings.preempt_after,
         max_preemptions=settings.preempt_max,
         tier_weights=tuple(sorted(set(tiers.values()))),
+        tier_names=tuple((weight, name) for name, weight in tiers.items()),
     )
 
 

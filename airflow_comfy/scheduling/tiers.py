@@ -98,6 +98,13 @@ def check_default_tier(tier: str, tiers: Mapping[str, int], what: str) -> str:
     return tier
 
 
+def tier_of_weight(weight: int, tiers: Mapping[str, int]) -> str:
+    """The tier of a task instance of ``weight``: the tier with the highest weight not above it (a preempted
+    task's weight is one more than its tier's); ``"none"`` below every tier."""
+    below = [(w, name) for name, w in tiers.items() if w <= weight]
+    return max(below)[1] if below else "none"
+
+
 def run_tier(conf: Any, default: str, tiers: Mapping[str, int]) -> str:
     """The tier of a run: its conf's ``tier`` when that names a tier, else ``default``."""
     chosen = conf.get(TIER_PARAM) if isinstance(conf, Mapping) else None
