@@ -235,14 +235,16 @@ def pick_option(page, dialog, name: str, value: str) -> None:
     expect(dialog.locator(f"input[name='element_{name}']")).to_have_value(value)
 
 
-def open_browse_view(page, ui: UiStack, name: str, url_route: str):
-    """Browse → ``name`` (one of the plugin's external views) from the UI's home page: the view's frame."""
+def open_browse_view(page, ui: UiStack, name: str, url_route: str, path: str):
+    """Browse → ``name`` (one of the plugin's external views, at ``path``) from the UI's home page: the view's
+    frame. The UI shows it at ``/plugin/<url_route>``, and once the frame has loaded, appends the frame's own
+    path to that address (so that the address leads back to the page the frame shows)."""
     from playwright.sync_api import expect
 
     page.goto(ui.url + "/")
     page.get_by_role("button", name="Browse").click()
     page.get_by_role("menuitem", name=name, exact=True).click()
-    expect(page).to_have_url(re.compile(f"/plugin/{url_route}$"))
+    expect(page).to_have_url(re.compile(f"/plugin/{url_route}({re.escape(path)})?$"))
     return plugin_frame(page)
 
 
@@ -416,7 +418,7 @@ def test_the_extra_link_opens_the_output_image(page, ui: UiStack, form_run: Form
 def test_browse_comfyui_outputs_shows_the_run(page, ui: UiStack, form_run: FormRun, shots: Screenshots):
     from playwright.sync_api import expect
 
-    gallery = open_browse_view(page, ui, "ComfyUI outputs", "comfy-gallery")
+    gallery = open_browse_view(page, ui, "ComfyUI outputs", "comfy-gallery", "/comfy/gallery")
     run = gallery.locator(f"section.comfy-run[data-run-id='{form_run.run_id}']")
     expect(run).to_be_visible()
     expect(run.locator(".comfy-run-dag")).to_contain_text(form_run.dag_id)
@@ -447,7 +449,7 @@ def test_an_upload_is_usable_in_the_next_run(page, ui: UiStack, shots: Screensho
     from playwright.sync_api import expect
 
     picture = pattern_png()
-    upload = open_browse_view(page, ui, "Upload input image", "comfy-upload")
+    upload = open_browse_view(page, ui, "Upload input image", "comfy-upload", "/comfy/upload")
     upload.locator("#comfy-upload-dag").select_option(IMG2IMG)
     upload.locator("#comfy-upload-file").set_input_files(
         {"name": "checkers.png", "mimeType": "image/png", "buffer": picture})
@@ -481,3 +483,4 @@ def test_an_anonymous_gallery_request_is_refused(browser, ui: UiStack):
             assert response is not None and response.status == 401, (path, response and response.status)
     finally:
         context.close()
+
