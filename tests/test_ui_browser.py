@@ -3,7 +3,10 @@ Playwright; tests/browser.py) against a real api-server + scheduler + dag-proces
 ``make demo`` sets it up (tests/ui_stack.py: the example workflows, the demo models, the local backend), with a
 login through the simple auth manager's login page. Checked: the login (and a wrong password refused), the DAG
 list, the trigger form's params and tier, a run triggered from the form, its log and XCom, the task's "Output
-images" extra link, the gallery, and that an anonymous gallery request is refused.
+images" extra link, the gallery inside the UI (Browse → "ComfyUI outputs", and the run page's tab of that name,
+both the plugin's pages in the UI's iframe, logged in by the UI's cookie), an image uploaded through Browse →
+"Upload input image" read by the img2img run triggered from the form with the name the page returned, and that
+an anonymous gallery request is refused.
 
 One deployment, one browser and one logged-in page serve every check of this module (module-scoped fixtures);
 the checks run in file order and later ones use what earlier ones left (the run triggered from the form). To add
@@ -22,6 +25,8 @@ sleeps. Chromium missing is a failure that says how to install it, never a skip.
 from __future__ import annotations
 
 import hashlib
+import io
+import json
 import os
 import re
 import sys
@@ -45,6 +50,9 @@ ELEMENT_TIMEOUT_MS = 30_000
 #: A txt2img run of the demo models takes about 20 s on two busy cores; the rest is margin.
 RUN_TIMEOUT_S = 240
 TIERS = ("vip", "high", "normal", "batch")
+#: The example DAG with an ``image`` param (its LoadImage node's input), and the run an upload feeds.
+IMG2IMG = "img2img"
+UPLOAD_RUN_ID = "from-an-upload"
 
 
 @dataclass
@@ -152,17 +160,28 @@ def page(browser, ui: UiStack, shots: Screenshots):
 def form_run(page, ui: UiStack, shots: Screenshots) -> FormRun:
     """txt2img triggered from its trigger form (a prompt typed in, the tier picked, a run id given), then waited
     on through the REST API until it finished."""
-    from playwright.sync_api import expect
 
     run = FormRun("txt2img", "from-the-form", "a red fox in the snow, woodcut", "high", "", {})
     dialog = open_trigger_form(page, ui, run.dag_id)
     dialog.locator("#element_prompt").fill(run.prompt)
     pick_option(page, dialog, "tier", run.tier)
+    trigger(page, dialog, run)
+    return finish(ui, run)
+
+
+def trigger(page, dialog, run: FormRun) -> None:
+    """Give the run its id (under Advanced Options), press Trigger, land on the new run's page."""
+    from playwright.sync_api import expect
+
     dialog.get_by_role("button", name="Advanced Options").click()
     dialog.locator("input[name=dagRunId]").fill(run.run_id)
     dialog.get_by_role("button", name="Trigger", exact=True).click()
     expect(dialog).to_be_hidden()
     expect(page).to_have_url(re.compile(f"/dags/{run.dag_id}/runs/{run.run_id}$"))
+
+
+def finish(ui: UiStack, run: FormRun) -> FormRun:
+    """``run`` once it finished (success or failed), its state and conf read through the REST API."""
 
     def finished() -> dict | None:
         status, body = ui.deployment.rest("GET", f"/api/v2/dags/{run.dag_id}/dagRuns/{run.run_id}")
@@ -214,6 +233,57 @@ def pick_option(page, dialog, name: str, value: str) -> None:
     dialog.locator(f"[id='element_{name}'] input[aria-autocomplete=list]").click()
     page.get_by_role("option", name=value, exact=True).click()
     expect(dialog.locator(f"input[name='element_{name}']")).to_have_value(value)
+
+
+def open_browse_view(page, ui: UiStack, name: str, url_route: str, path: str):
+    """Browse → ``name`` (one of the plugin's external views, at ``path``) from the UI's home page: the view's
+    frame. The UI shows it at ``/plugin/<url_route>``, and once the frame has loaded, appends the frame's own
+    path to that address (so that the address leads back to the page the frame shows)."""
+    from playwright.sync_api import expect
+
+    page.goto(ui.url + "/")
+    page.get_by_role("button", name="Browse").click()
+    page.get_by_role("menuitem", name=name, exact=True).click()
+    expect(page).to_have_url(re.compile(f"/plugin/{url_route}({re.escape(path)})?$"))
+    return plugin_frame(page)
+
+
+def plugin_frame(page):
+    """The frame the UI shows a plugin's external view in (the gallery's pages, served by its FastAPI app)."""
+    return page.frame_locator("iframe[src*='/comfy/']")
+
+
+def expect_thumbnail(run_section, run: FormRun) -> None:
+    """The run's section shows its image's thumbnail, loaded (the demo's 64x64 image, not shrunk)."""
+    from playwright.sync_api import expect
+
+    thumb = run_section.locator("a.comfy-image img.comfy-thumb")
+    expect(thumb).to_have_count(1)
+    expect(thumb).to_be_visible()
+    expect(thumb).to_have_js_property("complete", True)
+    expect(thumb).to_have_js_property("naturalWidth", 64)
+    assert f"/comfy/runs/{run.dag_id}/{run.run_id}/thumbs/outputs/" in thumb.get_attribute("src")
+
+
+def pattern_png(size: int = 64, square: int = 8) -> bytes:
+    """A checkerboard of two colours made here: an input image no other test or example has."""
+    from PIL import Image
+
+    image = Image.new("RGB", (size, size))
+    image.putdata([(200, 40, 40) if (x // square + y // square) % 2 else (30, 60, 180)
+                   for y in range(size) for x in range(size)])
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def snapshot_inputs(ui: UiStack, run: FormRun) -> dict[str, str]:
+    """The input images the run's groups read (name -> sha256), from its snapshots in the artifact store."""
+    outputs = ui.artifacts / "runs" / run.dag_id / run.run_id / "outputs"
+    read: dict[str, str] = {}
+    for snapshot in sorted(outputs.glob("snapshot.*.json")):
+        read.update(json.loads(snapshot.read_text())["inputs"])
+    return read
 
 
 # --- the checks -------------------------------------------------------------------------------------------------
@@ -345,19 +415,63 @@ def test_the_extra_link_opens_the_output_image(page, ui: UiStack, form_run: Form
     assert page.request.get(page.url).body() == image.read_bytes()
 
 
-def test_the_gallery_shows_the_run(page, ui: UiStack, form_run: FormRun, shots: Screenshots):
+def test_browse_comfyui_outputs_shows_the_run(page, ui: UiStack, form_run: FormRun, shots: Screenshots):
     from playwright.sync_api import expect
 
-    page.goto(f"{ui.url}/comfy/gallery?dag_id={form_run.dag_id}")
-    run = page.locator(f"section.comfy-run[data-run-id='{form_run.run_id}']")
+    gallery = open_browse_view(page, ui, "ComfyUI outputs", "comfy-gallery", "/comfy/gallery")
+    run = gallery.locator(f"section.comfy-run[data-run-id='{form_run.run_id}']")
     expect(run).to_be_visible()
     expect(run.locator(".comfy-run-dag")).to_contain_text(form_run.dag_id)
     expect(run.locator(".comfy-run-tier")).to_contain_text(form_run.tier)
     expect(run.locator("code.comfy-run-params")).to_contain_text(form_run.prompt)
-    thumb = run.locator("a.comfy-image img.comfy-thumb").first
-    expect(thumb).to_be_visible()
-    page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=thumb.element_handle())
+    expect_thumbnail(run, form_run)
     shots.take(page, "09-gallery")
+
+
+def test_the_runs_comfyui_outputs_tab_shows_its_thumbnail(page, ui: UiStack, form_run: FormRun,
+                                                          shots: Screenshots):
+    from playwright.sync_api import expect
+
+    page.goto(form_run.page(ui))
+    page.get_by_role("link", name="ComfyUI outputs", exact=True).click()
+    expect(page).to_have_url(re.compile(re.escape(form_run.page(ui, tab="plugin/comfy-run-gallery")) + "$"))
+    gallery = plugin_frame(page)
+    # narrowed to this run: its section, and no other run's
+    expect(gallery.locator("h1")).to_have_text(f"ComfyUI outputs of {form_run.dag_id} · {form_run.run_id}")
+    expect(gallery.locator("section.comfy-run")).to_have_count(1)
+    run = gallery.locator(f"section.comfy-run[data-run-id='{form_run.run_id}']")
+    expect(run.locator(".comfy-run-state")).to_have_text("success")
+    expect_thumbnail(run, form_run)
+    shots.take(page, "10-run-outputs-tab")
+
+
+def test_an_upload_is_usable_in_the_next_run(page, ui: UiStack, shots: Screenshots):
+    from playwright.sync_api import expect
+
+    picture = pattern_png()
+    upload = open_browse_view(page, ui, "Upload input image", "comfy-upload", "/comfy/upload")
+    upload.locator("#comfy-upload-dag").select_option(IMG2IMG)
+    upload.locator("#comfy-upload-file").set_input_files(
+        {"name": "checkers.png", "mimeType": "image/png", "buffer": picture})
+    upload.locator("#comfy-upload-submit").click()
+    shown = upload.locator("#comfy-upload-name")
+    expect(shown).to_have_text(re.compile(r"^upload-[0-9a-f]{12}-checkers\.png$"))
+    shots.take(page, "11-upload")
+    name = shown.inner_text()
+    assert (ui.inputs / name).read_bytes() == picture, name  # the input folder the workers read
+    # the name, typed into img2img's trigger form as its image, is what the next run reads
+    run = FormRun(IMG2IMG, UPLOAD_RUN_ID, "", "", "", {})
+    dialog = open_trigger_form(page, ui, run.dag_id)
+    image = param_field(page, dialog, "image")
+    image.locator("input[name=element_image]").fill(name)
+    image.scroll_into_view_if_needed()
+    shots.take(page, "12-trigger-form-upload")
+    trigger(page, dialog, run)
+    finish(ui, run)
+    assert run.state == "success", failed_run_report(ui, run)
+    assert run.conf["image"] == name, run.conf
+    read = snapshot_inputs(ui, run)
+    assert read.get(name) == hashlib.sha256(picture).hexdigest(), read
 
 
 def test_an_anonymous_gallery_request_is_refused(browser, ui: UiStack):
@@ -369,3 +483,4 @@ def test_an_anonymous_gallery_request_is_refused(browser, ui: UiStack):
             assert response is not None and response.status == 401, (path, response and response.status)
     finally:
         context.close()
+
