@@ -138,7 +138,7 @@ from airflow_comfy.runner.registry import implementation
 implementation("CheckpointLoaderSimple")
 t = time.perf_counter()
 from transformers import CLIPTextModel, CLIPTokenizer
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 print(time.perf_counter() - t)
 """
 
@@ -251,8 +251,8 @@ mode, path = sys.argv[1], sys.argv[2]
 if mode.startswith("ours"):
     from transformers import CLIPTokenizer  # imports excluded: done before the clock starts
     from airflow_comfy.runner.models import load_checkpoint_file
-    from airflow_comfy.runner.models.building import _clip_classes, _unet_class, _vae_class
-    _clip_classes(), _unet_class(), _vae_class()
+    from airflow_comfy.runner.models.building import _clip_classes, _unet_class
+    _clip_classes(), _unet_class()
     dtype = torch.float16 if mode == "ours-fp16" else torch.float32
     began = time.perf_counter()
     load_checkpoint_file(path, dtype=dtype, vae_dtype=torch.float32, use_cache=False)

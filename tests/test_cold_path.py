@@ -52,3 +52,38 @@ def test_no_model_library_is_imported_before_the_first_node(demo_models, demo_in
     assert [name for name in HEAVY if name in before] == []
     # ... and the loader node does import them: the split above is real.
     assert {"diffusers", "transformers", "torch._dynamo"} <= after
+
+
+PER_PROCESS_WRAPPER = """#!{python}
+import os, subprocess, sys
+with open(os.path.join({logs!r}, f"{{os.getpid()}}.log"), "ab") as log:
+    done = subprocess.run([{python!r}, "-X", "importtime", *sys.argv[1:]], stdout=log, stderr=subprocess.STDOUT)
+sys.exit(done.returncode)
+"""
+
+
+def _classes_and_imports(log: str) -> tuple[set[str], set[str]]:
+    """(classes of the nodes the process ran, every module it imported)."""
+    classes = {m.group(1) for line in log.splitlines() if (m := NODE_START.search(line))}
+    return classes, {m.group(1) for line in log.splitlines() if (m := IMPORT.match(line))}
+
+
+def test_a_vae_only_group_never_imports_diffusers_or_transformers(demo_models, demo_inputs, tmp_path):
+    """txt2img as the factory slices it: the group that loads the checkpoint's VAE, decodes and saves the image
+    builds our own autoencoder and imports no model library at all; the sampling group still does."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    wrapper = tmp_path / "python-importtime"
+    wrapper.write_text(PER_PROCESS_WRAPPER.format(python=sys.executable, logs=str(logs)), encoding="utf-8")
+    wrapper.chmod(0o755)
+    compiled = compile_for_run(ROOT / "example_workflows" / "txt2img_api.json")
+    run_workflow(compiled, models=demo_models, input_dir=demo_inputs, store=(tmp_path / "store").as_uri(),
+                 python=str(wrapper), echo=lambda _msg: None)
+    groups = [_classes_and_imports(p.read_text(encoding="utf-8", errors="replace")) for p in logs.glob("*.log")]
+    decoding = [imports for classes, imports in groups if "VAEDecode" in classes]
+    sampling = [imports for classes, imports in groups if "KSampler" in classes]
+    assert len(decoding) == 1 and len(sampling) == 1 and len(groups) == 2
+    assert {"CheckpointLoaderSimple", "VAEDecode", "SaveImage"} == next(c for c, _ in groups if "VAEDecode" in c)
+    assert "airflow_comfy.runner.models.autoencoder" in decoding[0]
+    assert [name for name in HEAVY if name in decoding[0]] == []
+    assert {"diffusers", "transformers"} <= sampling[0]

@@ -93,7 +93,7 @@ def _prewarm() -> None:
     with contextlib.suppress(ImportError):
         import diffusers  # noqa: F401
         import transformers  # noqa: F401
-        from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: F401
+        from diffusers import UNet2DConditionModel  # noqa: F401
         from transformers import CLIPTextModel  # noqa: F401
 
 

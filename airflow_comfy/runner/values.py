@@ -109,7 +109,7 @@ class TextEncoder:
 @dataclass
 class VAEModel:
     vae: torch.nn.Module
-    """A diffusers AutoencoderKL."""
+    """Our :class:`~airflow_comfy.runner.models.autoencoder.Autoencoder` (diffusers' AutoencoderKL, bit for bit)."""
     latent_scale: float
     recipe: Recipe
     downscale: int = 8

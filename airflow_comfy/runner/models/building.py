@@ -1,6 +1,7 @@
 """Building modules from a config and their tensors: on the ``meta`` device, the tensors assigned to them (no hub
 access, no random initialisation, at most one copy of each tensor: none when the file's dtype is the run's);
-diffusers' UNet/VAE classes, transformers' CLIP text models, imported when a module is built.
+diffusers' UNet class and transformers' CLIP text models, imported when such a module is built; the VAE is our
+own :class:`~airflow_comfy.runner.models.autoencoder.Autoencoder` (no diffusers import for a VAE-only group).
 
 Two entries: ``build_*`` take a state dict in the module's own names (diffusers folders, diffusers-layout
 files); ``*_from_ldm`` take an LDM component (:class:`~airflow_comfy.runner.models.layout.LdmSource`, e.g. a
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 
 from airflow_comfy.runner.models import layout
+from airflow_comfy.runner.models.autoencoder import Autoencoder, AutoencoderShape, UnsupportedAutoencoder
 from airflow_comfy.runner.models.config import _CLIP_DROP
 from airflow_comfy.runner.models.files import ModelFileError
 
@@ -142,10 +144,14 @@ def _unet_class() -> type:
     return UNet2DConditionModel
 
 
-def _vae_class() -> type:
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL
+def _vae_factory(config: Mapping[str, Any], label: str) -> Callable[[], torch.nn.Module]:
+    """Our own :class:`Autoencoder` of a diffusers ``AutoencoderKL`` config; a config it does not build is
+    refused here, naming the file."""
+    try:
+        shape = AutoencoderShape.of(config)
+    except UnsupportedAutoencoder as exc:
+        raise ModelFileError(f"{label}: {exc}") from None
+    return lambda: Autoencoder(shape)
 
 
 def _clip_factory(config: Mapping[str, Any], with_projection: bool) -> Callable[[], torch.nn.Module]:
@@ -165,9 +171,8 @@ def unet_from_ldm(config: Mapping[str, Any], source: layout.LdmSource, *, label:
 
 def vae_from_ldm(config: Mapping[str, Any], source: layout.LdmSource, *, label: str = "VAE",
                  device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:
-    cls = _vae_class()
-    return from_ldm(lambda: cls.from_config(dict(config)), source, layout.vae_plan, what="VAE", label=label,
-                    device=device, dtype=dtype)
+    return from_ldm(_vae_factory(config, label), source, layout.vae_plan, what="VAE", label=label, device=device,
+                    dtype=dtype)
 
 
 def text_encoder_from_ldm(config: Mapping[str, Any], source: layout.LdmSource, *, open_clip: bool,
@@ -196,8 +201,7 @@ def build_unet(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor]
 
 def build_vae(config: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor], *, label: str = "VAE",
               device: torch.device | str = "cpu", dtype: torch.dtype | None = None) -> torch.nn.Module:
-    cls = _vae_class()
-    return materialize(lambda: cls.from_config(dict(config)), state_dict, what="VAE", label=label, device=device,
+    return materialize(_vae_factory(config, label), state_dict, what="VAE", label=label, device=device,
                        dtype=dtype)
 
 

@@ -1,4 +1,5 @@
-"""The VAE (a diffusers ``AutoencoderKL``) in both directions, whole or in overlapping tiles, and estimates of
+"""The VAE (:class:`~airflow_comfy.runner.models.autoencoder.Autoencoder`, or a diffusers ``AutoencoderKL``: the
+same interface and block attributes) in both directions, whole or in overlapping tiles, and estimates of
 the largest single allocation either makes.
 
 Whole: ``vae.decode(latents)`` / ``vae.encode(pixels).latent_dist.mode()``, exactly as the nodes always did.
