@@ -185,7 +185,8 @@ def test_dag_docs_draw_the_groups_and_name_the_workflow_file(tmp_path: Path):
         "└─▶ sample: LATENT 12 VAEEncode → 13 KSampler.latent_image",
         "└─▶ decode_and_save: LATENT 13 KSampler → 14 VAEDecode.samples",
     ]
-    assert f"**Workflow file:** `img2img.json` in the workflows folder (`{folder}`)" in doc
+    assert (f"**Workflow file:** [img2img.json](/comfy/workflows/img2img) (`img2img.json`) in the workflows "
+            f"folder (`{folder}`)") in doc
     assert "The *Code* tab shows the loader stub" in doc
 
 
