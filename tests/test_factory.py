@@ -185,8 +185,21 @@ def test_dag_docs_draw_the_groups_and_name_the_workflow_file(tmp_path: Path):
         "└─▶ sample: LATENT 12 VAEEncode → 13 KSampler.latent_image",
         "└─▶ decode_and_save: LATENT 13 KSampler → 14 VAEDecode.samples",
     ]
-    assert f"**Workflow file:** `img2img.json` in the workflows folder (`{folder}`)" in doc
+    assert (f"**Workflow file:** [img2img.json](/comfy/workflows/img2img) (`img2img.json`) in the workflows "
+            f"folder (`{folder}`)") in doc
     assert "The *Code* tab shows the loader stub" in doc
+
+
+def test_dag_docs_link_under_the_uis_base_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """With the UI served under a path (``[api] base_url``), the docs' link to the workflow file starts with it,
+    and the path the docs name is the one the gallery's route reads back."""
+    from airflow_comfy.factory.docs import workflow_source_of
+
+    folder = dags_folder(tmp_path / "dags", {"my [draft].json": (EXAMPLES / "img2img.json").read_text()})
+    monkeypatch.setenv("AIRFLOW__API__BASE_URL", "https://airflow.example/team/")
+    doc = parse(folder).dags["my_draft"].doc_md
+    assert "**Workflow file:** [my \\[draft\\].json](/team/comfy/workflows/my_draft) (`my [draft].json`)" in doc
+    assert workflow_source_of(doc) == str(folder / "my [draft].json")
 
 
 def test_trigger_params_have_types_bounds_and_the_workflows_defaults(templates_bag: DagBag):

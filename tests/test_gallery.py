@@ -10,7 +10,10 @@ demo models with a file:// artifact store; the presigned S3 link is checked agai
 * the gallery lists the run (workflow, params, tier, timings, thumbnails that are PNGs);
 * paths that try to leave the run's folder (``..``, ``%2e%2e``, absolute, a symbolic link to a file outside):
   400 or 404, never the file's bytes;
-* an admin's upload lands in the input folder and its name, given as the ``image`` param, runs the next run.
+* an admin's upload lands in the input folder and its name, given as the ``image`` param, runs the next run;
+* the DAG docs' links (read through the REST API) serve the workflow file and its sidecar, byte for byte; a
+  DAG that is not a workflow DAG (even one whose docs name a workflow file), an unknown DAG and a workflow
+  whose file is a symbolic link out of the workflows folder: 404, never the file.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import http.client
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -41,6 +45,16 @@ FIRST_RUN = "manual__2026-11-27T10:00:00+00:00"
 RUN_SEGMENT = quote(FIRST_RUN, safe="")
 PASSWORDS = {"admin": "admin-secret", "viewer": "viewer-secret"}
 SECRET_BYTES = b"\x89PNG\r\n\x1a\n not for your eyes: outside the store"
+#: A workflow DAG whose file is a symbolic link to a workflow outside the workflows folder.
+ESCAPING_DAG = "gallery_escaping"
+#: A Python DAG of the same folder whose docs imitate a workflow DAG's, naming the gallery's workflow file.
+PLAIN_DAG = "gallery_plain"
+PLAIN_DAG_FILE = """from airflow.sdk import DAG
+from airflow.providers.standard.operators.empty import EmptyOperator
+
+with DAG("gallery_plain", schedule=None, doc_md="Source: `{source}` (API format)"):
+    EmptyOperator(task_id="nothing")
+"""
 
 
 class Gallery:
@@ -114,6 +128,12 @@ def gallery(postgres_server, demo_models: Path, demo_inputs: Path,
     for stub in ("comfy_workflows.py", "comfy_workflow_errors.py"):
         shutil.copy(REPO / "dags" / stub, dags)
     shutil.copy(EXAMPLES / "img2img.json", dags / f"{DAG_ID}.json")
+    (dags / f"{DAG_ID}.comfy.yaml").write_text("description: img2img, for the gallery tests\n")
+    outside = home / "outside"
+    outside.mkdir()
+    shutil.copy(EXAMPLES / "img2img.json", outside / f"{ESCAPING_DAG}.json")
+    (dags / f"{ESCAPING_DAG}.json").symlink_to(outside / f"{ESCAPING_DAG}.json")
+    (dags / "plain_dag.py").write_text(PLAIN_DAG_FILE.format(source=dags / f"{DAG_ID}.json"))
     shutil.copytree(demo_inputs, home / "input")
     passwords = home / "passwords.json"
     passwords.write_text(json.dumps(PASSWORDS))
@@ -136,7 +156,7 @@ def gallery(postgres_server, demo_models: Path, demo_inputs: Path,
     deployment.env["AIRFLOW__API__BASE_URL"] = f"http://127.0.0.1:{deployment.api_port}"
     with deployment:
         deployment.wait_for_api()
-        deployment.wait_for_dags({DAG_ID})
+        deployment.wait_for_dags({DAG_ID, ESCAPING_DAG, PLAIN_DAG})
         result = Gallery(deployment, home)
         assert result.trigger_and_wait(FIRST_RUN) == "success", deployment.logs_tail()
         yield result
@@ -144,7 +164,8 @@ def gallery(postgres_server, demo_models: Path, demo_inputs: Path,
 
 ROUTES = ["/comfy/gallery", f"/comfy/gallery?dag_id={DAG_ID}", "/comfy/api/runs", "/comfy/upload",
           f"/comfy/runs/{DAG_ID}/{RUN_SEGMENT}/files/outputs/x.png",
-          f"/comfy/runs/{DAG_ID}/{RUN_SEGMENT}/thumbs/outputs/x.png"]
+          f"/comfy/runs/{DAG_ID}/{RUN_SEGMENT}/thumbs/outputs/x.png",
+          f"/comfy/workflows/{DAG_ID}", f"/comfy/workflows/{DAG_ID}/sidecar"]
 
 
 def test_anonymous_and_forged_requests_get_401(gallery: Gallery):
@@ -168,6 +189,37 @@ def test_viewer_sees_the_gallery_but_may_not_upload(gallery: Gallery):
     assert not list(gallery.inputs.glob("upload-*"))
     status, page, _ = gallery.request("GET", "/comfy/upload", user="viewer")
     assert status == 200 and b'id="comfy-upload-none"' in page
+
+
+def test_dag_docs_link_to_the_workflow_file_and_its_sidecar(gallery: Gallery):
+    doc = gallery.json(f"/api/v2/dags/{DAG_ID}/details", user="viewer")["doc_md"]
+    links = dict(re.findall(r"\[([^\]]+)\]\((/comfy/workflows/[^)]+)\)", doc))
+    assert links == {f"{DAG_ID}.json": f"/comfy/workflows/{DAG_ID}",
+                     f"{DAG_ID}.comfy.yaml": f"/comfy/workflows/{DAG_ID}/sidecar"}, doc
+    assert f"(`{DAG_ID}.json`) and its sidecar" in doc  # the plain name stays, for copying
+    dags = gallery.home / "dags"
+    for name, path in links.items():
+        status, data, headers = gallery.request("GET", path, user="viewer")
+        assert status == 200, (path, data[:300])
+        assert data == (dags / name).read_bytes()
+        assert headers["content-disposition"].startswith("inline")
+        expected = "application/json" if name.endswith(".json") else "text/plain"
+        assert headers["content-type"].startswith(expected), headers
+    assert json.loads(gallery.request("GET", links[f"{DAG_ID}.json"], user="admin")[1])  # the workflow, as JSON
+
+
+@pytest.mark.parametrize(("dag_id", "reason"), [
+    (PLAIN_DAG, b"is not built from a ComfyUI workflow file"),
+    ("no_such_dag", b"there is no DAG 'no_such_dag'"),
+    (ESCAPING_DAG, b"a symbolic link out of the folder is never followed"),
+])
+def test_only_a_workflow_dags_own_file_in_the_folder_is_served(gallery: Gallery, dag_id: str, reason: bytes):
+    for path in (f"/comfy/workflows/{dag_id}", f"/comfy/workflows/{dag_id}/sidecar"):
+        status, body, _ = gallery.request("GET", path, user="admin")
+        assert status == 404, (path, status, body[:300])
+        assert b'"nodes"' not in body and b"class_type" not in body  # never a workflow's bytes
+    status, body, _ = gallery.request("GET", f"/comfy/workflows/{dag_id}", user="admin")
+    assert reason in body, body
 
 
 def _links(gallery: Gallery, run_id: str, task_id: str) -> dict[str, str | None]:

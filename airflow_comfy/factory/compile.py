@@ -68,7 +68,9 @@ def cache_key(content: bytes, sidecar: Sidecar, catalog: Catalog, source: str = 
 
 
 def compile_workflow(path: Path, content: bytes, sidecar: Sidecar, catalog: Catalog, *,
-                     max_nodes: int) -> CompiledWorkflow:
+                     max_nodes: int, ui_base: str = "") -> CompiledWorkflow:
+    """``ui_base``: the path the Airflow UI is served under, for the docs' links (the loader puts it in the cache
+    key's context)."""
     source = str(path)
     name = path.name[: -len(".json")] if path.name.endswith(".json") else path.stem
     workflow = parse_workflow_text(content, catalog, name=name, source=source, max_nodes=max_nodes)
@@ -90,5 +92,5 @@ def compile_workflow(path: Path, content: bytes, sidecar: Sidecar, catalog: Cata
                 for s, g in zip(specs, graph.groups, strict=True)],
         params=[{"name": p.name, "title": p.title, "description": p.description, "schema": p.schema,
                  "default": p.default} for p in params],
-        doc_md=workflow_doc_md(graph, params, sidecar),
+        doc_md=workflow_doc_md(graph, params, sidecar, dag_id=dag_id, ui_base=ui_base),
     )

@@ -5,14 +5,18 @@ Airflow 3.3's docs panel renders Markdown (GitHub tables and fenced code; raw HT
 mermaid), so the diagram is a fenced text block: one box per group in task order, and under it an arrow per
 value it hands to a later group, naming the value's type, the node that makes it and the node input that reads
 it. Airflow's *Code* tab shows the DAG's Python file, which for these DAGs is the loader stub, so the docs say
-where the workflow JSON (and its sidecar) is.
+where the workflow JSON (and its sidecar) is and link to the gallery plugin's route that serves it
+(:func:`airflow_comfy.gallery.urls.workflow_file_url`, which finds the file from the ``Source:`` line written
+here: :func:`workflow_source_of`).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import PurePath
 
 from airflow_comfy.factory.sidecar import Sidecar
+from airflow_comfy.gallery.urls import workflow_file_url
 from airflow_comfy.workflow.graph import Link, Workflow
 from airflow_comfy.workflow.groupspec import BoundaryValue
 from airflow_comfy.workflow.params import ParamDef
@@ -20,6 +24,9 @@ from airflow_comfy.workflow.slicing import Group, GroupGraph
 
 #: Width the diagram's node lists are wrapped at (the docs panel shows code in a monospace box).
 _DIAGRAM_WIDTH = 96
+
+#: The docs' line naming the workflow file: written by :func:`workflow_doc_md`, read by :func:`workflow_source_of`.
+_SOURCE_LINE = re.compile(r"^Source: `(?P<source>[^`\n]+)` \(", re.MULTILINE)
 
 _MODE_TEXT = {
     "sidecar": "groups assigned in the sidecar",
@@ -29,7 +36,10 @@ _MODE_TEXT = {
 }
 
 
-def workflow_doc_md(graph: GroupGraph, params: list[ParamDef], sidecar: Sidecar) -> str:
+def workflow_doc_md(graph: GroupGraph, params: list[ParamDef], sidecar: Sidecar, *, dag_id: str,
+                    ui_base: str = "") -> str:
+    """The DAG's docs. ``ui_base``: the path the Airflow UI is served under (``[api] base_url``'s path, "" at
+    the host's root): the links to the workflow file are relative to the UI's origin."""
     wf = graph.workflow
     lines = [f"# ComfyUI workflow `{wf.name}`", ""]
     if sidecar.description:
@@ -38,7 +48,7 @@ def workflow_doc_md(graph: GroupGraph, params: list[ParamDef], sidecar: Sidecar)
         f"Source: `{wf.source}` ({wf.format.upper()} format, {len(wf.nodes)} nodes that run). "
         f"Sliced by {_MODE_TEXT.get(graph.mode, graph.mode)} into {len(graph.groups)} task(s).",
         "",
-        _file_note(wf.source, sidecar),
+        _file_note(wf.source, sidecar, dag_id, ui_base),
         "",
         "## Diagram",
         "",
@@ -76,12 +86,28 @@ def _cell(text: str, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _file_note(source: str, sidecar: Sidecar) -> str:
+def workflow_source_of(doc_md: str) -> str | None:
+    """The workflow file's path as the docs of a workflow DAG name it; None when the docs name none."""
+    match = _SOURCE_LINE.search(doc_md or "")
+    return match.group("source") if match else None
+
+
+def _file_note(source: str, sidecar: Sidecar, dag_id: str, ui_base: str) -> str:
     name = PurePath(source).name
-    side = f" and its sidecar `{PurePath(sidecar.path).name}`" if sidecar.path else ""
-    return (f"**Workflow file:** `{name}`{side} in the workflows folder (`{PurePath(source).parent}`). "
+    link = f"[{_link_text(name)}]({workflow_file_url(ui_base, dag_id)})"
+    side = ""
+    if sidecar.path:
+        side_name = PurePath(sidecar.path).name
+        side = (f" and its sidecar [{_link_text(side_name)}]({workflow_file_url(ui_base, dag_id, sidecar=True)})"
+                f" (`{side_name}`)")
+    return (f"**Workflow file:** {link} (`{name}`){side} in the workflows folder (`{PurePath(source).parent}`). "
             "The *Code* tab shows the loader stub that builds this DAG from it, not the workflow: open the JSON "
             "in ComfyUI to edit it; the DAG follows at the next parse.")
+
+
+def _link_text(name: str) -> str:
+    """A file name as a Markdown link's text (brackets and backslashes escaped)."""
+    return re.sub(r"([\\\[\]])", r"\\\1", name)
 
 
 def group_diagram(graph: GroupGraph) -> list[str]:

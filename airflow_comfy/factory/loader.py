@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from airflow.sdk import DAG, Param
 
@@ -189,7 +190,8 @@ def _build_file(path: Path, content: bytes, key: str, sidecar: Sidecar, catalog:
     cached = cache.compiled(key)
     if cached is None:
         _raise_known_error(cache, key)
-        compiled = compile_workflow(path, content, sidecar, catalog, max_nodes=settings.max_workflow_nodes)
+        compiled = compile_workflow(path, content, sidecar, catalog, max_nodes=settings.max_workflow_nodes,
+                                    ui_base=ui_base_path())
         cache.put_compiled(key, compiled.to_dict())
     else:
         compiled = CompiledWorkflow.from_dict(cached)
@@ -211,7 +213,8 @@ def _check_file(path: Path, content: bytes, key: str, sidecar: Sidecar, catalog:
         return
     cached = cache.compiled(key)
     if cached is None:
-        compiled = compile_workflow(path, content, sidecar, catalog, max_nodes=settings.max_workflow_nodes)
+        compiled = compile_workflow(path, content, sidecar, catalog, max_nodes=settings.max_workflow_nodes,
+                                    ui_base=ui_base_path())
         cache.put_compiled(key, compiled.to_dict())
     else:
         compiled = CompiledWorkflow.from_dict(cached)
@@ -240,11 +243,21 @@ def _claim(dag_id: str, path: Path, claimed: dict[str, Path]) -> None:
 
 
 def _build_context(settings: ComfySettings, pools: PoolsConfig) -> str:
-    """What besides the file decides whether and how it builds: the settings, the pools file's content and
-    Airflow's version."""
+    """What besides the file decides whether and how it builds: the settings, the pools file's content,
+    Airflow's version and the UI's path (the docs link to it)."""
     from airflow import __version__ as airflow_version
 
-    return hashlib.sha256(repr((dataclasses.astuple(settings), pools.digest, airflow_version)).encode()).hexdigest()
+    return hashlib.sha256(repr((dataclasses.astuple(settings), pools.digest, airflow_version,
+                                ui_base_path())).encode()).hexdigest()
+
+
+def ui_base_path() -> str:
+    """The path the Airflow UI is served under: ``[api] base_url``'s path ("" when unset or at the host's root).
+    The DAG docs link to the workflow file relative to the UI's origin, so the link works whatever host name
+    the browser uses."""
+    from airflow.configuration import conf
+
+    return urlsplit(conf.get("api", "base_url", fallback="") or "").path.rstrip("/")
 
 
 def _resolve_folder(folder: str | Path | None, globals_dict: dict | None, settings: ComfySettings) -> Path:

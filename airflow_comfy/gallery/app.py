@@ -4,7 +4,8 @@ caller (401 without a valid Airflow token) and checks their permission on the DA
 (:mod:`airflow_comfy.gallery.auth`); paths in requests are confined to the run's folder of the artifact store,
 or to the input folder for uploads (:mod:`airflow_comfy.gallery.paths`: 400 for a path that tries to leave,
 404 for a symbolic link that does). Uploads go to the input store, else the input folder
-(:mod:`airflow_comfy.gallery.uploads`).
+(:mod:`airflow_comfy.gallery.uploads`). A workflow DAG's workflow file (and sidecar) is found from the DAG,
+confined to the workflows folder (:mod:`airflow_comfy.gallery.workflow_files`).
 
 The api-server needs the ``[comfy]`` settings the workers have (``artifact_store``, ``aws_conn_id``,
 ``input_store``, ``input_path``), the store credentials, the input folder mounted where ``input_path`` says
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import io
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,6 +31,7 @@ from airflow_comfy.gallery.paths import BadPath, OutsideStore, confined_file, ru
 from airflow_comfy.gallery.runs import recent_runs
 from airflow_comfy.gallery.uploads import save_upload
 from airflow_comfy.gallery.urls import PREFIX
+from airflow_comfy.gallery.workflow_files import NoWorkflowFile, read_workflow_file, workflow_dag
 
 #: The largest input image an upload may carry.
 MAX_UPLOAD_BYTES = 32 * 1024 * 1024
@@ -151,6 +154,19 @@ def _fetch(dag_id: str, run_id: str, path: str) -> tuple[str, bytes]:
         raise HTTPException(status.HTTP_502_BAD_GATEWAY, f"the artifact store did not answer: {exc}") from None
 
 
+def _workflow_file_response(dag_id: str, *, sidecar: bool) -> Response:
+    """The DAG's workflow JSON (or YAML sidecar), shown in the browser; 404 with the reason when there is none."""
+    try:
+        name, data = read_workflow_file(workflow_dag(dag_id), sidecar=sidecar)
+    except NoWorkflowFile as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+    media_type = "text/plain; charset=utf-8" if sidecar else "application/json"
+    quoted = re.sub(r"[^A-Za-z0-9._-]", "_", name)  # a header's value: ASCII, no quotes
+    headers = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox",
+               "Cache-Control": "private, no-cache", "Content-Disposition": f'inline; filename="{quoted}"'}
+    return Response(content=data, media_type=media_type, headers=headers)
+
+
 def create_app() -> FastAPI:
     app = FastAPI(title="airflow-comfy gallery", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -190,6 +206,16 @@ def create_app() -> FastAPI:
             return _object_response(key, data)
         return Response(content=small[0], media_type=small[1],
                         headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "private, max-age=300"})
+
+    @app.get("/workflows/{dag_id}")
+    def workflow_file(user: User, dag_id: str) -> Response:
+        auth.require_dag_read(user, dag_id)
+        return _workflow_file_response(dag_id, sidecar=False)
+
+    @app.get("/workflows/{dag_id}/sidecar")
+    def workflow_sidecar(user: User, dag_id: str) -> Response:
+        auth.require_dag_read(user, dag_id)
+        return _workflow_file_response(dag_id, sidecar=True)
 
     @app.get("/upload", response_class=HTMLResponse)
     def upload_form(request: Request, user: User, dag_id: str | None = None) -> HTMLResponse:

@@ -70,6 +70,15 @@ def require(user: Any, dag_id: str, method: str) -> None:
         raise HTTPException(status.HTTP_403_FORBIDDEN, f"You may not {action} the DAG {dag_id!r}")
 
 
+def require_dag_read(user: Any, dag_id: str) -> None:
+    """403 unless ``user`` may read DAG ``dag_id`` itself (its code, docs and so its workflow file)."""
+    from airflow.api_fastapi.app import get_auth_manager
+    from airflow.api_fastapi.auth.managers.models.resource_details import DagDetails
+
+    if not get_auth_manager().is_authorized_dag(method="GET", details=DagDetails(id=dag_id), user=user):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"You may not read the DAG {dag_id!r}")
+
+
 def readable_dag_ids(user: Any) -> set[str]:
     """The DAGs whose runs ``user`` may see."""
     from airflow.api_fastapi.app import get_auth_manager

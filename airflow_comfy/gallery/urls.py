@@ -8,6 +8,8 @@ the plugin's own pages. Pure Python (no Airflow, no FastAPI), so the worker and 
     {PREFIX}/runs/<dag_id>/<run_id>/files/<path>    an object the run wrote (path: under runs/<dag>/<run>/)
     {PREFIX}/runs/<dag_id>/<run_id>/thumbs/<path>   a thumbnail of an image the run wrote
     {PREFIX}/upload                                 GET: the upload page; POST: an input image
+    {PREFIX}/workflows/<dag_id>                     the workflow JSON a workflow DAG is built from
+    {PREFIX}/workflows/<dag_id>/sidecar             its sidecar (YAML), if it has one
 """
 
 from __future__ import annotations
@@ -47,3 +49,8 @@ def gallery_url(base: str, dag_id: str | None = None, run_id: str | None = None,
 def run_page_url(base: str, dag_id: str, run_id: str) -> str:
     """The DAG run's page of the Airflow UI."""
     return f"{base.rstrip('/')}/dags/{_segment(dag_id)}/runs/{_segment(run_id)}"
+
+
+def workflow_file_url(base: str, dag_id: str, *, sidecar: bool = False) -> str:
+    """The workflow file (or its sidecar) that DAG ``dag_id`` is built from."""
+    return f"{base.rstrip('/')}{PREFIX}/workflows/{_segment(dag_id)}" + ("/sidecar" if sidecar else "")
