@@ -1,10 +1,13 @@
 """Outputs in the UI, through a real api-server: the gallery plugin (loaded through the package's
 ``airflow.plugins`` entry point, mounted at ``/comfy``) and the group tasks' extra links, with Airflow's simple
-auth manager and two real users (``admin``, ``viewer``: a viewer may see runs but not trigger them), tokens from
-``POST /auth/token``. The scheduler (LocalExecutor) and dag-processor run ``img2img`` (four groups) on the tiny
+auth manager (``tests/per_dag_auth_manager.py``: the simple one with per-DAG access, as a real deployment's) and
+three real users (``admin``; ``viewer``: may see runs but not trigger them; ``outsider``: an admin refused the DAG
+``gallery_img2img``), tokens from ``POST /auth/token``. The scheduler (LocalExecutor) and dag-processor run ``img2img`` (four groups) on the tiny
 demo models with a file:// artifact store; the presigned S3 link is checked against moto's S3 server.
 
 * anonymous (and forged-token) requests to every route: 401; a viewer uploading: 403;
+* a user refused one DAG: 403 from every route for that DAG (image, thumbnail, snapshot, workflow file and
+  sidecar, the gallery narrowed to it or its run, upload), 200 for another DAG, whose runs alone the gallery lists;
 * the "Output images" extra link of a finished run opens that run's image (same bytes as the store's file),
   "Run snapshot" its snapshot; a task that wrote no image has no link;
 * the gallery lists the run (workflow, params, tier, timings, thumbnails that are PNGs);
@@ -43,7 +46,13 @@ DAG_ID = "gallery_img2img"
 #: As the UI names runs: ``:`` and ``+`` travel percent-encoded in the plugin's URLs.
 FIRST_RUN = "manual__2026-11-27T10:00:00+00:00"
 RUN_SEGMENT = quote(FIRST_RUN, safe="")
-PASSWORDS = {"admin": "admin-secret", "viewer": "viewer-secret"}
+PASSWORDS = {"admin": "admin-secret", "viewer": "viewer-secret", "outsider": "outsider-secret"}
+#: A second workflow DAG (img2img again) with a run: the one the outsider may see.
+OTHER_DAG = "gallery_other"
+OTHER_RUN = "manual__2026-11-27T11:00:00+00:00"
+#: An admin everywhere but on :data:`DAG_ID`, which the test auth manager (``tests/per_dag_auth_manager.py``)
+#: takes from them, as a real deployment's auth manager takes a DAG from a user.
+OUTSIDER = "outsider"
 SECRET_BYTES = b"\x89PNG\r\n\x1a\n not for your eyes: outside the store"
 #: A workflow DAG whose file is a symbolic link to a workflow outside the workflows folder.
 ESCAPING_DAG = "gallery_escaping"
@@ -104,17 +113,23 @@ class Gallery:
                                        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
         return status, body
 
-    def trigger_and_wait(self, run_id: str, conf: dict | None = None, timeout: float = 600) -> str:
-        self.deployment.airflow("dags", "trigger", DAG_ID, "-r", run_id, "-c", json.dumps(conf or {}))
+    def trigger_and_wait(self, run_id: str, conf: dict | None = None, timeout: float = 600,
+                         dag_id: str = DAG_ID) -> str:
+        self.trigger(run_id, conf, dag_id=dag_id)
+        return self.wait_for_run(run_id, timeout, dag_id=dag_id)
 
+    def trigger(self, run_id: str, conf: dict | None = None, *, dag_id: str = DAG_ID) -> None:
+        self.deployment.airflow("dags", "trigger", dag_id, "-r", run_id, "-c", json.dumps(conf or {}))
+
+    def wait_for_run(self, run_id: str, timeout: float = 600, *, dag_id: str = DAG_ID) -> str:
         def finished() -> str | None:
-            rows = self.deployment.sql(f"SELECT state FROM dag_run WHERE dag_id = '{DAG_ID}' AND run_id = '{run_id}'")
+            rows = self.deployment.sql(f"SELECT state FROM dag_run WHERE dag_id = '{dag_id}' AND run_id = '{run_id}'")
             return rows[0][0] if rows and rows[0][0] in ("success", "failed") else None
 
-        return self.deployment.wait_for(f"run {run_id}", finished, timeout, interval=2.0)
+        return self.deployment.wait_for(f"run {run_id} of {dag_id}", finished, timeout, interval=2.0)
 
-    def run_entry(self, run_id: str) -> dict:
-        runs = self.json(f"/comfy/api/runs?dag_id={DAG_ID}&run_id={quote(run_id, safe='')}")["runs"]
+    def run_entry(self, run_id: str, dag_id: str = DAG_ID) -> dict:
+        runs = self.json(f"/comfy/api/runs?dag_id={dag_id}&run_id={quote(run_id, safe='')}")["runs"]
         assert len(runs) == 1, runs
         return runs[0]
 
@@ -129,6 +144,11 @@ def gallery(postgres_server, demo_models: Path, demo_inputs: Path,
         shutil.copy(REPO / "dags" / stub, dags)
     shutil.copy(EXAMPLES / "img2img.json", dags / f"{DAG_ID}.json")
     (dags / f"{DAG_ID}.comfy.yaml").write_text("description: img2img, for the gallery tests\n")
+    shutil.copy(EXAMPLES / "img2img.json", dags / f"{OTHER_DAG}.json")
+    (dags / f"{OTHER_DAG}.comfy.yaml").write_text("description: img2img again, the outsider's DAG\n")
+    auth_path = home / "auth-manager"  # only the test auth manager, not the rest of tests/, on PYTHONPATH
+    auth_path.mkdir()
+    shutil.copy(Path(__file__).with_name("per_dag_auth_manager.py"), auth_path)
     outside = home / "outside"
     outside.mkdir()
     shutil.copy(EXAMPLES / "img2img.json", outside / f"{ESCAPING_DAG}.json")
@@ -141,9 +161,12 @@ def gallery(postgres_server, demo_models: Path, demo_inputs: Path,
     database = migrated_airflow_database(postgres_server, "gallery", {**os.environ, "AIRFLOW_HOME": str(home)},
                                          airflow_bin=str(Path(sys.executable).with_name("airflow")))
     deployment = AirflowDeployment(home, database, dags, env={
-        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), str(auth_path), os.environ.get("PYTHONPATH", ""))
+                                      if p),
+        "AIRFLOW__CORE__AUTH_MANAGER": "per_dag_auth_manager.PerDagAuthManager",
+        "AIRFLOW__PER_DAG_AUTH_MANAGER__DENIED": f"{OUTSIDER}:{DAG_ID}",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,viewer:viewer",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"admin:admin,viewer:viewer,{OUTSIDER}:admin",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
         "AIRFLOW__COMFY__ARTIFACT_STORE": f"file://{home}/artifacts",
         "AIRFLOW__COMFY__MODELS_PATH": str(demo_models),
@@ -156,9 +179,12 @@ def gallery(postgres_server, demo_models: Path, demo_inputs: Path,
     deployment.env["AIRFLOW__API__BASE_URL"] = f"http://127.0.0.1:{deployment.api_port}"
     with deployment:
         deployment.wait_for_api()
-        deployment.wait_for_dags({DAG_ID, ESCAPING_DAG, PLAIN_DAG})
+        deployment.wait_for_dags({DAG_ID, OTHER_DAG, ESCAPING_DAG, PLAIN_DAG})
         result = Gallery(deployment, home)
-        assert result.trigger_and_wait(FIRST_RUN) == "success", deployment.logs_tail()
+        result.trigger(FIRST_RUN)
+        result.trigger(OTHER_RUN, dag_id=OTHER_DAG)
+        assert result.wait_for_run(FIRST_RUN) == "success", deployment.logs_tail()
+        assert result.wait_for_run(OTHER_RUN, dag_id=OTHER_DAG) == "success", deployment.logs_tail()
         yield result
 
 
@@ -189,6 +215,53 @@ def test_viewer_sees_the_gallery_but_may_not_upload(gallery: Gallery):
     assert not list(gallery.inputs.glob("upload-*"))
     status, page, _ = gallery.request("GET", "/comfy/upload", user="viewer")
     assert status == 200 and b'id="comfy-upload-none"' in page
+
+
+def _dag_routes(gallery: Gallery, dag_id: str, run_id: str) -> dict[str, str]:
+    """Every plugin route that concerns DAG ``dag_id`` (its run ``run_id``): what each serves, by URL path."""
+    run = gallery.run_entry(run_id, dag_id)
+    image = run["images"][0]
+    links = gallery.json(f"/api/v2/dags/{dag_id}/dagRuns/{quote(run_id, safe='')}/taskInstances/"
+                         f"{image['task_id']}/links", user="admin")["extra_links"]
+    segment = quote(run_id, safe="")
+    return {"image": f"/comfy/runs/{dag_id}/{segment}/files/{image['path']}",
+            "thumbnail": f"/comfy/runs/{dag_id}/{segment}/thumbs/{image['path']}",
+            "snapshot": urlsplit(links["Run snapshot"]).path,
+            "workflow file": f"/comfy/workflows/{dag_id}",
+            "sidecar": f"/comfy/workflows/{dag_id}/sidecar",
+            "DAG's gallery": f"/comfy/gallery?dag_id={dag_id}",
+            "run's gallery": f"/comfy/gallery?dag_id={dag_id}&run_id={segment}",
+            "run's gallery, as JSON": f"/comfy/api/runs?dag_id={dag_id}&run_id={segment}"}
+
+
+def test_a_user_without_access_to_a_dag_gets_403_for_it_but_sees_another(gallery: Gallery):
+    """The outsider is an admin whom the auth manager refuses :data:`DAG_ID` only: Airflow's own API and every
+    route of the plugin refuse that DAG (403, never its bytes) and serve the other one."""
+    hidden, visible = _dag_routes(gallery, DAG_ID, FIRST_RUN), _dag_routes(gallery, OTHER_DAG, OTHER_RUN)
+    assert gallery.request("GET", f"/api/v2/dags/{DAG_ID}", user=OUTSIDER)[0] == 403  # the auth manager works
+    assert gallery.request("GET", f"/api/v2/dags/{OTHER_DAG}", user=OUTSIDER)[0] == 200
+    for what, path in hidden.items():
+        status, body, _ = gallery.request("GET", path, user=OUTSIDER)
+        assert status == 403, (what, path, status, body[:300])
+        assert b"\x89PNG" not in body and b"class_type" not in body and FIRST_RUN.encode() not in body, what
+        assert gallery.request("GET", path, user="admin")[0] == 200, (what, path)  # refused to them alone
+    for what, path in visible.items():
+        status, body, _ = gallery.request("GET", path, user=OUTSIDER)
+        assert status == 200, (what, path, status, body[:300])
+    for page in ("/comfy/gallery", "/comfy/gallery?limit=100"):
+        status, body, _ = gallery.request("GET", page, user=OUTSIDER)
+        assert status == 200 and f'data-run-id="{OTHER_RUN}"'.encode() in body
+        assert f'data-dag-id="{DAG_ID}"'.encode() not in body and FIRST_RUN.encode() not in body
+    assert {run["dag_id"] for run in gallery.json("/comfy/api/runs", user=OUTSIDER)["runs"]} == {OTHER_DAG}
+    before = set(gallery.inputs.iterdir())
+    status, body = gallery.upload("theirs.png", _png((10, 10, 200)), user=OUTSIDER)
+    assert status == 403, body
+    assert set(gallery.inputs.iterdir()) == before
+    status, page, _ = gallery.request("GET", "/comfy/upload", user=OUTSIDER)
+    assert status == 200 and f'<option value="{OTHER_DAG}"'.encode() in page
+    assert f'<option value="{DAG_ID}"'.encode() not in page
+    status, body = gallery.upload("theirs.png", _png((10, 10, 200)), user=OUTSIDER, dag_id=OTHER_DAG)
+    assert status == 201, body
 
 
 def test_dag_docs_link_to_the_workflow_file_and_its_sidecar(gallery: Gallery):
