@@ -15,10 +15,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from statsd_listener import StatsdListener
 
 AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="airflow-comfy-tests-"))
 atexit.register(shutil.rmtree, AIRFLOW_HOME, ignore_errors=True)
@@ -124,6 +125,16 @@ def postgres_server():
 
 
 # --- the fault suite's table (tests/test_faults.py) ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def statsd() -> Iterator[StatsdListener]:
+    """A StatsD server of the test's own: a UDP socket on 127.0.0.1 that keeps every metric line it receives."""
+    listener = StatsdListener()
+    try:
+        yield listener
+    finally:
+        listener.close()
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:

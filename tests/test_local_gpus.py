@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowTaskTimeout
+from recording_log import RecordingLog
 from workflow_builders import EXAMPLES
 
 from airflow_comfy.config import get_settings
@@ -207,20 +208,6 @@ with open(manifest_out, "w") as f:
     json.dump({"manifest_uri": f"file:///x/{name}/manifest.json"}, f)
 '''
 
-
-class RecordingLog:
-    """Stands in for the task logger: keeps each message, formatted."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def _add(self, message: str, *args: Any, **_: Any) -> None:
-        self.lines.append(message % args if args else message)
-
-    info = warning = error = debug = exception = _add
-
-    def text(self) -> str:
-        return "\n".join(self.lines)
 
 
 class Bench:

@@ -38,15 +38,6 @@ TIMESTAMP_FIRST = re.compile(r"^\d{4}-\d\d-\d\d[ T]\d\d:\d\d")
 
 
 @pytest.fixture(scope="module")
-def statsd() -> Iterator[StatsdListener]:
-    listener = StatsdListener()
-    try:
-        yield listener
-    finally:
-        listener.close()
-
-
-@pytest.fixture(scope="module")
 def deployment(postgres_server, demo_models: Path, demo_inputs: Path, statsd: StatsdListener,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[AirflowDeployment]:
     home = tmp_path_factory.mktemp("obs-airflow")

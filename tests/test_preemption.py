@@ -47,15 +47,6 @@ PREEMPT_AFTER = 1
 
 
 @pytest.fixture(scope="module")
-def statsd() -> Iterator[StatsdListener]:
-    listener = StatsdListener()
-    try:
-        yield listener
-    finally:
-        listener.close()
-
-
-@pytest.fixture(scope="module")
 def deployment(postgres_server, demo_models: Path, demo_inputs: Path, statsd: StatsdListener,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[AirflowDeployment]:
     home = tmp_path_factory.mktemp("preempt-airflow")

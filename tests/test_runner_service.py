@@ -31,6 +31,7 @@ from typing import Any
 
 import pytest
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from recording_log import RecordingLog
 
 from airflow_comfy.artifacts.store import file_uri_path
 from airflow_comfy.config import get_settings
@@ -49,20 +50,6 @@ DEADLINE = 120.0
 #: A KSampler with this many steps runs for minutes on the demo model: long enough to be stopped mid-way.
 MANY_STEPS = 10000
 
-
-class RecordingLog:
-    """Stands in for the task logger: keeps each message, formatted."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def _add(self, message: str, *args: Any, **_: Any) -> None:
-        self.lines.append(message % args if args else message)
-
-    info = warning = error = debug = exception = _add
-
-    def text(self) -> str:
-        return "\n".join(self.lines)
 
 
 @pytest.fixture(scope="module")

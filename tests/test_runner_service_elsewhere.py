@@ -38,6 +38,7 @@ from typing import Any
 
 import pytest
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from recording_log import RecordingLog
 from s3_server import moto_s3_server
 
 from airflow_comfy.config import get_settings
@@ -56,20 +57,6 @@ START_TIMEOUT = 180.0
 FAKE_KEY_ID = "AKIAFAKEELSEWHERE042"
 FAKE_SECRET = "fake-elsewhere-secret-Qq9Ww8"
 
-
-class RecordingLog:
-    """Stands in for the task logger: keeps each message, formatted."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def _add(self, message: str, *args: Any, **_: Any) -> None:
-        self.lines.append(message % args if args else message)
-
-    info = warning = error = debug = exception = _add
-
-    def text(self) -> str:
-        return "\n".join(self.lines)
 
 
 @dataclass
@@ -109,6 +96,13 @@ def isolated_command(command: list[str]) -> list[str] | None:
     return [unshare, "--mount", "sh", "-c", ISOLATE, "isolate", *command]
 
 
+def image_folders() -> list[Path]:
+    """What the runner image holds of this machine's /tmp: the code and the interpreter's environment, where a
+    checkout (CI's fresh clone) and its virtualenv live under /tmp."""
+    tmp = Path("/tmp")
+    return [path for path in (ROOT, Path(sys.prefix).resolve()) if path.is_relative_to(tmp) and path != tmp]
+
+
 def service_environment(home: Path) -> dict[str, str]:
     """The runner container's environment: nothing of the worker's but PATH (to find the same interpreter)."""
     (home / "tmp").mkdir(parents=True)
@@ -137,7 +131,7 @@ def started_service(sock: Path, home: Path, shared: list[Path]) -> Iterator[Serv
     log = home / "service.log"
     command = [sys.executable, "-m", "airflow_comfy.runner", "serve", "--socket", str(sock), "--idle-timeout", "3600"]
     isolated = isolated_command(command)
-    env = {**service_environment(home), "SHARED": " ".join(str(path) for path in shared)}
+    env = {**service_environment(home), "SHARED": " ".join(str(path) for path in shared + image_folders())}
     with open(log, "wb") as out:
         process = subprocess.Popen(isolated or command, env=env, cwd="/", stdin=subprocess.DEVNULL, stdout=out,
                                    stderr=subprocess.STDOUT)

@@ -20,7 +20,8 @@ nav a { margin-right: 1rem; }
 .comfy-run dl { display: grid; grid-template-columns: max-content auto; gap: .1rem .75rem; margin: .25rem 0; }
 .comfy-run dt { font-weight: 600; }
 .comfy-images { display: flex; flex-wrap: wrap; gap: .5rem; }
-.comfy-thumb { max-width: 192px; max-height: 192px; border: 1px solid #cbd5e0; }
+.comfy-thumb { width: 192px; height: 192px; object-fit: contain; border: 1px solid #cbd5e0; border-radius: 4px;
+               background: #f7fafc; image-rendering: pixelated; }
 .comfy-error { color: #c53030; }
 """
 
