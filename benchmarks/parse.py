@@ -234,7 +234,7 @@ def _task_yaml(task, dag_id: str, lean: bool) -> dict[str, Any]:
         "name": task.name,
         "labels": dict(task.labels),
         "annotations": dict(task.annotations),
-        "env_vars": {e.name: e.value for e in task.env_vars},
+        "env_vars": dict(task.env_vars),  # our operator keeps them a dict (KPO builds V1EnvVar per pod)
         "get_logs": True,
         "on_finish_action": "delete_pod",
         "termination_message_policy": task.termination_message_policy,
@@ -761,10 +761,11 @@ def cost_split(workflows: Path, cache_dir: str, backend: str, build: bool = True
             groups = [{"task_id": s.group, "title": g.title, "upstream": list(s.upstream), "spec": s.to_dict(),
                        "spec_sha256": s.sha256()} for s, g in zip(specs, graph.groups, strict=True)]
             lap("spec")
-            doc_md = workflow_doc_md(graph, params, sidecar)
+            dag_id = dag_id_for(path, sidecar)
+            doc_md = workflow_doc_md(graph, params, sidecar, dag_id=dag_id)
             lap("docs")
             compiled = CompiledWorkflow(
-                dag_id=dag_id_for(path, sidecar), name=name, source=source, sha256=sha, mode=graph.mode,
+                dag_id=dag_id, name=name, source=source, sha256=sha, mode=graph.mode,
                 groups=groups, doc_md=doc_md,
                 params=[{"name": p.name, "title": p.title, "description": p.description, "schema": p.schema,
                          "default": p.default} for p in params])
