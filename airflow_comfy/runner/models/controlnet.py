@@ -26,9 +26,9 @@ from airflow_comfy.runner.models.cache import ModelCache
 from airflow_comfy.runner.models.config import embedded_config
 from airflow_comfy.runner.models.files import (
     ModelFileError,
-    TensorReader,
     _label,
     file_key,
+    read_by_layout,
     record_model_file,
     resolve_model_file,
 )
@@ -76,14 +76,8 @@ def load_controlnet_file(path: str | os.PathLike[str], *, name: str | None = Non
     cached = _CACHE.get(key) if use_cache else None
     if cached is not None:
         return replace(cached, recipe=Recipe("ControlNetLoader", name))
-    with TensorReader(p, allow_pickle=allow_pickle) as reader:
-        try:
-            kind, prefix = controlnet_layout(reader.keys)
-        except ModelFileError as exc:
-            raise ModelFileError(f"{label}: {exc}") from None
-        embedded = embedded_config(reader.metadata) or {}
-        raw = reader.read(prefix) if prefix else reader.read()
-    raw = {k[len(prefix):]: v for k, v in raw.items()}
+    kind, raw, metadata = read_by_layout(p, label, controlnet_layout, allow_pickle=allow_pickle)
+    embedded = embedded_config(metadata) or {}
     if kind == "ldm":
         shapes = {k: tuple(v.shape) for k, v in raw.items()}
     else:

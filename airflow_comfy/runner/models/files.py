@@ -259,6 +259,23 @@ def read_state_dict(path: str | os.PathLike[str], *, allow_pickle: bool = False,
         return reader.read(select)
 
 
+def read_by_layout(path: Path, label: str, detect: Callable[[Iterable[str]], tuple[str, str]], *,
+                   allow_pickle: bool = False, parts: tuple[str, ...] = ("",)
+                   ) -> tuple[str, dict[str, torch.Tensor], dict[str, str]]:
+    """A model file whose keys may sit under a prefix: ``detect`` tells its layout, ``(kind, prefix)``, from the
+    keys alone (its :class:`ModelFileError` is relabelled with ``label``, the file), then the tensors under the
+    prefix whose rest starts with one of ``parts`` are read, each once, the prefix stripped. Returns the kind, the
+    tensors and the file's metadata."""
+    with TensorReader(path, allow_pickle=allow_pickle) as reader:
+        try:
+            kind, prefix = detect(reader.keys)
+        except ModelFileError as exc:
+            raise ModelFileError(f"{label}: {exc}") from None
+        tensors = reader.read(lambda k: k.startswith(prefix) and k[len(prefix):].startswith(parts))
+        metadata = reader.metadata
+    return kind, {k[len(prefix):]: v for k, v in tensors.items()}, metadata
+
+
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors file (empty for pickle files)."""
     p = Path(path)

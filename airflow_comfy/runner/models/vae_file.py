@@ -17,14 +17,14 @@ from airflow_comfy.runner.models.config import LATENT_SCALE, _vae_config, embedd
 from airflow_comfy.runner.models.diffusers_folder import _rename_old_vae_attention
 from airflow_comfy.runner.models.files import (
     ModelFileError,
-    TensorReader,
     _label,
     file_key,
+    read_by_layout,
     record_model_file,
     resolve_model_file,
     run_settings,
 )
-from airflow_comfy.runner.models.single_file import _shapes, _strip
+from airflow_comfy.runner.models.single_file import _shapes
 from airflow_comfy.runner.values import Recipe, VAEModel
 
 _CACHE_SIZE = 2
@@ -58,16 +58,10 @@ def load_vae_file(path: str | os.PathLike[str], *, name: str | None = None, fami
     cached = _VAE_CACHE.get(key) if use_cache else None
     if cached is not None:
         return replace(cached, recipe=Recipe("VAELoader", name))
-    with TensorReader(p, allow_pickle=allow_pickle) as reader:
-        try:
-            kind, prefix = vae_layout(reader.keys)
-        except ModelFileError as exc:
-            raise ModelFileError(f"{label}: {exc}") from None
-        embedded = embedded_config(reader.metadata) or {}
-        fam = family or embedded.get("family") or "sd1"
-        wanted = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
-        raw = reader.read(lambda k: k.startswith(prefix) and k[len(prefix):].startswith(wanted))
-    raw = _strip(prefix, raw)
+    kind, raw, metadata = read_by_layout(p, label, vae_layout, allow_pickle=allow_pickle,
+                                         parts=("encoder.", "decoder.", "quant_conv.", "post_quant_conv."))
+    embedded = embedded_config(metadata) or {}
+    fam = family or embedded.get("family") or "sd1"
     if kind == "ldm":
         config = (embedded.get("configs") or {}).get("vae") or _vae_config(_shapes(raw), fam)
         module = vae_from_ldm(config, layout.LdmSource.of(raw), label=label, device=device, dtype=dtype)
